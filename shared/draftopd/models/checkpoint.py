@@ -1,0 +1,104 @@
+"""Drafter checkpoints: safetensors weights + a JSON config. Never pickle.
+
+Layout of a checkpoint directory::
+
+    config.json        {"architecture": "eagle3", "config": {...}, "provenance": {...}}
+    model.safetensors  the drafter's parameters and its d2t/t2d maps (not the shared embedding)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from draftopd.models.eagle3 import Eagle3Config, Eagle3Drafter, random_drafter
+from draftopd.models.target import TargetModel
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_drafter(
+    drafter: Eagle3Drafter, directory: str | Path, *, provenance: dict[str, Any] | None = None
+) -> Path:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}
+    save_file(tensors, str(out / WEIGHTS_FILE))
+    meta = {
+        "architecture": drafter.cfg.architecture,
+        "config": drafter.cfg.to_dict(),
+        "provenance": provenance or {},
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return out
+
+
+def read_checkpoint_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"not a drafter checkpoint (missing {CONFIG_FILE}): {directory}")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"unreadable {path}: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("architecture") != "eagle3":
+        raise ValueError(f"unsupported drafter architecture in {path}; supported: ['eagle3']")
+    return meta
+
+
+def check_compatible(cfg: Eagle3Config, target: TargetModel) -> None:
+    """Refuse a drafter built for another target (shape or declared target id)."""
+    if cfg.hidden_size != target.hidden_size or cfg.target_vocab_size != target.vocab_size:
+        raise ValueError(
+            f"drafter built for hidden={cfg.hidden_size}, vocab={cfg.target_vocab_size}; "
+            f"target has hidden={target.hidden_size}, vocab={target.vocab_size}"
+        )
+    if cfg.target_model and target.name and cfg.target_model != target.name:
+        raise ValueError(f"drafter built for target {cfg.target_model!r}, not {target.name!r}")
+    if max(cfg.feature_layers) >= target.num_layers:
+        raise ValueError(
+            f"feature layers {cfg.feature_layers} exceed target depth {target.num_layers}"
+        )
+
+
+def load_drafter(directory: str | Path, target: TargetModel) -> Eagle3Drafter:
+    """Load a checkpoint onto the target's device and dtype, sharing its embedding."""
+    meta = read_checkpoint_meta(directory)
+    cfg = Eagle3Config.from_dict(meta["config"])
+    check_compatible(cfg, target)
+    drafter = Eagle3Drafter(cfg)
+    weights_path = Path(directory) / WEIGHTS_FILE
+    try:
+        tensors = load_file(str(weights_path))
+    except (OSError, RuntimeError) as exc:  # safetensors raises these on bad files
+        raise ValueError(f"unreadable drafter weights {weights_path}: {exc}") from exc
+    missing, unexpected = drafter.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint tensors mismatch: missing={missing}, unexpected={unexpected}")
+    drafter.attach_embedding(target.embed_tokens)
+    return drafter.to(device=target.device, dtype=target.dtype).eval()
+
+
+def random_drafter_for(
+    target: TargetModel, *, seed: int = 0, draft_vocab_size: int | None = None
+) -> Eagle3Drafter:
+    """A seeded random-init drafter for any target (before any training exists)."""
+    cfg = Eagle3Config.for_target(
+        target.config,
+        feature_layers=target.feature_layers,
+        draft_vocab_size=draft_vocab_size or min(32000, target.vocab_size),
+        target_model=target.name,
+    )
+    drafter = random_drafter(cfg, seed=seed)
+    drafter.attach_embedding(target.embed_tokens)
+    return drafter.to(device=target.device, dtype=target.dtype).eval()
+
+
+__all__ = ["load_drafter", "random_drafter_for", "read_checkpoint_meta", "save_drafter"]

@@ -1,0 +1,1 @@
+"""Speculative decoding: sampling transforms, pure verification, proposers and the decode loop."""
