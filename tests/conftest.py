@@ -28,3 +28,43 @@ def smollm2_tokenizer(smollm2_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_dir, gguf_file=SMOLLM2_GGUF)
+
+
+# -- tiny random targets (fast unit tests) --------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_target_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama (4 layers, ~320-token BPE vocab) with a real tokenizer and chat template.
+
+    Small init std: its greedy text repeats, so n-gram drafts get accepted and rejected."""
+    from draftopd.models.tiny import build_tiny_target
+
+    return build_tiny_target(tmp_path_factory.mktemp("tiny-target"), seed=0, init_std=0.02)
+
+
+@pytest.fixture(scope="session")
+def tiny_target(tiny_target_dir: Path) -> Any:
+    from draftopd.models.target import load_target
+
+    return load_target(str(tiny_target_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_drafter(tiny_target: Any) -> Any:
+    """A seeded random-init EAGLE-3 drafter for the tiny target (its full vocab is the draft vocab
+    except the last 20 tokens, so d2t/t2d mapping is exercised)."""
+    from draftopd.models.checkpoint import random_drafter_for
+
+    return random_drafter_for(tiny_target, seed=0, draft_vocab_size=tiny_target.vocab_size - 20)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Any:
+    """Tiny models run several times faster on one thread than on a contended pool."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -1,0 +1,117 @@
+"""The rollout record (DESIGN.md §3): one Redis Stream entry per generated sequence.
+
+Token lists and cycles travel as one msgpack blob (field ``data``) next to a few small scalar
+fields that consumers can filter on without decoding (``schema_version``, ``job_id``,
+``drafter_version``, ``target_model``).
+
+Memory: msgpack stores a token id < 65536 in 3 bytes and a float32 log-prob in 5, so a record
+costs roughly 3 * (prompt + response) + per cycle (3 * (proposed + committed) + 5 * rejected + ~8)
+bytes. A 512-token prompt with a 512-token response at tau = 3 and K = 4 is about 3 KB + 171 cycles
+* ~40 B = ~10 KB; a stream capped at 10,000 records holds ~100 MB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgpack
+
+from draftopd.speculative.engine import Cycle, GenerationResult
+from draftopd.speculative.sampling import SamplingParams
+
+SCHEMA_VERSION = 1
+
+
+def stream_key(job_id: str) -> str:
+    """Redis Stream key of a job's rollouts."""
+    return f"draftopd:rollouts:{job_id}"
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    job_id: str
+    drafter_version: str
+    target_model: str
+    sampling: dict[str, Any]  # temperature, top_p, top_k, seed
+    prompt_ids: list[int]
+    response_ids: list[int]  # every committed token: the concatenation of cycles' ``committed``
+    cycles: list[Cycle]
+    output_len: int  # tokens returned to the caller (<= len(response_ids): cut at EOS/stop)
+    schema_version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_result(
+        cls,
+        result: GenerationResult,
+        params: SamplingParams,
+        *,
+        job_id: str,
+        drafter_version: str,
+        target_model: str,
+    ) -> RolloutRecord:
+        if result.cycles is None:
+            raise ValueError("the generation was not recorded: pass record=True to the engine")
+        sampling = {
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k,
+            "seed": params.seed,
+        }
+        return cls(
+            job_id=job_id,
+            drafter_version=drafter_version,
+            target_model=target_model,
+            sampling=sampling,
+            prompt_ids=list(result.prompt_ids),
+            response_ids=list(result.committed_ids),
+            cycles=list(result.cycles),
+            output_len=len(result.token_ids),
+        )
+
+    def to_fields(self) -> dict[str, bytes | str | int]:
+        """Flat fields for XADD."""
+        blob = {
+            "sampling": self.sampling,
+            "prompt_ids": self.prompt_ids,
+            "response_ids": self.response_ids,
+            "cycles": [asdict(c) for c in self.cycles],
+            "output_len": self.output_len,
+            "extra": self.extra,
+        }
+        return {
+            "schema_version": self.schema_version,
+            "job_id": self.job_id,
+            "drafter_version": self.drafter_version,
+            "target_model": self.target_model,
+            "data": msgpack.packb(blob, use_single_float=True),
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[Any, Any]) -> RolloutRecord:
+        """Parse an XREAD entry (keys and values may be bytes)."""
+        norm = {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()}
+
+        def text(key: str) -> str:
+            value = norm[key]
+            return value.decode() if isinstance(value, bytes) else str(value)
+
+        version = int(text("schema_version"))
+        if version != SCHEMA_VERSION:
+            raise ValueError(
+                f"rollout record schema_version {version}; supported: {SCHEMA_VERSION}"
+            )
+        blob = msgpack.unpackb(norm["data"], raw=False)
+        return cls(
+            job_id=text("job_id"),
+            drafter_version=text("drafter_version"),
+            target_model=text("target_model"),
+            sampling=blob["sampling"],
+            prompt_ids=blob["prompt_ids"],
+            response_ids=blob["response_ids"],
+            cycles=[Cycle(**c) for c in blob["cycles"]],
+            output_len=blob["output_len"],
+            schema_version=version,
+            extra=blob.get("extra", {}),
+        )

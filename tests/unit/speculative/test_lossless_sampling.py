@@ -1,0 +1,168 @@
+"""Correctness check 2 (DRAFT_OPD.md): speculative sampling preserves the target distribution.
+
+A 2-layer target over a 4-token vocabulary makes 3-token continuations: 64 outcomes whose exact
+probabilities we enumerate from the target. Seeded samples from plain sampling and from speculative
+sampling (q-sampling drafts and argmax drafts, K = 2, so cycles see acceptance, rejection with
+residual resampling, and the bonus) are compared with that exact distribution by a chi-square
+test. The same test run with a known bug injected into verification must fail, which shows the
+bound has the power to catch it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import draftopd.speculative.engine as engine_module
+from draftopd.models.eagle3 import Eagle3Config, random_drafter
+from draftopd.models.target import TargetModel
+from draftopd.speculative.engine import DecodeEngine
+from draftopd.speculative.proposers import Eagle3Proposer
+from draftopd.speculative.sampling import SamplingParams, probs_from_logits
+from draftopd.speculative.verify import Verdict, one_hot_q
+from tests.unit.speculative.helpers import small_vocab_target
+
+VOCAB, LENGTH, SAMPLES = 4, 3, 2400
+PROMPT = [1, 3, 0, 2]
+P_VALUE_FLOOR = 1e-3  # a correct sampler fails this with probability 1e-3 per seed set
+
+SETTINGS = {
+    "t1": SamplingParams(max_new_tokens=LENGTH, temperature=1.0),
+    "t0.8-topk3-topp0.9": SamplingParams(
+        max_new_tokens=LENGTH, temperature=0.8, top_k=3, top_p=0.9
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def target() -> TargetModel:
+    return small_vocab_target(VOCAB, seed=1, init_std=0.2)
+
+
+@pytest.fixture(scope="module")
+def drafter(target: TargetModel) -> torch.nn.Module:
+    """A random drafter whose q clearly differs from p, over a draft vocab of 3 of the 4 tokens."""
+    cfg = Eagle3Config.for_target(
+        target.config, feature_layers=target.feature_layers, draft_vocab_size=3
+    )
+    d = random_drafter(cfg, seed=5, std=0.5)
+    d.set_draft_vocab(torch.tensor([3, 0, 1]))
+    d.attach_embedding(target.embed_tokens)
+    return d.eval()
+
+
+def exact_distribution(target: TargetModel, params: SamplingParams) -> dict[tuple[int, ...], float]:
+    """P(continuation) for every continuation, from the processed target distributions."""
+    dist: dict[tuple[int, ...], float] = {}
+    for seq in itertools.product(range(VOCAB), repeat=LENGTH):
+        ids = torch.tensor([PROMPT + list(seq[:-1])])
+        logits = target.forward(ids).logits[0, len(PROMPT) - 1 :]  # [LENGTH, vocab]
+        probs = probs_from_logits(logits, params)
+        dist[seq] = float(torch.prod(probs[torch.arange(LENGTH), torch.tensor(seq)]))
+    return dist
+
+
+def draw(
+    target: TargetModel, params: SamplingParams, make_proposer: Callable[[], object] | None
+) -> Counter[tuple[int, ...]]:
+    engine = DecodeEngine(target, num_draft_tokens=2)
+    counts: Counter[tuple[int, ...]] = Counter()
+    for seed in range(SAMPLES):
+        run_params = replace(params, seed=seed)
+        proposer = make_proposer() if make_proposer else None
+        out = engine.generate(PROMPT, run_params, proposer=proposer, decode_text=False)  # type: ignore[arg-type]
+        counts[tuple(out.token_ids)] += 1
+    return counts
+
+
+def chi_square_p(counts: Counter[tuple[int, ...]], dist: dict[tuple[int, ...], float]) -> float:
+    """Chi-square goodness of fit, pooling outcomes with expected count < 5 into one bin."""
+    if any(counts[seq] for seq, prob in dist.items() if prob == 0.0):
+        return 0.0  # an impossible continuation was sampled
+    observed, expected = [], []
+    pool_obs = pool_exp = 0.0
+    for seq, prob in dist.items():
+        exp = prob * SAMPLES
+        if exp < 5:
+            pool_obs, pool_exp = pool_obs + counts[seq], pool_exp + exp
+        else:
+            observed.append(counts[seq])
+            expected.append(exp)
+    if pool_exp > 0:
+        observed.append(pool_obs)
+        expected.append(pool_exp)
+    scale = sum(observed) / sum(expected)
+    return float(chisquare(observed, [e * scale for e in expected]).pvalue)
+
+
+def buggy_verify_sampling(
+    draft: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor | None,
+    generator: torch.Generator | None = None,
+) -> Verdict:
+    """The injected bug: after a rejection, resample from p_j instead of norm(max(0, p_j - q_j))."""
+    k = draft.shape[0]
+    if q is None:
+        q = one_hot_q(draft, p.shape[-1])
+    rows = torch.arange(k)
+    u = torch.rand(k, generator=generator)
+    accept = u * q[rows, draft] <= p[rows, draft]
+    accepted = int(accept.to(torch.int64).cumprod(0).sum()) if k else 0
+    bonus = int(torch.multinomial(p[accepted], 1, generator=generator))
+    return Verdict(accepted=accepted, bonus=bonus)
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_plain_sampling_matches_target(target: TargetModel, setting: str) -> None:
+    params = SETTINGS[setting]
+    assert (
+        chi_square_p(draw(target, params, None), exact_distribution(target, params)) > P_VALUE_FLOOR
+    )
+
+
+@pytest.mark.parametrize("argmax_drafting", [False, True], ids=["q-sampling", "argmax"])
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_speculative_sampling_matches_target(
+    target: TargetModel, drafter: torch.nn.Module, setting: str, argmax_drafting: bool
+) -> None:
+    params = SETTINGS[setting]
+    counts = draw(target, params, lambda: Eagle3Proposer(drafter, argmax_drafting=argmax_drafting))  # type: ignore[arg-type]
+    assert chi_square_p(counts, exact_distribution(target, params)) > P_VALUE_FLOOR
+
+
+@pytest.mark.parametrize("argmax_drafting", [False, True], ids=["q-sampling", "argmax"])
+def test_bound_catches_injected_residual_bug(
+    target: TargetModel,
+    drafter: torch.nn.Module,
+    argmax_drafting: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(engine_module, "verify_sampling", buggy_verify_sampling)
+    params = SETTINGS["t1"]
+    counts = draw(target, params, lambda: Eagle3Proposer(drafter, argmax_drafting=argmax_drafting))  # type: ignore[arg-type]
+    assert chi_square_p(counts, exact_distribution(target, params)) < P_VALUE_FLOOR
+
+
+def test_drafter_q_really_differs_from_p(target: TargetModel, drafter: torch.nn.Module) -> None:
+    """Guard against a vacuous pass: with q == p every draft is accepted and no bug shows."""
+    params = SETTINGS["t1"]
+    engine = DecodeEngine(target, num_draft_tokens=2)
+    stats = [
+        engine.generate(
+            PROMPT,
+            replace(params, seed=s),
+            proposer=Eagle3Proposer(drafter),
+            decode_text=False,  # type: ignore[arg-type]
+        ).stats
+        for s in range(200)
+    ]
+    accepted = sum(s.accepted_tokens for s in stats)
+    proposed = sum(s.draft_tokens for s in stats)
+    assert 0.2 < accepted / proposed < 0.9
