@@ -1,4 +1,4 @@
-"""Correctness check 1 (DRAFT_OPD.md): greedy speculative output == plain greedy, token for token."""
+"""Correctness check 1 (DRAFT_OPD.md): greedy speculative output == plain greedy output."""
 
 from __future__ import annotations
 

@@ -82,7 +82,9 @@ def test_rejected_teacher_logprobs_match_independent_forward(
         rejected = c.proposed[c.accepted :]
         assert len(c.rejected_teacher_logprobs) == len(rejected)
         prefix = result.prompt_ids + result.committed_ids[: c.anchor + 1]
-        for j, (token, recorded) in enumerate(zip(rejected, c.rejected_teacher_logprobs)):
+        for j, (token, recorded) in enumerate(
+            zip(rejected, c.rejected_teacher_logprobs, strict=True)
+        ):
             ids = torch.tensor([prefix + c.proposed[: c.accepted + j]])
             logits = tiny_target.model(input_ids=ids).logits[0, -1]  # no cache, full recompute
             expected = torch.log_softmax(logits.float(), dim=-1)[token]
@@ -108,7 +110,7 @@ def test_record_roundtrip_through_stream_fields(results: Any) -> None:
     assert back.cycles[0] == result.cycles[0]
     assert back.response_ids == result.committed_ids and back.prompt_ids == result.prompt_ids
     assert back.sampling == {"temperature": 0.9, "top_p": 0.95, "top_k": 0, "seed": 7}
-    for mine, theirs in zip(back.cycles, result.cycles):
+    for mine, theirs in zip(back.cycles, result.cycles, strict=True):
         assert replace(mine, rejected_teacher_logprobs=[]) == replace(
             theirs, rejected_teacher_logprobs=[]
         )
