@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from draftopd.models.eagle3 import Eagle3Config, Eagle3Drafter, random_drafter
@@ -77,7 +78,7 @@ def load_drafter(directory: str | Path, target: TargetModel) -> Eagle3Drafter:
     weights_path = Path(directory) / WEIGHTS_FILE
     try:
         tensors = load_file(str(weights_path))
-    except (OSError, RuntimeError) as exc:  # safetensors raises these on bad files
+    except (OSError, SafetensorError) as exc:
         raise ValueError(f"unreadable drafter weights {weights_path}: {exc}") from exc
     missing, unexpected = drafter.load_state_dict(tensors, strict=False)
     if missing or unexpected:

@@ -1,0 +1,447 @@
+"""The benchmark protocol (DESIGN.md §6): plain vs speculative decoding, side by side.
+
+For every prompt, on the same machine and in one run, this measures:
+1. plain autoregressive decoding in our engine (no proposer): the baseline;
+2. speculative decoding in our engine with the chosen method (eagle3, ngram or none);
+3. with ``peers``: Hugging Face ``generate`` greedy, and ``generate`` with prompt lookup.
+
+The paths run interleaved per prompt, after one untimed warm-up of each, so machine drift hits all
+of them alike. The report's top-level keys are a contract other tools read (see ``REPORT_KEYS``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+from transformers import GenerationConfig
+
+from draftopd.models.checkpoint import load_drafter, random_drafter_for
+from draftopd.models.eagle3 import Eagle3Drafter
+from draftopd.models.target import DEFAULT_TARGET, TargetModel, load_target
+from draftopd.prompts import load_prompts, render_prompt
+from draftopd.speculative.engine import DecodeEngine, GenerationResult
+from draftopd.speculative.proposers import Eagle3Proposer, NgramProposer, Proposer
+from draftopd.speculative.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("eagle3", "ngram", "none")
+DEFAULT_DRAFTER = "random:0"  # a seeded random-init drafter, until a trained one is given
+RANDOM_PREFIX = "random:"
+HF_PROMPT_LOOKUP_TOKENS = 10  # prompt_lookup_num_tokens for the HF peer
+WARMUP_TOKENS = 16  # new tokens of the untimed warm-up generations
+REPORT_KEYS = (
+    "tau", "speedup", "spec_tokens_per_s", "baseline_tokens_per_s", "identical", "num_prompts",
+    "acceptance_by_position",
+)
+PEER_KEYS = ("hf_generate_tokens_per_s", "hf_prompt_lookup_tokens_per_s")
+
+
+@dataclass(frozen=True)
+class DrafterRef:
+    """Where an EAGLE-3 drafter comes from: a checkpoint directory or a random init."""
+
+    path: Path | None  # checkpoint directory (config.json + model.safetensors); None = random
+    seed: int  # seed of the random-init drafter (unused for a checkpoint)
+
+
+def parse_drafter_ref(ref: str) -> DrafterRef:
+    """``random:SEED`` or an existing checkpoint directory; anything else is a ValueError."""
+    if ref.startswith(RANDOM_PREFIX):
+        seed = ref[len(RANDOM_PREFIX) :]
+        if not seed.lstrip("-").isdigit():
+            raise ValueError(f"drafter {ref!r}: expected random:SEED with an integer SEED")
+        return DrafterRef(path=None, seed=int(seed))
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return DrafterRef(path=path, seed=0)
+    raise ValueError(
+        f"drafter {ref!r} is neither a checkpoint directory nor random:SEED "
+        "(registry references are not supported yet)"
+    )
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    prompts: str | None = None  # JSONL prompt file; None = MT-Bench question.jsonl
+    limit: int | None = None  # use only the first N prompts; None = all
+    max_new_tokens: int = 128  # M, the cap on generated tokens per prompt
+    method: str = "eagle3"  # proposer of the speculative run: eagle3 | ngram | none
+    drafter: str | None = None  # eagle3 only: checkpoint dir or random:SEED; None = random:0
+    num_draft_tokens: int = 4  # K, drafts proposed per verification cycle
+    temperature: float = 0.0  # 0 = greedy; > 0 samples (HF peers always run greedy)
+    peers: bool = False  # also time Hugging Face generate (greedy and prompt lookup)
+    target: str = DEFAULT_TARGET  # target spec for load_target (name, directory or .gguf)
+    device: str | None = None  # torch device; None = cuda when available, else cpu
+    dtype: str = "float32"  # target dtype: float32 | bfloat16 | float16
+    seed: int = 0  # torch seed; prompt i samples with seed + i when temperature > 0
+    threads: int | None = None  # torch intra-op CPU threads; None = torch's default
+    warmup: bool = True  # one untimed generation per path before timing
+    progress: bool = True  # tqdm progress bar on stderr
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} not supported; choose one of {METHODS}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be >= 1, got {self.num_draft_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.drafter is not None:
+            if self.method != "eagle3":
+                raise ValueError(f"a drafter applies only to method 'eagle3', not {self.method!r}")
+            parse_drafter_ref(self.drafter)
+
+    @property
+    def drafter_ref(self) -> str | None:
+        """The drafter actually used: the given one, random:0 for eagle3, None otherwise."""
+        if self.method != "eagle3":
+            return None
+        return self.drafter or DEFAULT_DRAFTER
+
+    @property
+    def resolved_device(self) -> str:
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class PeerRun:
+    """One Hugging Face generate call, timed end to end."""
+
+    token_ids: list[int]  # generated tokens (the prompt removed)
+    seconds: float  # wall time of the generate call
+
+
+@dataclass(frozen=True)
+class PromptRun:
+    """Everything measured on one prompt."""
+
+    prompt_id: str
+    prompt_tokens: int
+    baseline: GenerationResult  # our engine, no proposer
+    spec: GenerationResult  # our engine, the benchmarked method
+    hf_generate: PeerRun | None  # HF greedy generate (with peers)
+    hf_prompt_lookup: PeerRun | None  # HF generate(prompt_lookup_num_tokens=10) (with peers)
+
+
+@dataclass
+class _Bench:
+    """What a run holds while it measures: the loaded models and the rendered prompts."""
+
+    config: BenchConfig
+    target: TargetModel
+    engine: DecodeEngine
+    drafter: Eagle3Drafter | None
+    prompts: list[tuple[str, list[int]]]  # (prompt id, prompt token ids)
+
+
+def run_bench(config: BenchConfig) -> dict[str, Any]:
+    """Run the benchmark and return the JSON report (DESIGN.md §6 keys plus context)."""
+    torch.manual_seed(config.seed)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)  # oversubscribed CPUs slow torch down many times
+    bench = _setup(config)
+    if config.warmup:
+        _warm_up(bench)
+    runs: list[PromptRun] = []
+    bar = tqdm(
+        bench.prompts, desc=f"bench {config.method}", unit="prompt", disable=not config.progress
+    )
+    with logging_redirect_tqdm():
+        for index, (prompt_id, ids) in enumerate(bar):
+            runs.append(_measure_prompt(bench, prompt_id, ids, index))
+    return build_report(config, runs, machine=machine_info(bench.target.device))
+
+
+def _setup(config: BenchConfig) -> _Bench:
+    prompts = load_prompts(config.prompts, config.limit)
+    device = config.resolved_device
+    logger.info("loading target %s on %s (%s)", config.target, device, config.dtype)
+    target = load_target(config.target, device=device, dtype=config.dtype)
+    if target.tokenizer is None:
+        raise ValueError(f"target {config.target!r} has no tokenizer; the benchmark needs one")
+    rendered = [(p.id, render_prompt(target.tokenizer, p)) for p in prompts]
+    drafter = _load_drafter(config.drafter_ref, target) if config.drafter_ref else None
+    engine = DecodeEngine(target, num_draft_tokens=config.num_draft_tokens)
+    return _Bench(config=config, target=target, engine=engine, drafter=drafter, prompts=rendered)
+
+
+def _load_drafter(ref: str, target: TargetModel) -> Eagle3Drafter:
+    parsed = parse_drafter_ref(ref)
+    if parsed.path is not None:
+        logger.info("loading drafter checkpoint %s", parsed.path)
+        return load_drafter(parsed.path, target)
+    logger.info("using a random-init EAGLE-3 drafter (seed %d): expect low acceptance", parsed.seed)
+    return random_drafter_for(target, seed=parsed.seed)
+
+
+def _new_proposer(bench: _Bench) -> Proposer | None:
+    """A fresh proposer for one request (proposers hold per-request state)."""
+    if bench.config.method == "eagle3":
+        assert bench.drafter is not None
+        return Eagle3Proposer(bench.drafter)
+    if bench.config.method == "ngram":
+        return NgramProposer()
+    return None
+
+
+def _sampling(config: BenchConfig, index: int, max_new_tokens: int) -> SamplingParams:
+    seed = config.seed + index if config.temperature > 0 else None
+    return SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=config.temperature, seed=seed
+    )
+
+
+def _warm_up(bench: _Bench) -> None:
+    """One untimed generation per path, so lazy initialisation is not timed."""
+    _, ids = bench.prompts[0]
+    params = _sampling(bench.config, 0, min(WARMUP_TOKENS, bench.config.max_new_tokens))
+    logger.info("warm-up (untimed)")
+    _generate(bench, ids, params, proposer=None)
+    _generate(bench, ids, params, proposer=_new_proposer(bench))
+    if bench.config.peers:
+        _hf_generate(bench.target, ids, params.max_new_tokens, prompt_lookup=False)
+        _hf_generate(bench.target, ids, params.max_new_tokens, prompt_lookup=True)
+
+
+def _generate(
+    bench: _Bench, ids: list[int], params: SamplingParams, *, proposer: Proposer | None
+) -> GenerationResult:
+    return bench.engine.generate(
+        ids, params, proposer=proposer, num_draft_tokens=bench.config.num_draft_tokens,
+        decode_text=False,
+    )
+
+
+def _measure_prompt(bench: _Bench, prompt_id: str, ids: list[int], index: int) -> PromptRun:
+    config = bench.config
+    params = _sampling(config, index, config.max_new_tokens)
+    baseline = _generate(bench, ids, params, proposer=None)
+    spec = _generate(bench, ids, params, proposer=_new_proposer(bench))
+    hf_generate = hf_lookup = None
+    if config.peers:
+        hf_generate = _hf_generate(bench.target, ids, config.max_new_tokens, prompt_lookup=False)
+        hf_lookup = _hf_generate(bench.target, ids, config.max_new_tokens, prompt_lookup=True)
+    return PromptRun(
+        prompt_id=prompt_id, prompt_tokens=len(ids), baseline=baseline, spec=spec,
+        hf_generate=hf_generate, hf_prompt_lookup=hf_lookup,
+    )
+
+
+def _hf_generation_config(
+    target: TargetModel, max_new_tokens: int, *, prompt_lookup: bool
+) -> GenerationConfig:
+    """Greedy with our engine's stopping rule (the target's EOS ids), nothing else inherited."""
+    eos = sorted(target.eos_token_ids)
+    tokenizer_pad = getattr(target.tokenizer, "pad_token_id", None)
+    pad = tokenizer_pad if tokenizer_pad is not None else (eos[0] if eos else None)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos or None,
+        pad_token_id=pad,
+        prompt_lookup_num_tokens=HF_PROMPT_LOOKUP_TOKENS if prompt_lookup else None,
+    )
+
+
+@torch.inference_mode()
+def _hf_generate(
+    target: TargetModel, ids: list[int], max_new_tokens: int, *, prompt_lookup: bool
+) -> PeerRun:
+    """Time ``target.model.generate`` end to end (it cannot be split into prefill and decode)."""
+    input_ids = torch.tensor([ids], device=target.device)  # [1, prompt]
+    config = _hf_generation_config(target, max_new_tokens, prompt_lookup=prompt_lookup)
+    _synchronize(target.device)
+    t0 = time.perf_counter()
+    out = target.model.generate(
+        input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
+    )  # [1, prompt + new]
+    _synchronize(target.device)
+    seconds = time.perf_counter() - t0
+    return PeerRun(token_ids=[int(t) for t in out[0, len(ids) :].tolist()], seconds=seconds)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- the report -------------------------------------------------------------------------------
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else 0.0
+
+
+def _tokens_per_s(results: list[GenerationResult]) -> float:
+    """Generated tokens / (prefill + decode) seconds, summed over prompts."""
+    tokens = sum(len(r.token_ids) for r in results)
+    return _ratio(tokens, sum(r.stats.prefill_s + r.stats.decode_s for r in results))
+
+
+def _peer_tokens_per_s(peers: list[PeerRun]) -> float:
+    return _ratio(sum(len(p.token_ids) for p in peers), sum(p.seconds for p in peers))
+
+
+def _position_counts(results: list[GenerationResult], k: int) -> tuple[list[int], list[int]]:
+    """(accepted, proposed) per draft position 1..k, summed over prompts."""
+    accepted, proposed = [0] * k, [0] * k
+    for result in results:
+        for j, (a, p) in enumerate(
+            zip(result.stats.accepted_by_position, result.stats.proposed_by_position, strict=True)
+        ):
+            accepted[j] += a
+            proposed[j] += p
+    return accepted, proposed
+
+
+def build_report(
+    config: BenchConfig, runs: list[PromptRun], *, machine: dict[str, Any]
+) -> dict[str, Any]:
+    """The JSON report: the DESIGN.md §6 keys first, then the context to interpret them."""
+    spec = [r.spec for r in runs]
+    baseline = [r.baseline for r in runs]
+    k = config.num_draft_tokens if config.method != "none" else 0
+    accepted, proposed = _position_counts(spec, k)
+    report: dict[str, Any] = {
+        "tau": _ratio(sum(r.stats.committed for r in spec), sum(r.stats.cycles for r in spec)),
+        "speedup": _ratio(
+            sum(r.stats.decode_s for r in baseline), sum(r.stats.decode_s for r in spec)
+        ),
+        "spec_tokens_per_s": _tokens_per_s(spec),
+        "baseline_tokens_per_s": _tokens_per_s(baseline),
+        "identical": sum(_identical(r) for r in runs),
+        "num_prompts": len(runs),
+        "acceptance_by_position": [_ratio(a, p) for a, p in zip(accepted, proposed, strict=True)],
+    }
+    if config.peers:
+        report["hf_generate_tokens_per_s"] = _peer_tokens_per_s(
+            [r.hf_generate for r in runs if r.hf_generate is not None]
+        )
+        report["hf_prompt_lookup_tokens_per_s"] = _peer_tokens_per_s(
+            [r.hf_prompt_lookup for r in runs if r.hf_prompt_lookup is not None]
+        )
+        report["hf_identical"] = sum(_hf_identical(r) for r in runs)
+    report.update(_context(config, machine, accepted=accepted, proposed=proposed))
+    report["per_prompt"] = [_prompt_entry(r) for r in runs]
+    return report
+
+
+def _identical(run: PromptRun) -> bool:
+    return run.spec.token_ids == run.baseline.token_ids
+
+
+def _hf_identical(run: PromptRun) -> bool:
+    return run.hf_generate is not None and run.hf_generate.token_ids == run.baseline.token_ids
+
+
+def _context(
+    config: BenchConfig, machine: dict[str, Any], *, accepted: list[int], proposed: list[int]
+) -> dict[str, Any]:
+    return {
+        "method": config.method,
+        "num_draft_tokens": config.num_draft_tokens,
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+        "greedy": config.temperature == 0,
+        "target": config.target,
+        "drafter": config.drafter_ref,
+        "prompts": config.prompts or "mt_bench",
+        "seed": config.seed,
+        "dtype": config.dtype,
+        "peers": config.peers,
+        "hf_prompt_lookup_num_tokens": HF_PROMPT_LOOKUP_TOKENS if config.peers else None,
+        "accepted_by_position": accepted,
+        "proposed_by_position": proposed,
+        "machine": machine,
+    }
+
+
+def _result_entry(result: GenerationResult) -> dict[str, Any]:
+    stats = result.stats
+    return {
+        "tokens": len(result.token_ids),
+        "prefill_s": stats.prefill_s,
+        "decode_s": stats.decode_s,
+        "cycles": stats.cycles,
+        "committed": stats.committed,
+        "tau": stats.tau,
+        "finish_reason": result.finish_reason,
+    }
+
+
+def _prompt_entry(run: PromptRun) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "id": run.prompt_id,
+        "prompt_tokens": run.prompt_tokens,
+        "baseline": _result_entry(run.baseline),
+        "spec": _result_entry(run.spec),
+        "identical": _identical(run),
+    }
+    peers = {"hf_generate": run.hf_generate, "hf_prompt_lookup": run.hf_prompt_lookup}
+    for name, peer in peers.items():
+        if peer is not None:
+            entry[name] = {"tokens": len(peer.token_ids), "seconds": peer.seconds}
+    if run.hf_generate is not None:
+        entry["hf_identical"] = _hf_identical(run)
+    return entry
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Where the numbers were measured."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return out
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """A short human-readable table of the report."""
+    n = report["num_prompts"]
+    method = report["method"]
+    rows = [("baseline (ours, plain)", report["baseline_tokens_per_s"])]
+    rows.append((f"speculative (ours, {method})", report["spec_tokens_per_s"]))
+    if report.get("peers"):
+        rows.append(("HF generate (greedy)", report["hf_generate_tokens_per_s"]))
+        lookup = f"HF prompt lookup ({report['hf_prompt_lookup_num_tokens']})"
+        rows.append((lookup, report["hf_prompt_lookup_tokens_per_s"]))
+    acceptance = ", ".join(f"{a:.2f}" for a in report["acceptance_by_position"]) or "-"
+    lines = [
+        f"target {report['target']} | method {method} | K={report['num_draft_tokens']} | "
+        f"{n} prompts | max {report['max_new_tokens']} new tokens | T={report['temperature']}",
+        f"{'path':<32}{'tokens/s':>10}",
+        *(f"{name:<32}{value:>10.1f}" for name, value in rows),
+        f"tau {report['tau']:.2f} | speedup (decode) {report['speedup']:.2f}x | "
+        f"identical {report['identical']}/{n}"
+        + (f" | HF identical {report['hf_identical']}/{n}" if report.get("peers") else ""),
+        f"acceptance by position: [{acceptance}]",
+    ]
+    return "\n".join(lines) + "\n"
