@@ -61,8 +61,11 @@ def check_compatible(cfg: Eagle3Config, target: TargetModel) -> None:
             f"drafter built for hidden={cfg.hidden_size}, vocab={cfg.target_vocab_size}; "
             f"target has hidden={target.hidden_size}, vocab={target.vocab_size}"
         )
-    if cfg.target_model and target.name and cfg.target_model != target.name:
-        raise ValueError(f"drafter built for target {cfg.target_model!r}, not {target.name!r}")
+    if cfg.target_fingerprint and cfg.target_fingerprint != target.fingerprint:
+        raise ValueError(
+            f"drafter built for target {cfg.target_model!r} (fingerprint "
+            f"{cfg.target_fingerprint}), not {target.name!r} ({target.fingerprint})"
+        )
     if max(cfg.feature_layers) >= target.num_layers:
         raise ValueError(
             f"feature layers {cfg.feature_layers} exceed target depth {target.num_layers}"
@@ -96,6 +99,7 @@ def random_drafter_for(
         feature_layers=target.feature_layers,
         draft_vocab_size=draft_vocab_size or min(32000, target.vocab_size),
         target_model=target.name,
+        target_fingerprint=target.fingerprint,
     )
     drafter = random_drafter(cfg, seed=seed)
     drafter.attach_embedding(target.embed_tokens)

@@ -30,7 +30,8 @@ class Eagle3Config:
     target_vocab_size: int  # V, size of the target vocabulary
     draft_vocab_size: int  # Vd <= V, size of the drafter's LM head
     feature_layers: tuple[int, int, int]  # target layers fused as (low, mid, high)
-    target_model: str = ""  # target id the drafter was built for (checked on load)
+    target_model: str = ""  # name of the target the drafter was built for (informational)
+    target_fingerprint: str = ""  # TargetModel.fingerprint of that target (checked on load)
     architecture: str = "eagle3"  # checkpoint architecture tag
 
     def to_dict(self) -> dict[str, Any]:
@@ -56,6 +57,7 @@ class Eagle3Config:
         feature_layers: tuple[int, int, int],
         draft_vocab_size: int,
         target_model: str = "",
+        target_fingerprint: str = "",
     ) -> Eagle3Config:
         hidden = int(target_config.hidden_size)
         heads = int(target_config.num_attention_heads)
@@ -76,6 +78,7 @@ class Eagle3Config:
             draft_vocab_size=draft_vocab_size,
             feature_layers=feature_layers,
             target_model=target_model,
+            target_fingerprint=target_fingerprint,
         )
 
 

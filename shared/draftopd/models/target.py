@@ -90,6 +90,22 @@ class TargetModel:
                 ids.update(int(v) for v in value)
         return frozenset(ids)
 
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the target a drafter must match: architecture sizes and tokenizer vocab.
+
+        It does not depend on how the target was named (hub id, directory, GGUF) or its dtype."""
+        parts = [
+            str(getattr(self.config, "model_type", "")),
+            str(self.hidden_size),
+            str(self.num_layers),
+            str(self.vocab_size),
+        ]
+        vocab = getattr(self.tokenizer, "get_vocab", None)
+        if callable(vocab):
+            parts.extend(f"{tok}:{idx}" for tok, idx in sorted(vocab().items(), key=lambda x: x[1]))
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)
 

@@ -11,6 +11,7 @@ touches the model and the greedy outputs can be compared token for token.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -170,7 +171,10 @@ class DecodeRun:
         self.generator: torch.Generator | None = None
         if not params.greedy:
             self.generator = torch.Generator(device=target.device)
-            self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+            # an unseeded request draws its seed without touching torch's global generators
+            self.generator.manual_seed(
+                params.seed if params.seed is not None else secrets.randbits(63)
+            )
         self.want_features = proposer is not None and proposer.needs_features
         self.cache = target.new_cache()
         self._result: GenerationResult | None = None

@@ -4,15 +4,18 @@ Token lists and cycles travel as one msgpack blob (field ``data``) next to a few
 fields that consumers can filter on without decoding (``schema_version``, ``job_id``,
 ``drafter_version``, ``target_model``).
 
-Memory: msgpack stores a token id < 65536 in 3 bytes and a float32 log-prob in 5, so a record
-costs roughly 3 * (prompt + response) + per cycle (3 * (proposed + committed) + 5 * rejected + ~8)
-bytes. A 512-token prompt with a 512-token response at tau = 3 and K = 4 is about 3 KB + 171 cycles
-* ~40 B = ~10 KB; a stream capped at 10,000 records holds ~100 MB.
+Memory: msgpack stores a token id below 65536 in 3 bytes; a cycle is packed as a 5-item list
+and its log-probs as float32 bytes, so a record costs about 3 * (prompt + response) bytes plus, per
+cycle, 3 * (proposed + committed) + 4 * rejected + ~12 bytes (``record_size_bound``; a test checks
+real records against it). Example: 512 prompt + 512 response tokens at tau = 2, K = 4 (256 cycles)
+is at most ~3.1 KB + 256 * 40 B = ~13 KB, so a job stream capped at 10,000 records holds ~130 MB.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import sys
+from array import array
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -23,9 +26,42 @@ from draftopd.speculative.sampling import SamplingParams
 SCHEMA_VERSION = 1
 
 
+def _pack_cycle(cycle: Cycle) -> list[Any]:
+    """A cycle as [anchor, proposed, accepted, committed, logprobs]: no per-cycle key names, and
+    log-probs as little-endian float32 bytes (4 bytes each instead of msgpack's 9 for a double)."""
+    values = array("f", cycle.rejected_teacher_logprobs)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return [cycle.anchor, cycle.proposed, cycle.accepted, cycle.committed, values.tobytes()]
+
+
+def _unpack_cycle(packed: list[Any]) -> Cycle:
+    anchor, proposed, accepted, committed, raw = packed
+    logprobs = array("f")
+    logprobs.frombytes(raw)
+    if sys.byteorder == "big":
+        logprobs.byteswap()
+    return Cycle(
+        anchor=anchor,
+        proposed=proposed,
+        accepted=accepted,
+        committed=committed,
+        rejected_teacher_logprobs=logprobs.tolist(),
+    )
+
+
 def stream_key(job_id: str) -> str:
     """Redis Stream key of a job's rollouts."""
     return f"draftopd:rollouts:{job_id}"
+
+
+def record_size_bound(num_tokens: int, cycles: list[Cycle]) -> int:
+    """Upper bound in bytes of a record's ``data`` blob (tokens < 65536), for capacity planning."""
+    per_cycle = sum(
+        3 * (len(c.proposed) + len(c.committed)) + 4 * len(c.rejected_teacher_logprobs) + 12
+        for c in cycles
+    )
+    return 3 * num_tokens + per_cycle + 128
 
 
 @dataclass(frozen=True)
@@ -76,7 +112,7 @@ class RolloutRecord:
             "sampling": self.sampling,
             "prompt_ids": self.prompt_ids,
             "response_ids": self.response_ids,
-            "cycles": [asdict(c) for c in self.cycles],
+            "cycles": [_pack_cycle(c) for c in self.cycles],
             "output_len": self.output_len,
             "extra": self.extra,
         }
@@ -85,7 +121,7 @@ class RolloutRecord:
             "job_id": self.job_id,
             "drafter_version": self.drafter_version,
             "target_model": self.target_model,
-            "data": msgpack.packb(blob, use_single_float=True),
+            "data": msgpack.packb(blob),
         }
 
     @classmethod
@@ -110,7 +146,7 @@ class RolloutRecord:
             sampling=blob["sampling"],
             prompt_ids=blob["prompt_ids"],
             response_ids=blob["response_ids"],
-            cycles=[Cycle(**c) for c in blob["cycles"]],
+            cycles=[_unpack_cycle(c) for c in blob["cycles"]],
             output_len=blob["output_len"],
             schema_version=version,
             extra=blob.get("extra", {}),

@@ -11,7 +11,8 @@ import torch
 
 from draftopd.models.checkpoint import load_drafter, random_drafter_for, save_drafter
 from draftopd.models.eagle3 import DrafterCache
-from draftopd.models.target import TargetModel
+from draftopd.models.target import TargetModel, load_target
+from draftopd.models.tiny import build_tiny_target
 from tests.unit.speculative.helpers import small_vocab_target
 
 
@@ -72,9 +73,17 @@ def test_incompatible_or_corrupt_checkpoints_are_refused(
     with pytest.raises(ValueError, match="hidden="):
         load_drafter(tmp_path / "ok", other)
 
-    renamed = TargetModel(tiny_target.model, tiny_target.tokenizer, name="another-target")
+    # the same model under another name (a path instead of an id) is the same target ...
+    renamed = TargetModel(tiny_target.model, tiny_target.tokenizer, name="/elsewhere/tiny")
+    assert load_drafter(tmp_path / "ok", renamed).cfg.target_fingerprint == tiny_target.fingerprint
+    # ... but a target with the same widths and vocabulary and another depth is not
+    deeper = load_target(str(build_tiny_target(tmp_path / "deeper", num_layers=5)))
+    assert (
+        deeper.hidden_size == tiny_target.hidden_size
+        and deeper.vocab_size == tiny_target.vocab_size
+    )
     with pytest.raises(ValueError, match="built for target"):
-        load_drafter(tmp_path / "ok", renamed)
+        load_drafter(tmp_path / "ok", deeper)
 
     (tmp_path / "ok" / "model.safetensors").write_bytes(b"\x80\x04garbage-not-safetensors")
     with pytest.raises(ValueError, match="unreadable"):

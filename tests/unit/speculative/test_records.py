@@ -10,7 +10,7 @@ import torch
 
 from draftopd.speculative.engine import DecodeEngine, GenerationResult
 from draftopd.speculative.proposers import Eagle3Proposer, NgramProposer
-from draftopd.speculative.records import RolloutRecord, stream_key
+from draftopd.speculative.records import RolloutRecord, record_size_bound, stream_key
 from draftopd.speculative.sampling import SamplingParams
 from tests.unit.speculative.helpers import NoisyOracleProposer
 
@@ -123,3 +123,15 @@ def test_record_roundtrip_through_stream_fields(results: Any) -> None:
     assert stream_key("job-1") == "draftopd:rollouts:job-1"
     with pytest.raises(ValueError, match="schema_version"):
         RolloutRecord.from_fields({**wire, b"schema_version": b"99"})
+
+
+def test_record_size_is_within_the_documented_bound(results: Any) -> None:
+    for case, result in results.items():
+        record = RolloutRecord.from_result(
+            result, GREEDY, job_id="j", drafter_version="v", target_model="t"
+        )
+        size = len(record.to_fields()["data"])
+        tokens = len(result.prompt_ids) + len(result.committed_ids)
+        bound = record_size_bound(tokens, result.cycles)
+        assert size <= bound, case
+        assert size >= 0.5 * bound, case  # the bound is tight enough to plan capacity with

@@ -1,0 +1,94 @@
+"""The served EAGLE-3 drafter: loading and its version, kept in one immutable holder.
+
+A request reads the service's ``ServedDrafter`` once when it starts and uses that object to the
+end, so replacing the holder (a hot swap) never changes a request that is already running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from draftopd.models.checkpoint import (
+    WEIGHTS_FILE,
+    load_drafter,
+    random_drafter_for,
+    read_checkpoint_meta,
+)
+from draftopd.models.eagle3 import Eagle3Drafter
+from draftopd.models.target import TargetModel
+from services.inference.settings import RANDOM_DRAFTER_PREFIX
+
+logger = logging.getLogger(__name__)
+
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServedDrafter:
+    """A loaded drafter and what the API reports about it. Never mutated: swap the whole object."""
+
+    drafter: Eagle3Drafter  # shared read-only by every request (each has its own proposer)
+    version: str  # provenance["version"], "sha256:<12 hex>" of the weights, or "random:SEED"
+    path: str | None  # checkpoint directory; None for a random drafter
+    provenance: dict[str, Any]  # the checkpoint's training provenance ({} if none)
+
+    @property
+    def architecture(self) -> str:
+        return self.drafter.cfg.architecture
+
+    @property
+    def built_for(self) -> str:
+        return self.drafter.cfg.target_model
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return self.drafter.cfg.draft_vocab_size
+
+
+def weights_digest(path: Path) -> str:
+    """'sha256:' + the first 12 hex digits of the file's sha256."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()[:12]
+
+
+def checkpoint_version(directory: str | Path) -> str:
+    """The version a checkpoint declares in its provenance, else its weights' digest."""
+    meta = read_checkpoint_meta(directory)
+    provenance = meta.get("provenance") or {}
+    version = provenance.get("version") if isinstance(provenance, dict) else None
+    if version is not None and str(version):
+        return str(version)
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ValueError(f"drafter checkpoint {directory} has no {WEIGHTS_FILE}")
+    return weights_digest(weights)
+
+
+def load_served_drafter(spec: str, target: TargetModel) -> ServedDrafter:
+    """Load ``spec`` ('random:SEED' or a checkpoint directory) for ``target``."""
+    if spec.startswith(RANDOM_DRAFTER_PREFIX):
+        seed = int(spec[len(RANDOM_DRAFTER_PREFIX) :])
+        drafter = random_drafter_for(target, seed=seed)
+        logger.info("serving a random EAGLE-3 drafter (seed %d)", seed)
+        return ServedDrafter(drafter=drafter, version=spec, path=None, provenance={})
+    directory = Path(spec).expanduser()
+    if not directory.is_dir():
+        raise ValueError(f"drafter {spec!r}: not a checkpoint directory nor 'random:SEED'")
+    meta = read_checkpoint_meta(directory)
+    version = checkpoint_version(directory)
+    drafter = load_drafter(directory, target)
+    provenance = meta.get("provenance")
+    logger.info("serving EAGLE-3 drafter %s from %s", version, directory)
+    return ServedDrafter(
+        drafter=drafter,
+        version=version,
+        path=str(directory),
+        provenance=provenance if isinstance(provenance, dict) else {},
+    )

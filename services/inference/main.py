@@ -1,0 +1,79 @@
+"""The inference service's app factory. Models load in the lifespan, never at import time.
+
+Run it with ``python -m services.inference.main`` (host and port from the settings) or
+``uvicorn services.inference.main:create_app --factory``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
+import uvicorn
+from fastapi import FastAPI, Request, status
+from fastapi.responses import JSONResponse
+
+from services.inference.api import generation, router
+from services.inference.errors import ClientGoneError, DrafterUnavailableError, InvalidRequestError
+from services.inference.metrics import ServiceMetrics
+from services.inference.serving import InferenceService, set_torch_threads
+from services.inference.settings import InferenceSettings, get_settings
+
+logger = logging.getLogger(__name__)
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads the body
+
+
+def create_app(settings: InferenceSettings | None = None) -> FastAPI:
+    """Build the app; ``settings`` defaults to ``get_settings()`` (the environment)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        set_torch_threads(settings.torch_threads)
+        app.state.service = await anyio.to_thread.run_sync(
+            InferenceService.load, settings, app.state.metrics
+        )
+        yield
+        app.state.service = None
+
+    app = FastAPI(
+        title="draftopd inference",
+        version="0.1.0",
+        summary="Speculative decoding (EAGLE-3 drafter, n-gram or plain) behind native and "
+        "OpenAI-compatible APIs. Every response names the drafter version that made it.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = ServiceMetrics()
+    app.state.service = None
+    app.include_router(generation)
+    app.include_router(router)
+    _add_error_handlers(app)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(InvalidRequestError)
+    async def invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail()}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+    @app.exception_handler(DrafterUnavailableError)
+    async def no_drafter(request: Request, exc: DrafterUnavailableError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status.HTTP_409_CONFLICT)
+
+    @app.exception_handler(ClientGoneError)
+    async def client_gone(request: Request, exc: ClientGoneError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, CLIENT_CLOSED_REQUEST)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = get_settings()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+
+
+if __name__ == "__main__":
+    main()

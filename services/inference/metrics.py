@@ -1,0 +1,88 @@
+"""Prometheus metrics of one app instance (its own ``CollectorRegistry``).
+
+Speculative counters are labelled by ``drafter_version``: the EAGLE-3 version string, ``ngram``, or
+``none`` for plain decoding. From them, per version:
+- tau = generated_tokens / cycles (when no request was cut by a stop string);
+- acceptance rate = accepted_tokens / draft_tokens;
+- acceptance at slot j = accepted_by_position{position=j} / drafts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from draftopd.speculative.engine import DecodeStats
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What one finished (or abandoned) generation adds to the counters."""
+
+    drafter_label: str  # drafter version, "ngram" or "none"
+    stats: DecodeStats
+    generated_tokens: int  # output tokens (after EOS / stop-string cuts)
+    finished: bool  # False when the client went away before the end
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        label = ["drafter_version"]
+        r = self.registry
+        self.drafts = Counter(
+            "draftopd_spec_drafts_total", "Cycles that proposed >= 1 draft.", label, registry=r
+        )
+        self.draft_tokens = Counter(
+            "draftopd_spec_draft_tokens_total", "Draft tokens proposed.", label, registry=r
+        )
+        self.accepted_tokens = Counter(
+            "draftopd_spec_accepted_tokens_total", "Draft tokens accepted.", label, registry=r
+        )
+        self.accepted_by_position = Counter(
+            "draftopd_spec_accepted_by_position_total",
+            "Draft tokens accepted at slot position (1-based).",
+            [*label, "position"],
+            registry=r,
+        )
+        self.cycles = Counter(
+            "draftopd_spec_cycles_total", "Verification cycles (target passes).", label, registry=r
+        )
+        self.generated_tokens = Counter(
+            "draftopd_generated_tokens_total", "Output tokens returned.", label, registry=r
+        )
+        self.requests = Counter(
+            "draftopd_requests_total",
+            "Generation requests by endpoint and outcome (finished | cancelled).",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "draftopd_request_latency_seconds",
+            "Generation request latency (queueing and streaming included).",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "draftopd_requests_in_flight", "Generation requests admitted or waiting.", registry=r
+        )
+
+    def record_run(self, endpoint: str, record: RunRecord, seconds: float) -> None:
+        version, stats = record.drafter_label, record.stats
+        self.drafts.labels(version).inc(stats.drafts)
+        self.draft_tokens.labels(version).inc(stats.draft_tokens)
+        self.accepted_tokens.labels(version).inc(stats.accepted_tokens)
+        self.cycles.labels(version).inc(stats.cycles)
+        for position, accepted in enumerate(stats.accepted_by_position, start=1):
+            self.accepted_by_position.labels(version, str(position)).inc(accepted)
+        self.generated_tokens.labels(version).inc(record.generated_tokens)
+        outcome = "finished" if record.finished else "cancelled"
+        self.requests.labels(endpoint, outcome).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

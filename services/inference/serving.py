@@ -1,0 +1,317 @@
+"""The serving core: a target, the served drafter, and speculative decoding per request.
+
+- ``prepare`` turns a ``GenerationSpec`` (built by the routes from any of the three APIs) into
+  token ids, sampling parameters and a proposer choice, raising request errors before any
+  response starts.
+- ``stream`` runs the request: at most ``max_concurrency`` at once (an asyncio semaphore), each
+  decode cycle in a worker thread so the event loop stays free, and a check for a disconnected
+  client between cycles (a gone client stops the generation).
+- ``generate`` is ``stream`` run to the end.
+
+The drafter lives in an immutable ``ServedDrafter`` holder: a request takes the holder once in
+``prepare`` and keeps it, so ``swap_drafter`` can replace it at any time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+import anyio.to_thread
+import torch
+
+from draftopd.models.target import TargetModel, load_target
+from draftopd.prompts import Prompt, render_prompt
+from draftopd.schemas import (
+    DrafterInfo,
+    HealthResponse,
+    SpeculativeMethod,
+    SpeculativeStats,
+    Usage,
+)
+from draftopd.speculative.engine import DecodeEngine, DecodeRun, Delta
+from draftopd.speculative.proposers import Eagle3Proposer, NgramProposer, Proposer
+from draftopd.speculative.sampling import SamplingParams
+from services.inference.drafters import ServedDrafter, load_served_drafter
+from services.inference.errors import ClientGoneError, DrafterUnavailableError, InvalidRequestError
+from services.inference.metrics import RunRecord, ServiceMetrics
+from services.inference.responses import Outcome
+from services.inference.settings import InferenceSettings
+from services.inference.specs import GenerationSpec
+
+logger = logging.getLogger(__name__)
+
+IsDisconnected = Callable[[], Awaitable[bool]]
+
+
+@dataclass(frozen=True)
+class PreparedGeneration:
+    spec: GenerationSpec
+    prompt_ids: list[int]
+    params: SamplingParams
+    method: SpeculativeMethod
+    num_draft_tokens: int  # 0 for method "none"
+    drafter: ServedDrafter | None  # the holder this request keeps (eagle3 only)
+    received_at: float  # perf_counter() when the request was prepared
+
+    @property
+    def drafter_version(self) -> str | None:
+        """What the response reports: the drafter version, 'ngram', or None (plain decoding)."""
+        if self.method == "eagle3":
+            return self.drafter.version if self.drafter is not None else None
+        return "ngram" if self.method == "ngram" else None
+
+    @property
+    def metrics_label(self) -> str:
+        return self.drafter_version or "none"
+
+
+class InferenceService:
+    def __init__(
+        self,
+        settings: InferenceSettings,
+        target: TargetModel,
+        drafter: ServedDrafter | None,
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.settings = settings
+        self.target = target
+        self.metrics = metrics
+        self.engine = DecodeEngine(target, num_draft_tokens=settings.num_draft_tokens)
+        self.started_at = int(time.time())
+        self._drafter = drafter
+        self._slots = asyncio.Semaphore(settings.max_concurrency)
+
+    @classmethod
+    def load(cls, settings: InferenceSettings, metrics: ServiceMetrics) -> InferenceService:
+        """Load the target and the configured drafter (blocking: call it off the event loop)."""
+        target = load_target(settings.target, device=settings.device, dtype=settings.dtype)
+        drafter = load_served_drafter(settings.drafter, target) if settings.drafter else None
+        logger.info(
+            "inference ready: target=%s device=%s drafter=%s default_method=%s",
+            settings.target, settings.device, drafter.version if drafter else None,
+            settings.resolved_default_method,
+        )
+        return cls(settings, target, drafter, metrics)
+
+    # -- the served drafter -----------------------------------------------------------------
+    @property
+    def drafter(self) -> ServedDrafter | None:
+        return self._drafter
+
+    def swap_drafter(self, drafter: ServedDrafter | None) -> None:
+        """Serve ``drafter`` from now on; running requests keep the holder they started with."""
+        self._drafter = drafter
+
+    def health(self) -> HealthResponse:
+        drafter = self._drafter
+        return HealthResponse(
+            target=self.settings.target,
+            device=str(self.target.device),
+            dtype=str(self.target.dtype).removeprefix("torch."),
+            drafter_version=drafter.version if drafter else None,
+            default_method=self.settings.resolved_default_method,
+            num_draft_tokens=self.settings.num_draft_tokens,
+        )
+
+    def drafter_info(self) -> DrafterInfo:
+        drafter = self._drafter
+        return DrafterInfo(
+            version=drafter.version if drafter else None,
+            architecture=drafter.architecture if drafter else None,
+            target=(drafter.built_for or self.settings.target) if drafter else None,
+            path=drafter.path if drafter else None,
+            draft_vocab_size=drafter.draft_vocab_size if drafter else None,
+            num_draft_tokens=self.settings.num_draft_tokens,
+            default_method=self.settings.resolved_default_method,
+            provenance=dict(drafter.provenance) if drafter else None,
+        )
+
+    # -- requests ---------------------------------------------------------------------------
+    def prepare(self, spec: GenerationSpec) -> PreparedGeneration:
+        limit = self.settings.max_new_tokens_limit
+        if spec.max_new_tokens > limit:
+            raise InvalidRequestError(
+                (spec.max_tokens_field,),
+                f"{spec.max_tokens_field} must be <= {limit} (the server's limit), "
+                f"got {spec.max_new_tokens}",
+                spec.max_new_tokens,
+            )
+        method = spec.method or self.settings.resolved_default_method
+        drafter = self._drafter
+        if method == "eagle3" and drafter is None:
+            raise DrafterUnavailableError(
+                "speculative.method 'eagle3' needs an EAGLE-3 drafter, and this server has none "
+                "loaded (setting DRAFTOPD_INFERENCE_DRAFTER); use 'ngram' or 'none'"
+            )
+        prompt_ids = self._prompt_ids(spec)
+        self._check_context(spec, len(prompt_ids))
+        try:
+            params = SamplingParams(
+                max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
+                top_p=spec.top_p, top_k=spec.top_k, seed=spec.seed, stop=spec.stop,
+                ignore_eos=spec.ignore_eos,
+            )
+        except ValueError as err:  # the schemas check the same bounds; this is a backstop
+            raise InvalidRequestError((), str(err)) from err
+        k = spec.num_draft_tokens or self.settings.num_draft_tokens
+        return PreparedGeneration(
+            spec=spec, prompt_ids=prompt_ids, params=params, method=method,
+            num_draft_tokens=0 if method == "none" else k,
+            drafter=drafter if method == "eagle3" else None,
+            received_at=time.perf_counter(),
+        )
+
+    async def generate(
+        self, prepared: PreparedGeneration, *, is_disconnected: IsDisconnected
+    ) -> Outcome:
+        """Run to the end; raises ClientGoneError if the client left first."""
+        outcome: Outcome | None = None
+        async for event in self.stream(prepared, is_disconnected=is_disconnected):
+            if isinstance(event, Outcome):
+                outcome = event
+        if outcome is None:
+            raise ClientGoneError("the client disconnected before the generation finished")
+        return outcome
+
+    async def stream(
+        self, prepared: PreparedGeneration, *, is_disconnected: IsDisconnected
+    ) -> AsyncIterator[Delta | Outcome]:
+        """Yield one Delta per decode cycle, then the Outcome (nothing more if the client left).
+
+        The metrics are recorded, and the slot freed, before the Outcome is yielded.
+        """
+        run: DecodeRun | None = None
+        self.metrics.in_flight.inc()
+        try:
+            async with self._slots:
+                run = self._start(prepared)
+                cycles = iter(run)
+                while not await is_disconnected():  # a gone client stops decoding here
+                    delta = await anyio.to_thread.run_sync(self._next_cycle, cycles)
+                    if delta is None:
+                        break
+                    yield delta
+        finally:
+            self.metrics.in_flight.dec()
+            if run is not None:
+                self._record(prepared, run)
+        if run.finish_reason is not None:
+            yield self._outcome(prepared, run)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _next_cycle(self, cycles: Iterator[Delta]) -> Delta | None:
+        """Run one decode cycle (in a worker thread); None when the run has finished."""
+        threads = self.settings.torch_threads
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)  # intra-op threads are a per-thread OpenMP setting
+        return next(cycles, None)
+
+    def _prompt_ids(self, spec: GenerationSpec) -> list[int]:
+        if spec.prompt_ids is not None:
+            vocab = self.target.vocab_size
+            bad = [i for i in spec.prompt_ids if not 0 <= i < vocab]
+            if bad:
+                raise InvalidRequestError(
+                    ("prompt",), f"token ids must be in [0, {vocab}), got {bad[:5]}", bad[:5]
+                )
+            return list(spec.prompt_ids)
+        tokenizer = self.target.tokenizer
+        if tokenizer is None:
+            raise InvalidRequestError(("prompt",), "the target has no tokenizer: send token ids")
+        field = "messages" if spec.messages is not None else "prompt"
+        prompt = Prompt(
+            id="request", messages=spec.messages, text=spec.prompt,
+            source="messages" if spec.messages is not None else "prompt",
+        )
+        try:
+            ids = render_prompt(tokenizer, prompt, chat=spec.messages is not None)
+        except ValueError as err:  # e.g. messages for a target without a chat template
+            raise InvalidRequestError((field,), str(err)) from err
+        if not ids:
+            raise InvalidRequestError((field,), f"{field} encodes to zero tokens")
+        return ids
+
+    def _check_context(self, spec: GenerationSpec, prompt_tokens: int) -> None:
+        context = getattr(self.target.config, "max_position_embeddings", None)
+        if not isinstance(context, int):
+            return
+        field = "messages" if spec.messages is not None else "prompt"
+        if prompt_tokens >= context:
+            raise InvalidRequestError(
+                (field,), f"the prompt has {prompt_tokens} tokens; the context is {context}"
+            )
+        if prompt_tokens + spec.max_new_tokens > context:
+            raise InvalidRequestError(
+                (spec.max_tokens_field,),
+                f"prompt ({prompt_tokens} tokens) + {spec.max_tokens_field} "
+                f"({spec.max_new_tokens}) exceeds the target's context of {context} tokens",
+                spec.max_new_tokens,
+            )
+
+    def _start(self, prepared: PreparedGeneration) -> DecodeRun:
+        proposer: Proposer | None = None
+        if prepared.method == "eagle3":
+            assert prepared.drafter is not None  # checked in prepare
+            proposer = Eagle3Proposer(prepared.drafter.drafter)  # per-request drafting state
+        elif prepared.method == "ngram":
+            proposer = NgramProposer()
+        return self.engine.start(
+            prepared.prompt_ids, prepared.params, proposer=proposer,
+            num_draft_tokens=prepared.num_draft_tokens,
+        )
+
+    def _outcome(self, prepared: PreparedGeneration, run: DecodeRun) -> Outcome:
+        result = run.result
+        stats = result.stats
+        completion = len(result.token_ids)
+        prompt = len(prepared.prompt_ids)
+        speculative = SpeculativeStats(
+            method=prepared.method,
+            num_draft_tokens=prepared.num_draft_tokens,
+            tau=stats.tau,
+            cycles=stats.cycles,
+            drafts=stats.drafts,
+            draft_tokens=stats.draft_tokens,
+            accepted_tokens=stats.accepted_tokens,
+            accepted_by_position=list(stats.accepted_by_position),
+            tokens_per_s=completion / stats.decode_s if stats.decode_s > 0 else 0.0,
+            prefill_s=stats.prefill_s,
+            decode_s=stats.decode_s,
+        )
+        return Outcome(
+            text=result.text,
+            token_ids=list(result.token_ids),
+            finish_reason="stop" if result.finish_reason == "stop" else "length",
+            usage=Usage(
+                prompt_tokens=prompt, completion_tokens=completion,
+                total_tokens=prompt + completion,
+            ),
+            drafter_version=prepared.drafter_version,
+            speculative=speculative,
+        )
+
+    def _record(self, prepared: PreparedGeneration, run: DecodeRun) -> None:
+        finished = run.finish_reason is not None
+        record = RunRecord(
+            drafter_label=prepared.metrics_label,
+            stats=run.stats,
+            generated_tokens=run.visible,
+            finished=finished,
+        )
+        seconds = time.perf_counter() - prepared.received_at
+        self.metrics.record_run(prepared.spec.endpoint, record, seconds)
+        if not finished:
+            logger.info(
+                "%s: client gone, generation stopped after %d tokens",
+                prepared.spec.endpoint, run.visible,
+            )
+
+
+def set_torch_threads(threads: int | None) -> None:
+    """Use ``threads`` intra-op threads (process default for new threads, and this thread)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
