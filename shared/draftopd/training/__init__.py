@@ -1,0 +1,1 @@
+"""Drafter training: data, SFT with training-time test, Draft-OPD replay."""

@@ -1,0 +1,236 @@
+"""SFT bootstrap: it learns (loss down, held-out tau up), checkpoints are safe, resume is exact."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from draftopd.models.checkpoint import load_drafter
+from draftopd.models.target import TargetModel, load_target
+from draftopd.models.tiny import build_tiny_target
+from draftopd.prompts import load_prompts
+from draftopd.speculative.engine import DecodeEngine
+from draftopd.speculative.sampling import SamplingParams
+from draftopd.training.data import Sample, regenerate
+from draftopd.training.schedule import warmup_cosine_lr
+from draftopd.training.sft import (
+    SFTConfig,
+    batch_indices,
+    choose_draft_vocab,
+    heldout_tau,
+    latest_checkpoint,
+    run_sft,
+    train_sft,
+)
+
+MAX_NEW = 32
+
+
+@pytest.fixture(scope="module")
+def sharp_target(tmp_path_factory: pytest.TempPathFactory) -> TargetModel:
+    """The tiny target (small init: repetitive, learnable greedy text) with its LM head scaled
+    x30. Scaling keeps every argmax, so the greedy text is unchanged, but the distributions get
+    peaked like a trained LM's; otherwise soft CE is almost all entropy and barely moves."""
+    target = load_target(str(build_tiny_target(tmp_path_factory.mktemp("sharp"), init_std=0.02)))
+    with torch.no_grad():
+        target.model.lm_head.weight.mul_(30.0)
+    return target
+
+
+def _generate(target: TargetModel, count: int, seed: int) -> list[Sample]:
+    """Target-written samples: the target's own greedy continuations of random prompts."""
+    engine = DecodeEngine(target)
+    params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for k in range(count):
+        prompt = torch.randint(4, target.vocab_size, (6,), generator=generator).tolist()
+        result = engine.generate(prompt, params, decode_text=False)
+        samples.append(Sample(f"{seed}-{k}", tuple(prompt), tuple(result.token_ids)))
+    return samples
+
+
+@pytest.fixture(scope="module")
+def corpus(sharp_target: TargetModel) -> tuple[list[Sample], list[list[int]]]:
+    train = _generate(sharp_target, 128, seed=0)
+    heldout = [list(s.prompt_ids) for s in _generate(sharp_target, 6, seed=1)]
+    return train, heldout
+
+
+def _config(**changes: object) -> SFTConfig:
+    base = SFTConfig(
+        lr=1e-2,
+        warmup_steps=3,
+        total_steps=60,
+        batch_size=8,
+        max_seq_len=64,
+        ttt_steps=4,
+        draft_vocab_size=96,
+        eval_every=20,
+        eval_num_draft_tokens=4,
+        eval_max_new_tokens=MAX_NEW,
+        checkpoint_every=30,
+        seed=0,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_sft_lowers_loss_and_raises_heldout_tau(
+    sharp_target: TargetModel, corpus: tuple[list[Sample], list[list[int]]], tmp_path: Path
+) -> None:
+    train, heldout = corpus
+    embedding = sharp_target.embed_tokens.weight.detach().clone()
+    cfg = _config()
+    result = train_sft(sharp_target, train, tmp_path, cfg, eval_prompts=heldout, progress=False)
+
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == result.history
+    assert [x["step"] for x in lines] == list(range(61))
+    assert {"step", "loss", "step_acc", "tau", "lr", "elapsed_s"} <= set(lines[1])
+    assert [x["step"] for x in lines if x["tau"] is not None] == [0, 20, 40, 60]
+    initial_tau, final_tau = lines[0]["tau"], lines[-1]["tau"]
+    assert initial_tau < 1.1  # the random-init drafter is almost never accepted
+    assert final_tau > initial_tau + 0.25, (initial_tau, final_tau)
+    first = sum(x["loss"] for x in lines[1:11]) / 10
+    last = sum(x["loss"] for x in lines[-10:]) / 10
+    assert last < first - 3.0, (first, last)
+    assert sum(lines[-1]["step_acc"]) / 4 > 0.3
+    assert lines[1]["lr"] == pytest.approx(1e-2 / 3) and lines[-1]["lr"] < 1e-4
+
+    # the draft vocabulary is the 96 most frequent response tokens
+    expected = choose_draft_vocab(train, vocab_size=sharp_target.vocab_size, draft_vocab_size=96)
+    assert torch.equal(result.drafter.d2t.cpu(), expected)
+    # the target (and its shared embedding) was not trained
+    torch.testing.assert_close(sharp_target.embed_tokens.weight, embedding, rtol=0, atol=0)
+
+    # the final checkpoint is a plain drafter directory with the same held-out tau
+    assert result.checkpoint == tmp_path / "checkpoints" / "step-00000060"
+    loaded = load_drafter(result.checkpoint, sharp_target)
+    tau = heldout_tau(sharp_target, loaded, heldout, num_draft_tokens=4, max_new_tokens=MAX_NEW)
+    assert tau == pytest.approx(final_tau)
+
+
+def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(
+    sharp_target: TargetModel, corpus: tuple[list[Sample], list[list[int]]], tmp_path: Path
+) -> None:
+    train = corpus[0][:40]
+    cfg = _config(total_steps=8, checkpoint_every=4, eval_every=0, weight_decay=0.1)
+    straight = train_sft(sharp_target, train, tmp_path / "a", cfg, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_6(line: dict[str, object]) -> None:
+        if line["step"] == 6:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_sft(sharp_target, train, tmp_path / "b", cfg, progress=False, on_step=kill_at_6)
+    partial = latest_checkpoint(tmp_path / "b")
+    assert partial is not None and partial.name == "step-00000004"
+    assert sorted(p.name for p in partial.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ]  # safetensors and JSON only: nothing pickled
+
+    resumed = train_sft(sharp_target, train, tmp_path / "b", cfg, progress=False)
+    assert resumed.resumed_from == 4 and resumed.step == 8
+    assert [x["step"] for x in resumed.history] == [5, 6, 7, 8]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # the lines of the lost steps 5-6 were dropped
+    for (name, a), (_, b) in zip(
+        straight.drafter.state_dict().items(), resumed.drafter.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    losses = [x["loss"] for x in straight.history[4:]]
+    assert losses == [x["loss"] for x in resumed.history]
+
+    # a finished run resumes to a no-op; a changed trajectory config is refused
+    again = train_sft(sharp_target, train, tmp_path / "b", cfg, progress=False)
+    assert again.step == 8 and again.history == []
+    with pytest.raises(ValueError, match=r"\['lr'\]"):
+        train_sft(sharp_target, train, tmp_path / "b", replace(cfg, lr=1e-3), progress=False)
+    with pytest.raises(ValueError, match="samples differ"):
+        train_sft(sharp_target, train[:39], tmp_path / "b", cfg, progress=False)
+    with pytest.raises(ValueError, match="earlier run"):
+        train_sft(sharp_target, train, tmp_path / "b", cfg, progress=False, resume=False)
+
+
+def test_run_sft_from_a_target_spec_and_a_regenerated_data_dir(
+    tiny_target_dir: Path, tmp_path: Path
+) -> None:
+    """The CLI / Celery entry point: target by spec, samples from ``regenerate``, eval JSONL."""
+    lines = [{"prompt": f"The quick brown fox {i}"} for i in range(6)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    target = load_target(str(tiny_target_dir))
+    regenerate(
+        target,
+        load_prompts(tmp_path / "p.jsonl"),
+        tmp_path / "data",
+        max_new_tokens=12,
+        batch_size=3,
+        progress=False,
+    )
+    cfg = _config(total_steps=3, eval_every=0, checkpoint_every=0, draft_vocab_size=64)
+    result = run_sft(
+        str(tiny_target_dir),
+        tmp_path / "data",
+        tmp_path / "run",
+        cfg.to_dict(),
+        eval_prompts_path=tmp_path / "p.jsonl",
+        eval_limit=2,
+        progress=False,
+    )
+    assert result.step == 3 and result.checkpoint.name == "step-00000003"
+    assert result.tau is not None and 1.0 <= result.tau <= 5.0
+    assert [x["step"] for x in result.history] == [0, 1, 2, 3]
+    assert load_drafter(result.checkpoint, target).cfg.draft_vocab_size == 64
+
+
+def test_choose_draft_vocab_takes_the_most_frequent_response_tokens() -> None:
+    samples = [
+        Sample("a", (9, 9, 9, 9), (5, 5, 5, 2)),
+        Sample("b", (9,), (2, 7, 5)),
+    ]
+    vocab = choose_draft_vocab(samples, vocab_size=10, draft_vocab_size=3)
+    assert vocab.tolist() == [2, 5, 7]  # prompt tokens do not count
+    vocab = choose_draft_vocab(samples, vocab_size=10, draft_vocab_size=5)
+    assert vocab.tolist() == [0, 1, 2, 5, 7]  # unseen ids fill up from the lowest
+    with pytest.raises(ValueError, match="draft_vocab_size"):
+        choose_draft_vocab(samples, vocab_size=10, draft_vocab_size=11)
+
+
+def test_batch_indices_visit_every_sample_once_per_epoch() -> None:
+    epoch = [i for s in range(5) for i in batch_indices(s, num_samples=10, batch_size=2, seed=3)]
+    assert sorted(epoch) == list(range(10))
+    assert epoch != list(range(10))  # shuffled
+    crossing = batch_indices(1, num_samples=5, batch_size=3, seed=0)  # items 3, 4 | 0 of epoch 2
+    assert crossing[:2] == batch_indices(0, num_samples=5, batch_size=5, seed=0)[3:]
+    assert batch_indices(7, num_samples=10, batch_size=2, seed=3) == batch_indices(
+        7, num_samples=10, batch_size=2, seed=3
+    )
+
+
+def test_warmup_cosine_schedule() -> None:
+    lr = [warmup_cosine_lr(s, peak_lr=1.0, warmup_steps=4, total_steps=12) for s in range(13)]
+    assert lr[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lr[4] == pytest.approx(1.0) and lr[8] == pytest.approx(0.5) and lr[12] == 0.0
+    assert lr[3:] == sorted(lr[3:], reverse=True)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        warmup_cosine_lr(0, peak_lr=1.0, warmup_steps=13, total_steps=12)
+
+
+def test_config_rejects_bad_values_and_round_trips() -> None:
+    cfg = SFTConfig(total_steps=100, warmup_fraction=0.1)
+    assert cfg.warmup == 10
+    assert SFTConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="ttt_steps"):
+        SFTConfig(ttt_steps=0)
+    with pytest.raises(ValueError, match="unknown"):
+        SFTConfig.from_dict({"learning_rate": 1.0})
