@@ -96,7 +96,8 @@ def _add_bench(subparsers: Subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="M (default 128)")
     p.add_argument("--method", choices=("eagle3", "ngram", "none"), default="eagle3")
     p.add_argument(
-        "--drafter", type=_drafter_arg,
+        "--drafter",
+        type=_drafter_arg,
         help="eagle3 drafter: a checkpoint directory or random:SEED (default random:0)",
     )
     p.add_argument("--num-draft-tokens", type=int, default=4, help="K (default 4)")
@@ -108,6 +109,12 @@ def _add_bench(subparsers: Subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every path N times per prompt (order rotated) and keep the fastest (default 1)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(handler=_run_bench_command)
 
@@ -116,10 +123,21 @@ def _run_bench_command(args: argparse.Namespace) -> int:
     from draftopd.bench import BenchConfig, format_summary, run_bench, write_report
 
     config = BenchConfig(
-        prompts=args.prompts, limit=args.limit, max_new_tokens=args.max_new_tokens,
-        method=args.method, drafter=args.drafter, num_draft_tokens=args.num_draft_tokens,
-        temperature=args.temperature, peers=args.peers, target=args.target, device=args.device,
-        dtype=args.dtype, seed=args.seed, threads=args.threads, progress=not args.no_progress,
+        prompts=args.prompts,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        method=args.method,
+        drafter=args.drafter,
+        num_draft_tokens=args.num_draft_tokens,
+        temperature=args.temperature,
+        peers=args.peers,
+        target=args.target,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        threads=args.threads,
+        repeats=args.repeats,
+        progress=not args.no_progress,
     )
     report = run_bench(config)
     if args.json == "-":
@@ -147,8 +165,17 @@ def _add_serve(subparsers: Subparsers) -> None:
 def uvicorn_command(app: str, *, host: str, port: int, log_level: str = "info") -> list[str]:
     """The argv that serves ``module:create_app`` (a factory) with uvicorn."""
     return [
-        sys.executable, "-m", "uvicorn", app, "--factory",
-        "--host", host, "--port", str(port), "--log-level", log_level.lower(),
+        sys.executable,
+        "-m",
+        "uvicorn",
+        app,
+        "--factory",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--log-level",
+        log_level.lower(),
     ]
 
 
@@ -273,7 +300,9 @@ def _add_up(subparsers: Subparsers) -> None:
     p = subparsers.add_parser("up", help="start the local stack (for now: the inference service)")
     _add_host_port(p)
     p.add_argument(
-        "--startup-timeout", type=float, default=STARTUP_TIMEOUT_S,
+        "--startup-timeout",
+        type=float,
+        default=STARTUP_TIMEOUT_S,
         help="seconds to wait for each service's /health",
     )
     p.set_defaults(handler=_run_up_command)
@@ -307,7 +336,7 @@ def _announce(url: str) -> None:
     logger.info("draftopd is up. inference: %s  (API docs: %s/docs)", url, url)
     logger.info(
         "try: curl -s %s/generate -H 'Content-Type: application/json' "
-        "-d '{\"prompt\": \"Write a haiku about the sea.\", \"max_new_tokens\": 64}'",
+        '-d \'{"prompt": "Write a haiku about the sea.", "max_new_tokens": 64}\'',
         url,
     )
     logger.info("press Ctrl-C to stop")

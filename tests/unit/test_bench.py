@@ -49,8 +49,12 @@ def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def bench_config(tiny_dir: Path, prompts_file: Path, **overrides: Any) -> BenchConfig:
     values: dict[str, Any] = {
-        "prompts": str(prompts_file), "target": str(tiny_dir), "max_new_tokens": MAX_NEW,
-        "num_draft_tokens": K, "device": "cpu", "progress": False,
+        "prompts": str(prompts_file),
+        "target": str(tiny_dir),
+        "max_new_tokens": MAX_NEW,
+        "num_draft_tokens": K,
+        "device": "cpu",
+        "progress": False,
     }
     values.update(overrides)
     return BenchConfig(**values)
@@ -163,17 +167,31 @@ def test_bench_config_default_drafter() -> None:
 
 # -- report arithmetic on hand-made results ---------------------------------------------------
 def fake_result(
-    tokens: int, *, prefill_s: float, decode_s: float, cycles: int,
-    accepted: list[int], proposed: list[int],
+    tokens: int,
+    *,
+    prefill_s: float,
+    decode_s: float,
+    cycles: int,
+    accepted: list[int],
+    proposed: list[int],
 ) -> GenerationResult:
     stats = DecodeStats(
-        cycles=cycles, committed=tokens, accepted_by_position=accepted,
-        proposed_by_position=proposed, prefill_s=prefill_s, decode_s=decode_s,
+        cycles=cycles,
+        committed=tokens,
+        accepted_by_position=accepted,
+        proposed_by_position=proposed,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
     )
     ids = list(range(tokens))
     return GenerationResult(
-        prompt_ids=[1], token_ids=ids, text="", finish_reason="length", stats=stats,
-        committed_ids=ids, cycles=None,
+        prompt_ids=[1],
+        token_ids=ids,
+        text="",
+        finish_reason="length",
+        stats=stats,
+        committed_ids=ids,
+        cycles=None,
     )
 
 
@@ -189,7 +207,10 @@ def test_build_report_arithmetic() -> None:
     spec[1] = replace(spec[1], token_ids=[9, 9, 9, 9, 9, 9])  # differs: not identical
     runs = [
         PromptRun(
-            prompt_id=str(i), prompt_tokens=5, baseline=b, spec=s,
+            prompt_id=str(i),
+            prompt_tokens=5,
+            baseline=b,
+            spec=s,
             hf_generate=PeerRun(token_ids=b.token_ids, seconds=2.0),
             hf_prompt_lookup=PeerRun(token_ids=[1, 2], seconds=0.5),
         )
@@ -212,11 +233,23 @@ def test_build_report_arithmetic() -> None:
 
 def test_format_summary_and_write_report(tmp_path: Path) -> None:
     report = {
-        "tau": 2.5, "speedup": 1.75, "spec_tokens_per_s": 70.0, "baseline_tokens_per_s": 40.0,
-        "identical": 9, "num_prompts": 10, "acceptance_by_position": [0.8, 0.5],
-        "hf_generate_tokens_per_s": 38.0, "hf_prompt_lookup_tokens_per_s": 45.0,
-        "hf_identical": 10, "hf_prompt_lookup_num_tokens": 10, "peers": True, "method": "eagle3",
-        "num_draft_tokens": 2, "max_new_tokens": 128, "temperature": 0.0, "target": "smollm2",
+        "tau": 2.5,
+        "speedup": 1.75,
+        "spec_tokens_per_s": 70.0,
+        "baseline_tokens_per_s": 40.0,
+        "identical": 9,
+        "num_prompts": 10,
+        "acceptance_by_position": [0.8, 0.5],
+        "hf_generate_tokens_per_s": 38.0,
+        "hf_prompt_lookup_tokens_per_s": 45.0,
+        "hf_identical": 10,
+        "hf_prompt_lookup_num_tokens": 10,
+        "peers": True,
+        "method": "eagle3",
+        "num_draft_tokens": 2,
+        "max_new_tokens": 128,
+        "temperature": 0.0,
+        "target": "smollm2",
     }
     text = format_summary(report)
     assert "tau 2.50" in text
@@ -226,3 +259,21 @@ def test_format_summary_and_write_report(tmp_path: Path) -> None:
     assert "HF prompt lookup (10)" in text
     out = write_report(report, tmp_path / "sub" / "bench.json")
     assert json.loads(out.read_text()) == report
+
+
+def test_repeats_keep_the_fastest_run_of_every_path(tmp_path: Path, tiny_target_dir: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Beautiful is better than ugly."}\n')
+    config = BenchConfig(
+        prompts=str(prompts),
+        target=str(tiny_target_dir),
+        method="ngram",
+        max_new_tokens=12,
+        peers=True,
+        repeats=3,
+        progress=False,
+    )
+    report = run_bench(config)
+    assert report["repeats"] == 3 and report["identical"] == 1 and report["num_prompts"] == 1
+    with pytest.raises(ValueError, match="repeats"):
+        BenchConfig(repeats=0)
