@@ -10,6 +10,7 @@ Defaults that differ between the APIs are settled here:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from draftopd.schemas import (
     ChatCompletionRequest,
@@ -55,6 +56,23 @@ def _options(options: SpeculativeOptions | None) -> SpeculativeOptions:
     return options if options is not None else SpeculativeOptions()
 
 
+def _sampling(
+    request: GenerateRequest | CompletionRequest | ChatCompletionRequest, *, top_k: int
+) -> dict[str, Any]:
+    """The sampling and speculation fields the three APIs share."""
+    options = _options(request.speculative)
+    return {
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "top_k": top_k,
+        "seed": request.seed,
+        "stop": tuple(request.stop_strings()),
+        "ignore_eos": request.ignore_eos,
+        "method": options.method,
+        "num_draft_tokens": options.num_draft_tokens,
+    }
+
+
 def from_generate(request: GenerateRequest) -> GenerationSpec:
     return GenerationSpec(
         endpoint=GENERATE,
@@ -62,14 +80,7 @@ def from_generate(request: GenerateRequest) -> GenerationSpec:
         max_tokens_field="max_new_tokens",
         prompt=request.prompt,
         messages=_messages(request.messages),
-        temperature=request.temperature,
-        top_p=request.top_p,
-        top_k=request.top_k,
-        seed=request.seed,
-        stop=tuple(request.stop_strings()),
-        ignore_eos=request.ignore_eos,
-        method=_options(request.speculative).method,
-        num_draft_tokens=_options(request.speculative).num_draft_tokens,
+        **_sampling(request, top_k=request.top_k),
     )
 
 
@@ -82,14 +93,7 @@ def from_completion(request: CompletionRequest) -> GenerationSpec:
         max_tokens_field="max_tokens",
         prompt=text,
         prompt_ids=ids,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        top_k=request.effective_top_k,
-        seed=request.seed,
-        stop=tuple(request.stop_strings()),
-        ignore_eos=request.ignore_eos,
-        method=_options(request.speculative).method,
-        num_draft_tokens=_options(request.speculative).num_draft_tokens,
+        **_sampling(request, top_k=request.effective_top_k),
     )
 
 
@@ -100,12 +104,5 @@ def from_chat(request: ChatCompletionRequest) -> GenerationSpec:
         max_new_tokens=max_new_tokens,
         max_tokens_field=field,
         messages=_messages(request.messages),
-        temperature=request.temperature,
-        top_p=request.top_p,
-        top_k=request.effective_top_k,
-        seed=request.seed,
-        stop=tuple(request.stop_strings()),
-        ignore_eos=request.ignore_eos,
-        method=_options(request.speculative).method,
-        num_draft_tokens=_options(request.speculative).num_draft_tokens,
+        **_sampling(request, top_k=request.effective_top_k),
     )
