@@ -282,15 +282,30 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> di
 
 
 def _check_resume(saved: dict[str, Any], cfg: SFTConfig, fingerprint: str, where: Path) -> None:
-    """Refuse to resume with another trajectory: changed config fields or other data."""
+    """Refuse to resume with another trajectory: changed config fields or other data.
+
+    ``total_steps`` may grow (a run extended with a larger ``--steps``): from the saved step on,
+    the learning rate follows the warmup + cosine schedule of the new length."""
     current = cfg.to_dict()
     changed = sorted(
         k for k in current if k not in _RESUMABLE_CHANGES and saved["config"].get(k) != current[k]
     )
+    if changed == ["total_steps"] and cfg.total_steps >= int(saved["step"]):
+        logger.info(
+            "extending the run from %s to %d total steps at step %s",
+            saved["config"]["total_steps"], cfg.total_steps, saved["step"],
+        )  # fmt: skip
+        return
+    if changed == ["total_steps"]:
+        raise ValueError(
+            f"cannot resume {where}: total_steps {cfg.total_steps} is below its step "
+            f"{saved['step']}; pass at least {saved['step']} or use a new out_dir"
+        )
     if changed:
         raise ValueError(
             f"cannot resume {where}: config fields {changed} differ from the checkpoint's "
-            f"(only {sorted(_RESUMABLE_CHANGES)} may change); use a new out_dir"
+            f"(only {sorted(_RESUMABLE_CHANGES)} may change, and total_steps may grow); "
+            "use a new out_dir"
         )
     if saved.get("data_fingerprint") != fingerprint:
         raise ValueError(f"cannot resume {where}: the training samples differ from that run's")

@@ -1,0 +1,212 @@
+"""`draftopd train sft` / `train curve` in-process: checkpoint out, resume, clear errors, a PNG."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from draftopd.cli import main
+from draftopd.models.checkpoint import load_drafter
+from draftopd.prompts import Prompt
+from draftopd.training.data import iter_samples
+from draftopd.training.pipeline import SFTPipelineConfig, split_prompts
+from draftopd.training.sft import SFTConfig
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TOPICS = ("the sea", "a fox", "lists", "primes", "the moon", "rivers", "trees", "a robot")
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads() -> Iterator[None]:
+    """``--threads`` sets torch's process-wide thread count; give the next tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def prompts_file(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    rows = [
+        {"id": f"p{i:02d}", "prompt": f"Write about {TOPICS[i % 8]}, take {i}."} for i in range(20)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def _sft_argv(target: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
+    """A tiny, fast SFT run: 17 training prompts, 3 held out, 8-token responses."""
+    return [
+        "train", "sft", "--target", str(target), "--prompts", str(prompts), "--out", str(out),
+        "--heldout", "3", "--max-new-tokens", "8", "--gen-batch-size", "6",
+        "--batch-size", "4", "--max-seq-len", "64", "--ttt-steps", "2",
+        "--draft-vocab-size", "64", "--eval-every", "0", "--eval-max-new-tokens", "8",
+        "--threads", "1", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def _metrics(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _exit_code(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert isinstance(info.value.code, int)
+    return info.value.code
+
+
+def test_train_sft_writes_a_checkpoint_then_resumes_without_regenerating(
+    tiny_target_dir: Path,
+    tiny_target: Any,
+    prompts_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    out = tmp_path / "run"
+    assert main(_sft_argv(tiny_target_dir, prompts_file, out, "--steps", "2")) == 0
+
+    first = out / "checkpoints" / "step-00000002"
+    assert f"checkpoint: {first}\nstep: 2\ntau: " in capsys.readouterr().out
+    assert load_drafter(first, tiny_target).cfg.draft_vocab_size == 64
+    lines = _metrics(out)
+    assert [x["step"] for x in lines] == [0, 1, 2]
+    assert [x["step"] for x in lines if x["tau"] is not None] == [0, 2]  # start and end
+    assert 1.0 <= lines[-1]["tau"] <= 6.0  # K = 5 drafts + 1 bonus per cycle at most
+    assert f"final checkpoint: {first} (step 2); held-out tau {lines[-1]['tau']:.3f}" in caplog.text
+    # the last 3 prompts are held out: never regenerated, never trained on
+    trained = [s.prompt_id for s in iter_samples(out / "data")]
+    assert trained == [f"p{i:02d}" for i in range(17)]
+    record = json.loads((out / "pipeline.json").read_text())
+    assert record["heldout_ids"] == ["p17", "p18", "p19"] and record["num_train_prompts"] == 17
+
+    shards = sorted((out / "data").glob("shard-*.jsonl"))
+    mtimes = [p.stat().st_mtime_ns for p in shards]
+    caplog.clear()
+    assert main(_sft_argv(tiny_target_dir, prompts_file, out, "--steps", "4")) == 0
+
+    assert [p.stat().st_mtime_ns for p in shards] == mtimes  # data reused, not regenerated
+    assert sorted((out / "data").glob("shard-*.jsonl")) == shards
+    assert "RegenStats(prompts=0, skipped=17" in caplog.text
+    assert "resumed SFT at step 2" in caplog.text
+    resumed = _metrics(out)
+    assert resumed[:3] == lines  # the first run's lines are kept, the run continues after them
+    assert [x["step"] for x in resumed] == [0, 1, 2, 3, 4] and resumed[-1]["tau"] is not None
+    final = out / "checkpoints" / "step-00000004"
+    state = json.loads((final / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["config"]["total_steps"] == 4
+    assert load_drafter(final, tiny_target).cfg.draft_vocab_size == 64
+
+    # refusals name the problem: a fresh run over an old one, steps below the saved step
+    assert _exit_code(_sft_argv(tiny_target_dir, prompts_file, out, "--no-resume")) == 2
+    assert "already holds an SFT run" in capsys.readouterr().err
+    assert _exit_code(_sft_argv(tiny_target_dir, prompts_file, out, "--steps", "3")) == 2
+    assert "total_steps 3 is below its step 4" in capsys.readouterr().err
+    assert (
+        _exit_code(_sft_argv(tiny_target_dir, prompts_file, out, "--steps", "4", "--lr", "1")) == 2
+    )
+    assert "['lr'] differ" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+        (["--steps", "ten"], "argument --steps: expected an integer, got 'ten'"),
+        (["--lr", "0"], "argument --lr: must be > 0"),
+        (["--temperature", "-0.5"], "argument --temperature: must be >= 0"),
+        (["--heldout", "-1"], "argument --heldout: must be >= 0"),
+        (["--dtype", "int8"], "argument --dtype: invalid choice"),
+        (["--warmup", "9", "--steps", "5"], "warmup_steps must be in [0, 5]"),
+        (["--heldout", "20"], "20 prompts cannot spare 20 held-out ones"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_message(
+    flags: list[str],
+    message: str,
+    prompts_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "run"
+    # the target path is never reached: every error comes before the target loads
+    argv = _sft_argv(tmp_path / "no-target", prompts_file, out, *flags)
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "draftopd train" in err
+    assert not (out / "data").exists()
+
+
+def test_train_sft_requires_out(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _exit_code(["train", "sft", "--steps", "3"]) == 2
+    assert "the following arguments are required: --out" in capsys.readouterr().err
+
+
+def test_split_holds_out_the_last_prompts_whatever_the_limit() -> None:
+    prompts = [Prompt(id=str(i), messages=None, text=f"t{i}", source="prompt") for i in range(10)]
+    split = split_prompts(prompts, heldout=3, limit=None)
+    assert [p.id for p in split.train] == [str(i) for i in range(7)]
+    assert [p.id for p in split.heldout] == ["7", "8", "9"]
+    limited = split_prompts(prompts, heldout=3, limit=4)
+    assert [p.id for p in limited.train] == ["0", "1", "2", "3"]
+    assert limited.heldout == split.heldout
+    assert split_prompts(prompts, heldout=0, limit=None).heldout == []
+    with pytest.raises(ValueError, match="cannot spare"):
+        split_prompts(prompts, heldout=10, limit=None)
+
+
+def test_pipeline_config_round_trips_through_json() -> None:
+    cfg = SFTPipelineConfig(out_dir="runs/a", limit=100, sft=SFTConfig(total_steps=50, lr=1e-3))
+    assert SFTPipelineConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match=r"unknown SFTPipelineConfig fields: \['steps'\]"):
+        SFTPipelineConfig.from_dict({"out_dir": "runs/a", "steps": 5})
+    with pytest.raises(ValueError, match="gen_batch_size"):
+        SFTPipelineConfig(out_dir="runs/a", gen_batch_size=0)
+
+
+def _write_metrics(path: Path) -> Path:
+    rows = [{"step": 0, "loss": None, "tau": 1.0, "elapsed_s": 0.0}]
+    rows += [
+        {
+            "step": s,
+            "loss": 8.0 - s / 5,
+            "tau": 1.0 + s / 10 if s % 5 == 0 else None,
+            "elapsed_s": s,
+        }
+        for s in range(1, 21)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("x_axis", ["step", "elapsed_s"])
+def test_train_curve_writes_a_png(tmp_path: Path, x_axis: str) -> None:
+    metrics = _write_metrics(tmp_path / "metrics.jsonl")
+    png = tmp_path / "plots" / "curve.png"
+    assert main(["train", "curve", str(metrics), "--png", str(png), "--x", x_axis]) == 0
+    data = png.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5000
+
+
+def test_train_curve_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    png = tmp_path / "curve.png"
+    assert _exit_code(["train", "curve", str(tmp_path / "missing.jsonl"), "--png", str(png)]) == 2
+    assert "metrics file not found" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"step": 0, "loss": None, "tau": None}) + "\n")
+    assert _exit_code(["train", "curve", str(empty), "--png", str(png)]) == 2
+    assert "no tau or loss values" in capsys.readouterr().err
+    metrics = _write_metrics(tmp_path / "metrics.jsonl")
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if not installed
+    assert _exit_code(["train", "curve", str(metrics), "--png", str(png)]) == 1
+    assert "pip install matplotlib" in capsys.readouterr().err
+    assert not png.exists()
