@@ -4,7 +4,7 @@ Subcommands:
 - ``bench``: the benchmark protocol (DESIGN.md §6, ``draftopd.bench``);
 - ``serve``: the inference service in the foreground (uvicorn, replacing this process);
 - ``up``: the local stack as supervised child processes (for now: the inference service only);
-- ``train sft``: the SFT bootstrap (``draftopd.training.pipeline``); ``train curve``: its plot.
+- ``train sft|opd|curve``: training from the command line (``draftopd.cli_train``).
 
 Each subcommand is one ``_add_<name>(subparsers)`` function that declares its flags and sets
 ``handler``; add ``jobs`` the same way and list them in ``SUBCOMMANDS``. The library
@@ -28,7 +28,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+
+from draftopd.cli_args import CommandError, Subparsers
+from draftopd.cli_train import add_train
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +40,6 @@ DEFAULT_PORT = 8000
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 STARTUP_TIMEOUT_S = 600.0  # the first start may convert the SmolLM2 GGUF (tens of seconds)
 STOP_TIMEOUT_S = 10.0  # grace period after SIGTERM before a child is killed
-
-Subparsers = Any  # argparse's _SubParsersAction is private; it is only passed through
-
-
-class CommandError(Exception):
-    """A command could not do its job (port in use, a child died, ...): exit 1 with the message."""
 
 
 # -- entry point --------------------------------------------------------------------------------
@@ -343,166 +339,11 @@ def _announce(url: str) -> None:
     logger.info("press Ctrl-C to stop")
 
 
-# -- train --------------------------------------------------------------------------------------
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from err
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
-    return number
-
-
-def _positive_int(value: str) -> int:
-    number = _non_negative_int(value)
-    if number == 0:
-        raise argparse.ArgumentTypeError("must be >= 1, got 0")
-    return number
-
-
-def _float(value: str) -> float:
-    try:
-        return float(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from err
-
-
-def _positive_float(value: str) -> float:
-    number = _float(value)
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return number
-
-
-def _non_negative_float(value: str) -> float:
-    number = _float(value)
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return number
-
-
-# flag, SFTConfig field, type, help; the defaults stay SFTConfig's (unset flags are not passed)
-_SFT_FLAGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
-    ("--steps", "total_steps", _positive_int, "optimizer steps; LR reaches 0 here (default 2000)"),
-    ("--batch-size", "batch_size", _positive_int, "sequences per optimizer step (default 8)"),
-    ("--lr", "lr", _positive_float, "peak AdamW learning rate (default 3e-4)"),
-    ("--warmup", "warmup_steps", _non_negative_int, "warmup steps (default: 5%% of --steps)"),
-    ("--ttt-steps", "ttt_steps", _positive_int, "training-time-test unroll length (default 7)"),
-    ("--draft-vocab-size", "draft_vocab_size", _positive_int, "draft vocab Vd (default 32000)"),
-    ("--eval-every", "eval_every", _non_negative_int, "tau every N steps; 0 = end (default 100)"),
-    ("--eval-draft-tokens", "eval_num_draft_tokens", _positive_int, "K for tau (default 5)"),
-    ("--eval-max-new-tokens", "eval_max_new_tokens", _positive_int, "per tau prompt (default 64)"),
-    ("--checkpoint-every", "checkpoint_every", _non_negative_int, "0 = end only (default 100)"),
-    ("--max-seq-len", "max_seq_len", _positive_int, "prompt + response tokens (default 1024)"),
-    ("--seed", "seed", _non_negative_int, "init, data order, sampled regeneration (default 0)"),
-)
-
-
-def _add_train(subparsers: Subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a drafter (sft) or plot a training curve")
-    stages = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    _add_train_sft(stages)
-    curve = stages.add_parser("curve", help="plot held-out tau and loss from a metrics.jsonl")
-    curve.add_argument("metrics", metavar="METRICS_JSONL", help="a training run's metrics.jsonl")
-    curve.add_argument("--png", required=True, help="output PNG path")
-    curve.add_argument(
-        "--x", choices=("step", "elapsed_s"), default="step", help="x axis (default step)"
-    )
-    curve.set_defaults(handler=_run_train_curve_command)
-
-
-def _add_train_sft(stages: Subparsers) -> None:
-    p = stages.add_parser(
-        "sft",
-        help="SFT bootstrap: regenerate data with the target, train an EAGLE-3 drafter",
-        description="Prompts in, drafter checkpoint out. Reruns resume both stages; a rerun "
-        "with a larger --steps extends the run.",
-    )
-    p.add_argument("--out", required=True, help="run directory (data/, checkpoints/, metrics)")
-    p.add_argument("--target", default="smollm2", help="target: smollm2, a directory or a .gguf")
-    p.add_argument("--prompts", help="training prompts JSONL (default: the built-in corpus)")
-    p.add_argument("--limit", type=_positive_int, help="train on the first N prompts only")
-    p.add_argument(
-        "--heldout",
-        type=_non_negative_int,
-        default=8,
-        help="prompts held out (the last N of the list) for tau during training (default 8)",
-    )
-    p.add_argument(
-        "--max-new-tokens", type=_positive_int, default=512, help="response cap (default 512)"
-    )
-    p.add_argument(
-        "--gen-batch-size", type=_positive_int, default=8, help="generate batch (default 8)"
-    )
-    p.add_argument(
-        "--temperature", type=_non_negative_float, default=0.0, help="regeneration; 0 = greedy"
-    )
-    p.add_argument(
-        "--top-p", type=_positive_float, default=1.0, help="regeneration nucleus (default 1)"
-    )
-    for flag, name, kind, text in _SFT_FLAGS:
-        metavar = flag[2:].upper().replace("-", "_")
-        p.add_argument(flag, dest=name, type=kind, metavar=metavar, help=text)
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--threads", type=_positive_int, help="torch CPU threads")
-    p.add_argument(
-        "--resume",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="continue the run in --out (default); --no-resume refuses a non-empty run",
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    p.set_defaults(handler=_run_train_sft_command)
-
-
-def _run_train_sft_command(args: argparse.Namespace) -> int:
-    from draftopd.training.pipeline import SFTPipelineConfig, sft_pipeline
-    from draftopd.training.sft import SFTConfig
-
-    given = {name: getattr(args, name) for _, name, _, _ in _SFT_FLAGS}
-    config = SFTPipelineConfig(
-        out_dir=args.out,
-        target=args.target,
-        prompts=args.prompts,
-        limit=args.limit,
-        heldout=args.heldout,
-        max_new_tokens=args.max_new_tokens,
-        gen_batch_size=args.gen_batch_size,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        sft=SFTConfig(**{k: v for k, v in given.items() if v is not None}),
-        device=args.device,
-        dtype=args.dtype,
-        threads=args.threads,
-        resume=args.resume,
-        progress=not args.no_progress,
-    )
-    result = sft_pipeline(config)
-    tau = "none" if result.tau is None else f"{result.tau:.3f}"
-    sys.stdout.write(f"checkpoint: {result.checkpoint}\nstep: {result.step}\ntau: {tau}\n")
-    return 0
-
-
-def _run_train_curve_command(args: argparse.Namespace) -> int:
-    from draftopd.training.pipeline import plot_training_curve
-
-    try:
-        path = plot_training_curve(args.metrics, args.png, x=args.x)
-    except ImportError as err:
-        raise CommandError(
-            f"plotting needs matplotlib ({err}); install it with `pip install matplotlib`"
-        ) from err
-    logger.info("wrote %s", path)
-    return 0
-
-
 SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     _add_bench,
     _add_serve,
     _add_up,
-    _add_train,
+    add_train,
 )
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from draftopd.models.checkpoint import load_drafter
 from draftopd.models.target import DEFAULT_TARGET, TargetModel, load_target
 from draftopd.prompts import Prompt, render_prompt
 from draftopd.training.corpus import load_training_prompts
@@ -50,6 +51,8 @@ class SFTPipelineConfig:
     target: str = DEFAULT_TARGET  # target spec for load_target (name, directory or .gguf)
     prompts: str | None = None  # training prompts JSONL; None = the built-in offline corpus
     limit: int | None = None  # train on the first N non-held-out prompts; None = all
+    skip: int = 0  # skip the first N non-held-out prompts (fresh data for a continued run)
+    init_from: str | None = None  # start from this drafter checkpoint (continued SFT)
     heldout: int = 8  # prompts held out of training for tau (the last N of the list); 0 = none
     corpus_seed: int = 0  # seed of the built-in corpus (ignored with ``prompts``)
     max_new_tokens: int = 512  # cap on each target-written response
@@ -68,8 +71,8 @@ class SFTPipelineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.heldout < 0:
-            raise ValueError(f"heldout must be >= 0, got {self.heldout}")
+        if self.heldout < 0 or self.skip < 0:
+            raise ValueError(f"heldout and skip must be >= 0, got {self.heldout}, {self.skip}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(
                 f"need temperature >= 0 and top_p in (0, 1]; got {self.temperature}, {self.top_p}"
@@ -114,15 +117,21 @@ class PromptSplit:
     heldout: list[Prompt]  # tau during training only
 
 
-def split_prompts(prompts: Sequence[Prompt], *, heldout: int, limit: int | None) -> PromptSplit:
-    """Hold out the last ``heldout`` prompts, then keep the first ``limit`` of the others."""
+def split_prompts(
+    prompts: Sequence[Prompt], *, heldout: int, limit: int | None, skip: int = 0
+) -> PromptSplit:
+    """Hold out the last ``heldout`` prompts, skip the first ``skip`` of the others (e.g. those an
+    earlier stage trained on), then keep the next ``limit``."""
     if len(prompts) <= heldout:
         raise ValueError(
             f"{len(prompts)} prompts cannot spare {heldout} held-out ones and still train on "
             "some; lower heldout (--heldout) or give more prompts"
         )
     cut = len(prompts) - heldout
-    return PromptSplit(train=list(prompts[:cut][:limit]), heldout=list(prompts[cut:]))
+    if skip >= cut:
+        raise ValueError(f"skip {skip} leaves none of the {cut} non-held-out prompts to train on")
+    end = cut if limit is None else min(cut, skip + limit)
+    return PromptSplit(train=list(prompts[skip:end]), heldout=list(prompts[cut:]))
 
 
 def sft_pipeline(
@@ -143,6 +152,7 @@ def sft_pipeline(
         load_training_prompts(cfg.prompts, seed=cfg.corpus_seed),
         heldout=cfg.heldout,
         limit=cfg.limit,
+        skip=cfg.skip,
     )
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)  # oversubscribed CPUs slow torch down many times
@@ -160,6 +170,7 @@ def sft_pipeline(
             out / DATA_DIR,
             out,
             cfg.sft,
+            drafter=None if cfg.init_from is None else load_drafter(cfg.init_from, target),
             resume=cfg.resume,
             progress=cfg.progress,
             eval_prompts=[render_prompt(target.tokenizer, p) for p in split.heldout],

@@ -53,7 +53,7 @@ from draftopd.speculative.engine import DecodeEngine
 from draftopd.speculative.proposers import Eagle3Proposer
 from draftopd.speculative.sampling import SamplingParams
 from draftopd.training.data import Sample, collate, iter_samples, target_features
-from draftopd.training.schedule import warmup_cosine_lr
+from draftopd.training.schedule import make_adamw, warmup_cosine_lr
 from draftopd.training.ttt import ttt_unroll
 
 logger = logging.getLogger(__name__)
@@ -315,14 +315,7 @@ def _check_resume(saved: dict[str, Any], cfg: SFTConfig, fingerprint: str, where
 
 
 def _make_optimizer(drafter: Eagle3Drafter, cfg: SFTConfig) -> torch.optim.AdamW:
-    params = [p for p in drafter.parameters() if p.requires_grad]
-    matrices = [p for p in params if p.ndim >= 2]
-    vectors = [p for p in params if p.ndim < 2]
-    groups = [
-        {"params": matrices, "weight_decay": cfg.weight_decay},
-        {"params": vectors, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    return make_adamw(drafter, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def _initial_drafter(
@@ -338,7 +331,7 @@ def _initial_drafter(
     return drafter
 
 
-def _resume_drafter(directory: Path, target: TargetModel) -> Eagle3Drafter:
+def resume_drafter(directory: Path, target: TargetModel) -> Eagle3Drafter:
     """Load a checkpoint's drafter with its exact float32 weights (not cast to the target's)."""
     drafter = load_drafter(directory, target).float()
     tensors = load_file(str(directory / WEIGHTS_FILE), device=str(target.device))
@@ -461,7 +454,7 @@ def _fingerprint(samples: Sequence[Sample]) -> str:
     return digest.hexdigest()
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint a run resumes from."""
     if not path.is_file():
         return
@@ -490,11 +483,11 @@ def _start(
     _check_resume(saved, cfg, fingerprint, latest)
     if drafter is not None:
         logger.info("resuming from %s; the drafter argument is ignored", latest)
-    model = _resume_drafter(latest, target).train()
+    model = resume_drafter(latest, target).train()
     run = _Run(target, cfg, out_dir, model, _make_optimizer(model, cfg), fingerprint)
     state = load_training_state(latest, run.optimizer)
     run.step, run.elapsed_s = int(state["step"]), float(state["elapsed_s"])
-    _truncate_metrics(out_dir / METRICS_FILE, run.step)
+    truncate_metrics(out_dir / METRICS_FILE, run.step)
     logger.info("resumed SFT at step %d from %s", run.step, latest)
     return run
 
@@ -582,7 +575,9 @@ __all__ = [
     "heldout_tau",
     "latest_checkpoint",
     "load_training_state",
+    "resume_drafter",
     "run_sft",
     "save_training_checkpoint",
     "train_sft",
+    "truncate_metrics",
 ]

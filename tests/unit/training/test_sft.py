@@ -11,10 +11,7 @@ import torch
 
 from draftopd.models.checkpoint import load_drafter
 from draftopd.models.target import TargetModel, load_target
-from draftopd.models.tiny import build_tiny_target
 from draftopd.prompts import load_prompts
-from draftopd.speculative.engine import DecodeEngine
-from draftopd.speculative.sampling import SamplingParams
 from draftopd.training.data import Sample, regenerate
 from draftopd.training.schedule import warmup_cosine_lr
 from draftopd.training.sft import (
@@ -27,38 +24,7 @@ from draftopd.training.sft import (
     train_sft,
 )
 
-MAX_NEW = 32
-
-
-@pytest.fixture(scope="module")
-def sharp_target(tmp_path_factory: pytest.TempPathFactory) -> TargetModel:
-    """The tiny target (small init: repetitive, learnable greedy text) with its LM head scaled
-    x30. Scaling keeps every argmax, so the greedy text is unchanged, but the distributions get
-    peaked like a trained LM's; otherwise soft CE is almost all entropy and barely moves."""
-    target = load_target(str(build_tiny_target(tmp_path_factory.mktemp("sharp"), init_std=0.02)))
-    with torch.no_grad():
-        target.model.lm_head.weight.mul_(30.0)
-    return target
-
-
-def _generate(target: TargetModel, count: int, seed: int) -> list[Sample]:
-    """Target-written samples: the target's own greedy continuations of random prompts."""
-    engine = DecodeEngine(target)
-    params = SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True)
-    generator = torch.Generator().manual_seed(seed)
-    samples = []
-    for k in range(count):
-        prompt = torch.randint(4, target.vocab_size, (6,), generator=generator).tolist()
-        result = engine.generate(prompt, params, decode_text=False)
-        samples.append(Sample(f"{seed}-{k}", tuple(prompt), tuple(result.token_ids)))
-    return samples
-
-
-@pytest.fixture(scope="module")
-def corpus(sharp_target: TargetModel) -> tuple[list[Sample], list[list[int]]]:
-    train = _generate(sharp_target, 128, seed=0)
-    heldout = [list(s.prompt_ids) for s in _generate(sharp_target, 6, seed=1)]
-    return train, heldout
+MAX_NEW = 32  # the corpus fixture's response length
 
 
 def _config(**changes: object) -> SFTConfig:

@@ -210,3 +210,64 @@ def test_train_curve_errors(
     assert _exit_code(["train", "curve", str(metrics), "--png", str(png)]) == 1
     assert "pip install matplotlib" in capsys.readouterr().err
     assert not png.exists()
+
+
+def test_split_skip_passes_over_the_first_prompts() -> None:
+    prompts = [Prompt(id=str(i), messages=None, text=f"t{i}", source="prompt") for i in range(10)]
+    split = split_prompts(prompts, heldout=3, limit=2, skip=4)
+    assert [p.id for p in split.train] == ["4", "5"] and [p.id for p in split.heldout] == [
+        "7",
+        "8",
+        "9",
+    ]
+    assert [p.id for p in split_prompts(prompts, heldout=3, limit=None, skip=5).train] == ["5", "6"]
+    with pytest.raises(ValueError, match="skip 7 leaves none"):
+        split_prompts(prompts, heldout=3, limit=None, skip=7)
+
+
+def test_continued_sft_and_train_opd_start_from_the_sft_checkpoint(
+    tiny_target_dir: Path,
+    tiny_target: Any,
+    prompts_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The two arms of the SFT-vs-OPD comparison, from one checkpoint and on fresh prompts."""
+    sft = tmp_path / "sft"
+    assert main(_sft_argv(tiny_target_dir, prompts_file, sft, "--limit", "8", "--steps", "2")) == 0
+    start = sft / "checkpoints" / "step-00000002"
+    capsys.readouterr()
+
+    more = tmp_path / "more-sft"
+    argv = _sft_argv(tiny_target_dir, prompts_file, more, "--steps", "2", "--skip", "8")
+    assert main([*argv, "--init-from", str(start)]) == 0
+    trained = [s.prompt_id for s in iter_samples(more / "data")]
+    assert trained == [f"p{i:02d}" for i in range(8, 17)]  # fresh prompts only
+    assert torch.equal(
+        load_drafter(more / "checkpoints/step-00000002", tiny_target).d2t,
+        load_drafter(start, tiny_target).d2t,
+    )  # continued from the checkpoint: its draft vocabulary is kept
+
+    opd = tmp_path / "opd"
+    opd_argv = [
+        "train", "opd", "--target", str(tiny_target_dir), "--prompts", str(prompts_file),
+        "--drafter", str(start), "--out", str(opd), "--skip", "8", "--heldout", "3",
+        "--steps", "2", "--prompts-per-step", "2", "--num-draft-tokens", "3",
+        "--max-new-tokens", "8", "--eval-every", "0", "--eval-max-new-tokens", "8",
+        "--lambda-b", "0.5", "--threads", "1", "--no-progress",
+    ]  # fmt: skip
+    assert main(opd_argv) == 0
+    assert (
+        f"checkpoint: {opd / 'checkpoints' / 'step-00000002'}\nstep: 2" in capsys.readouterr().out
+    )
+    lines = _metrics(opd)
+    assert [x["step"] for x in lines] == [0, 1, 2] and lines[-1]["tau"] is not None
+    assert lines[1]["parity_rejected"] in (None, 1.0) or lines[1]["parity_rejected"] >= 0.99
+    run = json.loads((opd / "opd_run.json").read_text())
+    assert run["num_train_prompts"] == 9 and run["config"]["opd"]["lambda_b"] == 0.5
+    assert run["heldout_ids"] == ["p17", "p18", "p19"]
+
+    assert _exit_code([*opd_argv, "--stream-b-loss", "mse"]) == 2
+    assert "stream_b_loss must be one of" in capsys.readouterr().err
+    assert _exit_code(["train", "opd", "--out", str(opd), "--drafter", str(tmp_path / "nope")]) == 2
+    assert "is not a directory" in capsys.readouterr().err

@@ -1,0 +1,238 @@
+"""``draftopd train``: sft (the SFT bootstrap), opd (Draft-OPD in one process), curve (a plot).
+
+Heavy imports happen inside the handlers, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from draftopd.cli_args import (
+    CommandError,
+    Subparsers,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+
+logger = logging.getLogger(__name__)
+
+
+# flag, SFTConfig field, type, help; the defaults stay SFTConfig's (unset flags are not passed)
+_SFT_FLAGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
+    ("--steps", "total_steps", positive_int, "optimizer steps; LR reaches 0 here (default 2000)"),
+    ("--batch-size", "batch_size", positive_int, "sequences per optimizer step (default 8)"),
+    ("--lr", "lr", positive_float, "peak AdamW learning rate (default 3e-4)"),
+    ("--warmup", "warmup_steps", non_negative_int, "warmup steps (default: 5%% of --steps)"),
+    ("--ttt-steps", "ttt_steps", positive_int, "training-time-test unroll length (default 7)"),
+    ("--draft-vocab-size", "draft_vocab_size", positive_int, "draft vocab Vd (default 32000)"),
+    ("--eval-every", "eval_every", non_negative_int, "tau every N steps; 0 = end (default 100)"),
+    ("--eval-draft-tokens", "eval_num_draft_tokens", positive_int, "K for tau (default 5)"),
+    ("--eval-max-new-tokens", "eval_max_new_tokens", positive_int, "per tau prompt (default 64)"),
+    ("--checkpoint-every", "checkpoint_every", non_negative_int, "0 = end only (default 100)"),
+    ("--max-seq-len", "max_seq_len", positive_int, "prompt + response tokens (default 1024)"),
+    ("--seed", "seed", non_negative_int, "init, data order, sampled regeneration (default 0)"),
+)
+
+
+def add_train(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a drafter (sft, opd) or plot a training curve")
+    stages = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    _add_train_sft(stages)
+    _add_train_opd(stages)
+    curve = stages.add_parser("curve", help="plot held-out tau and loss from a metrics.jsonl")
+    curve.add_argument("metrics", metavar="METRICS_JSONL", help="a training run's metrics.jsonl")
+    curve.add_argument("--png", required=True, help="output PNG path")
+    curve.add_argument(
+        "--x", choices=("step", "elapsed_s"), default="step", help="x axis (default step)"
+    )
+    curve.set_defaults(handler=_run_train_curve_command)
+
+
+def _add_train_sft(stages: Subparsers) -> None:
+    p = stages.add_parser(
+        "sft",
+        help="SFT bootstrap: regenerate data with the target, train an EAGLE-3 drafter",
+        description="Prompts in, drafter checkpoint out. Reruns resume both stages; a rerun "
+        "with a larger --steps extends the run.",
+    )
+    p.add_argument("--out", required=True, help="run directory (data/, checkpoints/, metrics)")
+    p.add_argument("--target", default="smollm2", help="target: smollm2, a directory or a .gguf")
+    p.add_argument("--prompts", help="training prompts JSONL (default: the built-in corpus)")
+    p.add_argument("--limit", type=positive_int, help="train on the first N prompts only")
+    p.add_argument(
+        "--skip",
+        type=non_negative_int,
+        default=0,
+        help="skip the first N prompts (fresh data for a continued run; default 0)",
+    )
+    p.add_argument(
+        "--init-from", help="start from this drafter checkpoint (continued SFT) instead of random"
+    )
+    p.add_argument(
+        "--heldout",
+        type=non_negative_int,
+        default=8,
+        help="prompts held out (the last N of the list) for tau during training (default 8)",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=512, help="response cap (default 512)"
+    )
+    p.add_argument(
+        "--gen-batch-size", type=positive_int, default=8, help="generate batch (default 8)"
+    )
+    p.add_argument(
+        "--temperature", type=non_negative_float, default=0.0, help="regeneration; 0 = greedy"
+    )
+    p.add_argument(
+        "--top-p", type=positive_float, default=1.0, help="regeneration nucleus (default 1)"
+    )
+    for flag, name, kind, text in _SFT_FLAGS:
+        metavar = flag[2:].upper().replace("-", "_")
+        p.add_argument(flag, dest=name, type=kind, metavar=metavar, help=text)
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue the run in --out (default); --no-resume refuses a non-empty run",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.set_defaults(handler=_run_train_sft_command)
+
+
+def _run_train_sft_command(args: argparse.Namespace) -> int:
+    from draftopd.training.pipeline import SFTPipelineConfig, sft_pipeline
+    from draftopd.training.sft import SFTConfig
+
+    given = {name: getattr(args, name) for _, name, _, _ in _SFT_FLAGS}
+    config = SFTPipelineConfig(
+        out_dir=args.out,
+        target=args.target,
+        prompts=args.prompts,
+        limit=args.limit,
+        skip=args.skip,
+        init_from=args.init_from,
+        heldout=args.heldout,
+        max_new_tokens=args.max_new_tokens,
+        gen_batch_size=args.gen_batch_size,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        sft=SFTConfig(**{k: v for k, v in given.items() if v is not None}),
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    result = sft_pipeline(config)
+    tau = "none" if result.tau is None else f"{result.tau:.3f}"
+    sys.stdout.write(f"checkpoint: {result.checkpoint}\nstep: {result.step}\ntau: {tau}\n")
+    return 0
+
+
+# flag, OPDConfig field, type, help; unset flags keep OPDConfig's defaults
+_OPD_FLAGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
+    ("--steps", "total_steps", positive_int, "optimizer steps; LR reaches 0 here (default 200)"),
+    ("--prompts-per-step", "prompts_per_step", positive_int, "rollouts per step (default 8)"),
+    ("--lr", "lr", positive_float, "peak AdamW learning rate (default 3e-4)"),
+    ("--num-draft-tokens", "num_draft_tokens", positive_int, "K in rollouts (default 5)"),
+    ("--max-new-tokens", "max_new_tokens", positive_int, "rollout length (default 128)"),
+    ("--temperature", "temperature", non_negative_float, "rollouts; 0 = greedy (default)"),
+    ("--top-p", "top_p", positive_float, "rollout nucleus (default 1)"),
+    ("--lambda-a", "lambda_a", non_negative_float, "stream A weight (default 1)"),
+    ("--lambda-b", "lambda_b", non_negative_float, "stream B weight; 0 = off (default 1)"),
+    ("--gamma", "gamma", positive_float, "stream B decay per slot (default 0.8)"),
+    ("--stream-a-loss", "stream_a_loss", str, "soft_ce | bernoulli_fkl (default soft_ce)"),
+    ("--stream-b-loss", "stream_b_loss", str, "k3 | bernoulli_fkl (default k3)"),
+    ("--max-version-lag", "max_version_lag", non_negative_int, "drop older records (default 0)"),
+    ("--eval-every", "eval_every", non_negative_int, "tau every N steps; 0 = end (default 25)"),
+    ("--eval-draft-tokens", "eval_num_draft_tokens", positive_int, "K for tau (default 5)"),
+    ("--eval-max-new-tokens", "eval_max_new_tokens", positive_int, "per tau prompt (default 64)"),
+    ("--checkpoint-every", "checkpoint_every", non_negative_int, "0 = end only (default 25)"),
+    ("--seed", "seed", non_negative_int, "prompt order, sampling, random anchors (default 0)"),
+)
+
+
+def _add_train_opd(stages: Subparsers) -> None:
+    p = stages.add_parser(
+        "opd",
+        help="Draft-OPD: on-policy rollouts, replay from the error positions, in one process",
+        description="Drafter checkpoint in, Draft-OPD checkpoint out (the Celery trainer runs "
+        "the same loop). Reruns resume from the newest checkpoint.",
+    )
+    p.add_argument("--out", required=True, help="run directory (checkpoints/, metrics)")
+    p.add_argument("--drafter", required=True, help="starting checkpoint (e.g. the SFT one)")
+    p.add_argument("--target", default="smollm2", help="target: smollm2, a directory or a .gguf")
+    p.add_argument("--prompts", help="prompts JSONL (default: the built-in corpus)")
+    p.add_argument(
+        "--skip", type=non_negative_int, default=0, help="skip the first N prompts (SFT's)"
+    )
+    p.add_argument("--limit", type=positive_int, help="then use the next N prompts")
+    p.add_argument(
+        "--heldout", type=non_negative_int, default=8, help="last N prompts: tau (default 8)"
+    )
+    for flag, name, kind, text in _OPD_FLAGS:
+        metavar = flag[2:].upper().replace("-", "_")
+        p.add_argument(flag, dest=name, type=kind, metavar=metavar, help=text)
+    p.add_argument(
+        "--random-anchors",
+        action="store_true",
+        default=None,
+        help="ablation: replay blocks at random positions",
+    )
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument(
+        "--resume", action=argparse.BooleanOptionalAction, default=True, help="(default on)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(handler=_run_train_opd_command)
+
+
+def _run_train_opd_command(args: argparse.Namespace) -> int:
+    from draftopd.training.opd import OPDConfig
+    from draftopd.training.opd_pipeline import OPDPipelineConfig, opd_pipeline
+
+    names = [name for _, name, _, _ in _OPD_FLAGS] + ["random_anchors"]
+    given = {name: getattr(args, name) for name in names}
+    config = OPDPipelineConfig(
+        out_dir=args.out,
+        drafter=args.drafter,
+        target=args.target,
+        prompts=args.prompts,
+        skip=args.skip,
+        limit=args.limit,
+        heldout=args.heldout,
+        opd=OPDConfig(**{k: v for k, v in given.items() if v is not None}),
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    result = opd_pipeline(config)
+    tau = "none" if result.tau is None else f"{result.tau:.3f}"
+    sys.stdout.write(f"checkpoint: {result.checkpoint}\nstep: {result.step}\ntau: {tau}\n")
+    return 0
+
+
+def _run_train_curve_command(args: argparse.Namespace) -> int:
+    from draftopd.training.pipeline import plot_training_curve
+
+    try:
+        path = plot_training_curve(args.metrics, args.png, x=args.x)
+    except ImportError as err:
+        raise CommandError(
+            f"plotting needs matplotlib ({err}); install it with `pip install matplotlib`"
+        ) from err
+    logger.info("wrote %s", path)
+    return 0
