@@ -68,3 +68,24 @@ def _one_torch_thread() -> Any:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# -- real Redis (127.0.0.1:6379; .ci/run starts it) ---------------------------------------------
+
+REDIS_TEST_URL = "redis://127.0.0.1:6379/13"  # a database of its own, flushed by each test
+
+
+@pytest.fixture
+def redis_url() -> Any:
+    """A clean Redis database on the machine's real server; fails (not skips) if it is down."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_TEST_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError as err:
+        pytest.fail(f"Redis is not running on 127.0.0.1:6379 ({err}); start it (see .ci/run)")
+    client.flushdb()
+    yield REDIS_TEST_URL
+    client.flushdb()
+    client.close()

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -182,6 +182,48 @@ class OPDLearner:
 # -- the single-process loop -----------------------------------------------------------------------
 
 
+class RolloutSource(Protocol):
+    """Where the records of each step come from, and what to tell it as steps complete."""
+
+    def records(
+        self, step: int, drafter: Eagle3Drafter, prompts: list[list[int]], seeds: list[int]
+    ) -> list[RolloutRecord]: ...
+
+    def applied(self, step: int) -> None: ...  # the update of ``step`` is applied
+
+    def checkpointed(self, step: int) -> None: ...  # a checkpoint after ``step`` updates exists
+
+
+@dataclass
+class LocalRollouts:
+    """Roll out in this process with the learner's current drafter."""
+
+    target: TargetModel
+    cfg: OPDConfig
+
+    def records(
+        self, step: int, drafter: Eagle3Drafter, prompts: list[list[int]], seeds: list[int]
+    ) -> list[RolloutRecord]:
+        cfg = self.cfg
+        return make_rollouts(
+            self.target,
+            drafter,
+            prompts,
+            num_draft_tokens=cfg.num_draft_tokens,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seeds=seeds,
+            drafter_version=str(step),
+        )
+
+    def applied(self, step: int) -> None:
+        return None
+
+    def checkpointed(self, step: int) -> None:
+        return None
+
+
 @dataclass(frozen=True)
 class OPDResult:
     drafter: Eagle3Drafter
@@ -207,8 +249,12 @@ def train_opd(
     resume: bool = True,
     progress: bool = True,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    rollouts: RolloutSource | None = None,
 ) -> OPDResult:
-    """Draft-OPD from ``drafter`` (e.g. the SFT checkpoint) on rendered ``prompts``; resumable."""
+    """Draft-OPD from ``drafter`` (e.g. the SFT checkpoint) on rendered ``prompts``; resumable.
+
+    ``rollouts`` says where each step's records come from: by default this process rolls out
+    itself; the trainer service passes one that asks the rollout workers (``opd_job``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not prompts:
@@ -233,6 +279,7 @@ def train_opd(
         (out / METRICS_FILE).unlink(missing_ok=True)
     history: list[dict[str, Any]] = []
     tau: float | None = None
+    source = rollouts or LocalRollouts(target, cfg)
 
     def evaluate() -> float | None:
         if not eval_prompts:
@@ -264,19 +311,12 @@ def train_opd(
                 step, num_samples=len(prompts), batch_size=cfg.prompts_per_step, seed=cfg.seed
             )
             t0 = time.perf_counter()
-            records = make_rollouts(
-                target,
-                learner.drafter,
-                [prompts[i] for i in chosen],
-                num_draft_tokens=cfg.num_draft_tokens,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                seeds=[cfg.seed * 1_000_003 + step * 1_009 + i for i in range(len(chosen))],
-                drafter_version=str(step),
-            )
+            seeds = [cfg.seed * 1_000_003 + step * 1_009 + i for i in range(len(chosen))]
+            batch = [list(prompts[i]) for i in chosen]
+            records = source.records(step, learner.drafter, batch, seeds)
             rollout_s = time.perf_counter() - t0
             stats = learner.update(records)
+            source.applied(step)
             elapsed += time.perf_counter() - t0
             stats.update(
                 rollout_s=rollout_s,
@@ -298,6 +338,7 @@ def train_opd(
                     extra={"config": cfg.to_dict()},
                     provenance={"kind": "draft_opd", "step": learner.step, "opd": cfg.to_dict()},
                 )
+                source.checkpointed(learner.step)
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", tau=tau, rollout_tau=stats["rollout_tau"])
     final = latest_checkpoint(out)
@@ -305,4 +346,11 @@ def train_opd(
     return OPDResult(learner.drafter, learner.step, final, out / METRICS_FILE, tau, history)
 
 
-__all__ = ["OPDConfig", "OPDLearner", "OPDResult", "train_opd"]
+__all__ = [
+    "LocalRollouts",
+    "OPDConfig",
+    "OPDLearner",
+    "OPDResult",
+    "RolloutSource",
+    "train_opd",
+]

@@ -19,10 +19,10 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from draftopd.models.checkpoint import load_drafter
-from draftopd.models.target import DEFAULT_TARGET, load_target
+from draftopd.models.target import DEFAULT_TARGET, TargetModel, load_target
 from draftopd.prompts import render_prompt
 from draftopd.training.corpus import load_training_prompts
-from draftopd.training.opd import OPDConfig, OPDResult, train_opd
+from draftopd.training.opd import OPDConfig, OPDResult, RolloutSource, train_opd
 from draftopd.training.pipeline import split_prompts
 
 logger = logging.getLogger(__name__)
@@ -72,8 +72,13 @@ class OPDPipelineConfig:
 
 
 def opd_pipeline(
-    cfg: OPDPipelineConfig, *, on_step: Callable[[dict[str, Any]], None] | None = None
+    cfg: OPDPipelineConfig,
+    *,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    rollouts: Callable[[TargetModel], RolloutSource] | None = None,
 ) -> OPDResult:
+    """Load the target, the starting drafter and the prompts, then ``train_opd``. ``rollouts``
+    builds the rollout source (default: roll out in this process)."""
     split = split_prompts(
         load_training_prompts(cfg.prompts, seed=cfg.corpus_seed),
         heldout=cfg.heldout,
@@ -110,6 +115,7 @@ def opd_pipeline(
             resume=cfg.resume,
             progress=cfg.progress,
             on_step=on_step,
+            rollouts=None if rollouts is None else rollouts(target),
         )
     logger.info("final checkpoint: %s (step %d); held-out tau %s", result.checkpoint, result.step,
                 "n/a" if result.tau is None else f"{result.tau:.3f}")  # fmt: skip

@@ -1,0 +1,131 @@
+"""The rollout loop: take a request, make sure the drafter version is loaded, roll out with
+recording on, publish the records (``draftopd.rollout_queue``)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import redis
+
+from draftopd.models.checkpoint import load_drafter
+from draftopd.models.eagle3 import Eagle3Drafter
+from draftopd.models.target import TargetModel
+from draftopd.rollout_queue import RolloutRequest, next_request, publish
+from draftopd.training.rollouts import make_rollouts
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerStats:
+    requests: int = 0
+    duplicates: int = 0  # requests another worker had already published
+    failures: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    cycles: int = 0
+    busy_s: float = 0.0
+    drafter_loads: int = 0
+    last_error: str | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.busy_s if self.busy_s > 0 else 0.0
+
+    @property
+    def tau(self) -> float:
+        return self.tokens / self.cycles if self.cycles else 0.0
+
+
+class RolloutWorker:
+    def __init__(
+        self,
+        client: redis.Redis,
+        target: TargetModel,
+        *,
+        consumer: str,
+        block_ms: int = 1000,
+        claim_idle_ms: int = 60_000,
+        stream_maxlen: int = 10_000,
+    ) -> None:
+        self.client, self.target, self.consumer = client, target, consumer
+        self.block_ms, self.claim_idle_ms, self.stream_maxlen = (
+            block_ms, claim_idle_ms, stream_maxlen,
+        )  # fmt: skip
+        self.stats = WorkerStats()
+        self.drafter: Eagle3Drafter | None = None
+        self.drafter_key: tuple[str, str] | None = None  # (path, version) held
+        self._lock = threading.Lock()
+
+    @property
+    def drafter_version(self) -> str | None:
+        return None if self.drafter_key is None else self.drafter_key[1]
+
+    def _drafter_for(self, request: RolloutRequest) -> Eagle3Drafter:
+        key = (str(Path(request.drafter_path)), request.drafter_version)
+        if self.drafter is None or self.drafter_key != key:
+            self.drafter = load_drafter(request.drafter_path, self.target).eval()
+            self.drafter_key = key
+            self.stats.drafter_loads += 1
+            logger.info("loaded drafter version %s from %s", key[1], key[0])
+        return self.drafter
+
+    def run_once(self) -> bool:
+        """Serve one request if there is one; True when a request was handled."""
+        got = next_request(
+            self.client, self.consumer, block_ms=self.block_ms, claim_idle_ms=self.claim_idle_ms
+        )
+        if got is None:
+            return False
+        entry_id, request = got
+        t0 = time.perf_counter()
+        try:
+            drafter = self._drafter_for(request)
+            records = make_rollouts(
+                self.target,
+                drafter,
+                request.prompts,
+                num_draft_tokens=request.num_draft_tokens,
+                max_new_tokens=request.max_new_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                seeds=request.seeds,
+                job_id=request.job_id,
+                drafter_version=request.drafter_version,
+            )
+        except (OSError, ValueError) as err:  # unreadable or incompatible drafter, bad prompts
+            self.stats.failures += 1
+            self.stats.last_error = f"request {request.request_id}: {err}"
+            logger.error("rollout request %s failed: %s", request.request_id, err)
+            return True  # left pending: it is retried after claim_idle_ms
+        records = [
+            replace(
+                r,
+                extra={"request_id": request.request_id, "index": i, "worker": self.consumer},
+            )
+            for i, r in enumerate(records)
+        ]
+        written = publish(self.client, entry_id, request, records, maxlen=self.stream_maxlen)
+        with self._lock:
+            self.stats.busy_s += time.perf_counter() - t0
+            if not written:
+                self.stats.duplicates += 1
+                return True
+            self.stats.requests += 1
+            self.stats.sequences += len(records)
+            self.stats.tokens += sum(len(r.response_ids) for r in records)
+            self.stats.cycles += sum(len(r.cycles) for r in records)
+        return True
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.run_once()
+            except redis.RedisError as err:
+                self.stats.last_error = f"redis: {err}"
+                logger.warning("redis error, retrying in 1 s: %s", err)
+                stop.wait(1.0)

@@ -1,0 +1,161 @@
+"""Rollout workers against the real Redis: requests shared without duplicates, exactly-once
+publishing when a worker dies or is slow, drafter versions loaded on demand, /health, /metrics."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from draftopd.models.checkpoint import random_drafter_for, save_drafter
+from draftopd.models.target import TargetModel
+from draftopd.rollout_queue import RolloutRequest, enqueue, next_request, publish
+from draftopd.speculative.records import RolloutRecord, stream_key
+from draftopd.training.replay import anchor_plan
+from services.rollout_worker.main import create_app
+from services.rollout_worker.settings import RolloutWorkerSettings
+from services.rollout_worker.worker import RolloutWorker
+
+JOB = "job-1"
+
+
+@pytest.fixture(scope="module")
+def drafter_dirs(tiny_target: TargetModel, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two drafter versions (different seeds) saved as checkpoints."""
+    root = tmp_path_factory.mktemp("versions")
+    dirs = []
+    for seed in (0, 1):
+        drafter = random_drafter_for(tiny_target, seed=seed, draft_vocab_size=200)
+        dirs.append(save_drafter(drafter, root / f"v{seed}"))
+    return dirs
+
+
+def _request(i: int, path: Path, version: str = "0", prompts: int = 2) -> RolloutRequest:
+    return RolloutRequest(
+        job_id=JOB,
+        request_id=f"r{i}",
+        drafter_version=version,
+        drafter_path=str(path),
+        prompts=[[5 + i, 6 + j, 7, 8, 9] for j in range(prompts)],
+        num_draft_tokens=3,
+        max_new_tokens=12,
+    )
+
+
+def _records(client: redis.Redis) -> list[RolloutRecord]:
+    return [RolloutRecord.from_fields(f) for _, f in client.xrange(stream_key(JOB))]
+
+
+def _worker(client: redis.Redis, target: TargetModel, name: str, **kw: Any) -> RolloutWorker:
+    return RolloutWorker(client, target, consumer=name, block_ms=50, **kw)
+
+
+def test_two_workers_share_the_requests_without_duplicates(
+    redis_url: str, tiny_target: TargetModel, drafter_dirs: list[Path]
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    enqueue(client, [_request(i, drafter_dirs[0]) for i in range(8)])
+    workers = [_worker(client, tiny_target, f"w{k}") for k in range(2)]
+    stop = threading.Event()
+    threads = [threading.Thread(target=w.run, args=(stop,)) for w in workers]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while len(_records(client)) < 16 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    for t in threads:
+        t.join(10)
+
+    records = _records(client)
+    keys = sorted((r.extra["request_id"], r.extra["index"]) for r in records)
+    assert keys == sorted((f"r{i}", j) for i in range(8) for j in range(2))  # each exactly once
+    assert sum(w.stats.requests for w in workers) == 8
+    assert client.xlen("draftopd:rollout-requests") == 0  # published requests are deleted
+    for record in records:
+        assert record.job_id == JOB and record.drafter_version == "0"
+        assert anchor_plan(record).cycles  # replayable
+    stats = workers[0].stats
+    assert stats.tokens_per_s > 0 and 1.0 <= stats.tau <= 4.0
+
+
+def test_a_dead_workers_request_is_reclaimed_and_published_once(
+    redis_url: str, tiny_target: TargetModel, drafter_dirs: list[Path]
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    enqueue(client, [_request(0, drafter_dirs[0])])
+    taken = next_request(client, "dead", block_ms=10)
+    assert taken is not None  # "dead" holds it and never publishes
+    survivor = _worker(client, tiny_target, "alive", claim_idle_ms=200)
+    assert survivor.run_once() is False  # not idle long enough: not reclaimed yet
+    time.sleep(0.3)
+    assert survivor.run_once() is True
+    assert len(_records(client)) == 2 and survivor.stats.requests == 1
+    # the dead worker comes back and publishes late: nothing is written twice
+    entry_id, request = taken
+    late = [r for r in _records(client)]
+    assert publish(client, entry_id, request, late) is False
+    assert len(_records(client)) == 2
+
+
+def test_the_worker_loads_the_requested_version(
+    redis_url: str, tiny_target: TargetModel, drafter_dirs: list[Path]
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    enqueue(
+        client,
+        [
+            _request(0, drafter_dirs[0], "0"),
+            _request(1, drafter_dirs[0], "0"),
+            _request(2, drafter_dirs[1], "1"),
+        ],
+    )
+    worker = _worker(client, tiny_target, "w")
+    while worker.run_once():
+        pass
+    assert worker.stats.drafter_loads == 2 and worker.drafter_version == "1"
+    assert [r.drafter_version for r in _records(client)] == ["0"] * 4 + ["1"] * 2
+
+
+def test_an_unloadable_drafter_fails_the_request_but_not_the_worker(
+    redis_url: str, tiny_target: TargetModel, drafter_dirs: list[Path], tmp_path: Path
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    enqueue(client, [_request(0, tmp_path / "missing"), _request(1, drafter_dirs[0])])
+    worker = _worker(client, tiny_target, "w")
+    assert worker.run_once() and worker.run_once()
+    assert worker.stats.failures == 1 and "missing" in (worker.stats.last_error or "")
+    assert [r.extra["request_id"] for r in _records(client)] == ["r1", "r1"]
+
+
+def test_requests_are_validated() -> None:
+    with pytest.raises(ValueError, match="non-empty prompts"):
+        RolloutRequest("j", "r", "0", "/x", prompts=[])
+    with pytest.raises(ValueError, match="2 seeds for 1 prompts"):
+        RolloutRequest("j", "r", "0", "/x", prompts=[[1]], seeds=[1, 2])
+
+
+def test_health_and_metrics(
+    redis_url: str, tiny_target_dir: Path, drafter_dirs: list[Path]
+) -> None:
+    settings = RolloutWorkerSettings(
+        redis_url=redis_url, target=str(tiny_target_dir), consumer="svc", block_ms=50
+    )
+    client = redis.Redis.from_url(redis_url)
+    with TestClient(create_app(settings)) as http:
+        enqueue(client, [_request(0, drafter_dirs[0])])
+        deadline = time.monotonic() + 60
+        while len(_records(client)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = http.get("/health").json()
+        assert health["status"] == "ok" and health["redis"] is True
+        assert health["consumer"] == "svc" and health["drafter_version"] == "0"
+        assert health["requests"] == 1
+        text = http.get("/metrics").text
+        assert "draftopd_rollout_sequences 2.0" in text
+        assert "draftopd_rollout_tokens_per_second" in text and "draftopd_rollout_tau" in text
