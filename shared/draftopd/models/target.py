@@ -157,6 +157,9 @@ def resolve_target(target: str) -> tuple[str, str | None]:
         if not path.is_file():
             raise ValueError(f"GGUF file not found: {path}")
         return str(path.parent), path.name
+    looks_local = path.is_absolute() or target.startswith((".", "~")) or path.exists()
+    if looks_local and not (path / "config.json").is_file():
+        raise ValueError(f"target directory {path} does not exist or has no config.json")
     return target, None
 
 

@@ -520,7 +520,9 @@ def train_sft(
     resumed_from = run.step
     prompts = [list(p) for p in eval_prompts or []]
     if run.step == 0 and prompts:
-        run.log({"tau": run.evaluate(prompts)})  # the starting point of the tau curve
+        first = run.log({"tau": run.evaluate(prompts)})  # the starting point of the tau curve
+        if on_step is not None:
+            on_step(first)
     with tqdm(total=cfg.total_steps, initial=run.step, desc="sft", disable=not progress) as bar:
         while run.step < cfg.total_steps:
             line = run.advance(samples, prompts)
