@@ -52,6 +52,18 @@ def add_train(subparsers: Subparsers) -> None:
         "--x", choices=("step", "elapsed_s"), default="step", help="x axis (default step)"
     )
     curve.set_defaults(handler=_run_train_curve_command)
+    compare = stages.add_parser(
+        "compare", help="plot held-out tau of several runs against steps and seconds"
+    )
+    compare.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        metavar="LABEL=METRICS_JSONL",
+        help="a run to draw (repeat the flag), e.g. --run opd=runs/opd/metrics.jsonl",
+    )
+    compare.add_argument("--png", required=True, help="output PNG path")
+    compare.set_defaults(handler=_run_train_compare_command)
 
 
 def _add_train_sft(stages: Subparsers) -> None:
@@ -235,4 +247,21 @@ def _run_train_curve_command(args: argparse.Namespace) -> int:
             f"plotting needs matplotlib ({err}); install it with `pip install matplotlib`"
         ) from err
     logger.info("wrote %s", path)
+    return 0
+
+
+def _run_train_compare_command(args: argparse.Namespace) -> int:
+    from draftopd.training.curves import plot_comparison
+
+    runs = []
+    for value in args.run:
+        label, sep, path = value.partition("=")
+        if not sep or not label or not path:
+            raise ValueError(f"--run {value!r}: expected LABEL=METRICS_JSONL")
+        runs.append((label, path))
+    try:
+        out = plot_comparison(runs, args.png)
+    except ImportError as err:
+        raise CommandError(f"plotting needs matplotlib ({err})") from err
+    logger.info("wrote %s", out)
     return 0

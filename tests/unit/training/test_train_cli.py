@@ -271,3 +271,19 @@ def test_continued_sft_and_train_opd_start_from_the_sft_checkpoint(
     assert "stream_b_loss must be one of" in capsys.readouterr().err
     assert _exit_code(["train", "opd", "--out", str(opd), "--drafter", str(tmp_path / "nope")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_train_compare_draws_both_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = _write_metrics(tmp_path / "a.jsonl")
+    b = _write_metrics(tmp_path / "b.jsonl")
+    png = tmp_path / "compare.png"
+    assert (
+        main(["train", "compare", "--run", f"opd={a}", "--run", f"sft={b}", "--png", str(png)]) == 0
+    )
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert _exit_code(["train", "compare", "--run", "nolabel", "--png", str(png)]) == 2
+    assert "expected LABEL=METRICS_JSONL" in capsys.readouterr().err
+    no_tau = tmp_path / "c.jsonl"
+    no_tau.write_text(json.dumps({"step": 1, "loss": 2.0, "tau": None}) + "\n")
+    assert _exit_code(["train", "compare", "--run", f"x={no_tau}", "--png", str(png)]) == 2
+    assert "no tau values in the metrics of ['x']" in capsys.readouterr().err
