@@ -36,6 +36,7 @@ def create_app(settings: RolloutWorkerSettings | None = None) -> FastAPI:
             block_ms=settings.block_ms,
             claim_idle_ms=settings.claim_idle_ms,
             stream_maxlen=settings.stream_maxlen,
+            max_attempts=settings.max_attempts,
         )
         stop = threading.Event()
         thread = threading.Thread(target=worker.run, args=(stop,), name="rollouts", daemon=True)

@@ -30,6 +30,9 @@ class RolloutWorkerSettings(BaseSettings):
         default=60_000, ge=1, description="Reclaim a request whose worker has been quiet this long."
     )
     stream_maxlen: int = Field(default=10_000, ge=1, description="Records kept per job stream.")
+    max_attempts: int = Field(
+        default=3, ge=1, description="Failed attempts before a request goes to the dead letters."
+    )
     torch_threads: int | None = Field(default=None, ge=1)
     host: str = "127.0.0.1"
     port: int = Field(default=8002, ge=0, le=65535)

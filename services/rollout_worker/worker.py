@@ -19,6 +19,9 @@ from draftopd.training.rollouts import make_rollouts
 
 logger = logging.getLogger(__name__)
 
+DEAD_LETTER_STREAM = "draftopd:rollout-requests:dead"
+FAILURES_KEY = "draftopd:rollout-requests:failures"  # entry id -> failed attempts
+
 
 @dataclass
 class WorkerStats:
@@ -51,11 +54,13 @@ class RolloutWorker:
         block_ms: int = 1000,
         claim_idle_ms: int = 60_000,
         stream_maxlen: int = 10_000,
+        max_attempts: int = 3,
     ) -> None:
         self.client, self.target, self.consumer = client, target, consumer
         self.block_ms, self.claim_idle_ms, self.stream_maxlen = (
             block_ms, claim_idle_ms, stream_maxlen,
         )  # fmt: skip
+        self.max_attempts = max_attempts
         self.stats = WorkerStats()
         self.drafter: Eagle3Drafter | None = None
         self.drafter_key: tuple[str, str] | None = None  # (path, version) held
@@ -98,10 +103,8 @@ class RolloutWorker:
                 drafter_version=request.drafter_version,
             )
         except (OSError, ValueError) as err:  # unreadable or incompatible drafter, bad prompts
-            self.stats.failures += 1
-            self.stats.last_error = f"request {request.request_id}: {err}"
-            logger.error("rollout request %s failed: %s", request.request_id, err)
-            return True  # left pending: it is retried after claim_idle_ms
+            self._failed(entry_id, request, err)
+            return True
         records = [
             replace(
                 r,
@@ -120,6 +123,22 @@ class RolloutWorker:
             self.stats.tokens += sum(len(r.response_ids) for r in records)
             self.stats.cycles += sum(len(r.cycles) for r in records)
         return True
+
+    def _failed(self, entry_id: str, request: RolloutRequest, err: Exception) -> None:
+        """Leave the request pending (retried after claim_idle_ms) until it has failed
+        ``max_attempts`` times; then move it to the dead-letter stream with the error."""
+        self.stats.failures += 1
+        self.stats.last_error = f"request {request.request_id}: {err}"
+        attempts = int(self.client.hincrby(FAILURES_KEY, entry_id, 1))
+        logger.error("rollout request %s failed (%d): %s", request.request_id, attempts, err)
+        if attempts < self.max_attempts:
+            return
+        if publish(self.client, entry_id, request, []):  # acknowledged and deleted, no records
+            self.client.xadd(
+                DEAD_LETTER_STREAM,
+                {"job_id": request.job_id, "request_id": request.request_id, "error": str(err)},
+            )
+        self.client.hdel(FAILURES_KEY, entry_id)
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():

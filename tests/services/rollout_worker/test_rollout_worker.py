@@ -19,7 +19,7 @@ from draftopd.speculative.records import RolloutRecord, stream_key
 from draftopd.training.replay import anchor_plan
 from services.rollout_worker.main import create_app
 from services.rollout_worker.settings import RolloutWorkerSettings
-from services.rollout_worker.worker import RolloutWorker
+from services.rollout_worker.worker import DEAD_LETTER_STREAM, RolloutWorker
 
 JOB = "job-1"
 
@@ -131,6 +131,22 @@ def test_an_unloadable_drafter_fails_the_request_but_not_the_worker(
     assert worker.run_once() and worker.run_once()
     assert worker.stats.failures == 1 and "missing" in (worker.stats.last_error or "")
     assert [r.extra["request_id"] for r in _records(client)] == ["r1", "r1"]
+
+
+def test_a_request_that_keeps_failing_goes_to_the_dead_letters(
+    redis_url: str, tiny_target: TargetModel, tmp_path: Path
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    enqueue(client, [_request(0, tmp_path / "missing")])
+    worker = _worker(client, tiny_target, "w", claim_idle_ms=1, max_attempts=3)
+    for _ in range(3):
+        time.sleep(0.01)
+        assert worker.run_once()
+    assert worker.stats.failures == 3 and worker.run_once() is False  # nothing left to retry
+    dead = client.xrange(DEAD_LETTER_STREAM)
+    assert len(dead) == 1 and dead[0][1][b"request_id"] == b"r0"
+    assert b"missing" in dead[0][1][b"error"]
+    assert client.xlen("draftopd:rollout-requests") == 0 and _records(client) == []
 
 
 def test_requests_are_validated() -> None:
