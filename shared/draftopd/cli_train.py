@@ -104,19 +104,8 @@ def _add_train_sft(stages: Subparsers) -> None:
     p.add_argument(
         "--top-p", type=positive_float, default=1.0, help="regeneration nucleus (default 1)"
     )
-    for flag, name, kind, text in _SFT_FLAGS:
-        metavar = flag[2:].upper().replace("-", "_")
-        p.add_argument(flag, dest=name, type=kind, metavar=metavar, help=text)
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
-    p.add_argument(
-        "--resume",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="continue the run in --out (default); --no-resume refuses a non-empty run",
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    _add_flag_table(p, _SFT_FLAGS)
+    _add_runtime_args(p)
     p.set_defaults(handler=_run_train_sft_command)
 
 
@@ -124,7 +113,6 @@ def _run_train_sft_command(args: argparse.Namespace) -> int:
     from draftopd.training.pipeline import SFTPipelineConfig, sft_pipeline
     from draftopd.training.sft import SFTConfig
 
-    given = {name: getattr(args, name) for _, name, _, _ in _SFT_FLAGS}
     config = SFTPipelineConfig(
         out_dir=args.out,
         target=args.target,
@@ -137,17 +125,11 @@ def _run_train_sft_command(args: argparse.Namespace) -> int:
         gen_batch_size=args.gen_batch_size,
         temperature=args.temperature,
         top_p=args.top_p,
-        sft=SFTConfig(**{k: v for k, v in given.items() if v is not None}),
-        device=args.device,
-        dtype=args.dtype,
-        threads=args.threads,
-        resume=args.resume,
-        progress=not args.no_progress,
+        sft=SFTConfig(**_given(args, _SFT_FLAGS)),
+        **_runtime(args),
     )
     result = sft_pipeline(config)
-    tau = "none" if result.tau is None else f"{result.tau:.3f}"
-    sys.stdout.write(f"checkpoint: {result.checkpoint}\nstep: {result.step}\ntau: {tau}\n")
-    return 0
+    return _report(result.checkpoint, result.step, result.tau)
 
 
 # flag, OPDConfig field, type, help; unset flags keep OPDConfig's defaults
@@ -191,22 +173,14 @@ def _add_train_opd(stages: Subparsers) -> None:
     p.add_argument(
         "--heldout", type=non_negative_int, default=8, help="last N prompts: tau (default 8)"
     )
-    for flag, name, kind, text in _OPD_FLAGS:
-        metavar = flag[2:].upper().replace("-", "_")
-        p.add_argument(flag, dest=name, type=kind, metavar=metavar, help=text)
+    _add_flag_table(p, _OPD_FLAGS)
     p.add_argument(
         "--random-anchors",
         action="store_true",
         default=None,
         help="ablation: replay blocks at random positions",
     )
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
-    p.add_argument(
-        "--resume", action=argparse.BooleanOptionalAction, default=True, help="(default on)"
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_runtime_args(p)
     p.set_defaults(handler=_run_train_opd_command)
 
 
@@ -214,8 +188,6 @@ def _run_train_opd_command(args: argparse.Namespace) -> int:
     from draftopd.training.opd import OPDConfig
     from draftopd.training.opd_pipeline import OPDPipelineConfig, opd_pipeline
 
-    names = [name for _, name, _, _ in _OPD_FLAGS] + ["random_anchors"]
-    given = {name: getattr(args, name) for name in names}
     config = OPDPipelineConfig(
         out_dir=args.out,
         drafter=args.drafter,
@@ -224,17 +196,11 @@ def _run_train_opd_command(args: argparse.Namespace) -> int:
         skip=args.skip,
         limit=args.limit,
         heldout=args.heldout,
-        opd=OPDConfig(**{k: v for k, v in given.items() if v is not None}),
-        device=args.device,
-        dtype=args.dtype,
-        threads=args.threads,
-        resume=args.resume,
-        progress=not args.no_progress,
+        opd=OPDConfig(**_given(args, _OPD_FLAGS, extra=("random_anchors",))),
+        **_runtime(args),
     )
     result = opd_pipeline(config)
-    tau = "none" if result.tau is None else f"{result.tau:.3f}"
-    sys.stdout.write(f"checkpoint: {result.checkpoint}\nstep: {result.step}\ntau: {tau}\n")
-    return 0
+    return _report(result.checkpoint, result.step, result.tau)
 
 
 def _run_train_curve_command(args: argparse.Namespace) -> int:
@@ -264,4 +230,49 @@ def _run_train_compare_command(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise CommandError(f"plotting needs matplotlib ({err})") from err
     logger.info("wrote %s", out)
+    return 0
+
+
+# -- shared by sft and opd -------------------------------------------------------------------------
+FlagTable = tuple[tuple[str, str, Callable[[str], Any], str], ...]
+
+
+def _add_flag_table(p: argparse.ArgumentParser, table: FlagTable) -> None:
+    for flag, name, kind, text in table:
+        metavar = flag[2:].upper().replace("-", "_")
+        p.add_argument(flag, dest=name, type=kind, metavar=metavar, help=text)
+
+
+def _given(args: argparse.Namespace, table: FlagTable, extra: tuple[str, ...] = ()) -> dict:
+    """The config fields the user set (unset flags keep the config class's defaults)."""
+    names = [name for _, name, _, _ in table] + list(extra)
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue the run in --out (default); --no-resume refuses a non-empty run",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _runtime(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "resume": args.resume,
+        "progress": not args.no_progress,
+    }
+
+
+def _report(checkpoint: Any, step: int, tau: float | None) -> int:
+    text = "none" if tau is None else f"{tau:.3f}"
+    sys.stdout.write(f"checkpoint: {checkpoint}\nstep: {step}\ntau: {text}\n")
     return 0

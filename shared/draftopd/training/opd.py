@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from draftopd.models.eagle3 import Eagle3Drafter
 from draftopd.models.target import TargetModel
 from draftopd.speculative.records import RolloutRecord
+from draftopd.training.config_dict import known_fields
 from draftopd.training.opd_loss import OPDLossConfig
 from draftopd.training.replay import SequencePlan, anchor_plan, random_anchor_plan, replay_loss
 from draftopd.training.rollouts import fresh_records, make_rollouts, rollout_tau
@@ -108,10 +109,7 @@ class OPDConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OPDConfig:
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown OPDConfig fields: {sorted(unknown)}")
-        values = dict(data)
+        values = known_fields(cls, data)
         if "betas" in values:
             values["betas"] = tuple(values["betas"])
         return cls(**values)

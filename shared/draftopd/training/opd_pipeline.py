@@ -11,7 +11,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from draftopd.models.checkpoint import load_drafter
 from draftopd.models.target import DEFAULT_TARGET, TargetModel, load_target
 from draftopd.prompts import render_prompt
+from draftopd.training.config_dict import known_fields
 from draftopd.training.corpus import load_training_prompts
 from draftopd.training.opd import OPDConfig, OPDResult, RolloutSource, train_opd
 from draftopd.training.pipeline import split_prompts
@@ -62,10 +63,7 @@ class OPDPipelineConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OPDPipelineConfig:
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown OPDPipelineConfig fields: {sorted(unknown)}")
-        values = dict(data)
+        values = known_fields(cls, data)
         if isinstance(values.get("opd"), dict):
             values["opd"] = OPDConfig.from_dict(values["opd"])
         return cls(**values)

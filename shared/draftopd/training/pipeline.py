@@ -24,7 +24,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from draftopd.models.checkpoint import load_drafter
 from draftopd.models.target import DEFAULT_TARGET, TargetModel, load_target
 from draftopd.prompts import Prompt, render_prompt
+from draftopd.training.config_dict import known_fields
 from draftopd.training.corpus import load_training_prompts
 from draftopd.training.data import MANIFEST, RegenStats, regenerate
 from draftopd.training.sft import SFTConfig, latest_checkpoint, train_sft
@@ -87,10 +88,7 @@ class SFTPipelineConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SFTPipelineConfig:
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown SFTPipelineConfig fields: {sorted(unknown)}")
-        values = dict(data)
+        values = known_fields(cls, data)
         if isinstance(values.get("sft"), dict):
             values["sft"] = SFTConfig.from_dict(values["sft"])
         return cls(**values)

@@ -31,7 +31,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from draftopd.prompts import load_prompts, render_prompt
 from draftopd.speculative.engine import DecodeEngine
 from draftopd.speculative.proposers import Eagle3Proposer
 from draftopd.speculative.sampling import SamplingParams
+from draftopd.training.config_dict import known_fields
 from draftopd.training.data import Sample, collate, iter_samples, target_features
 from draftopd.training.schedule import make_adamw, warmup_cosine_lr
 from draftopd.training.ttt import ttt_unroll
@@ -124,10 +125,7 @@ class SFTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SFTConfig:
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown SFTConfig fields: {sorted(unknown)}")
-        values = dict(data)
+        values = known_fields(cls, data)
         if "betas" in values:
             values["betas"] = tuple(values["betas"])
         return cls(**values)
