@@ -79,7 +79,9 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
         events = service.stream(prepared, is_disconnected=request.is_disconnected)
         return _sse(
             responses.completion_events(
-                events, meta, drafter_version=prepared.drafter_version,
+                events,
+                meta,
+                drafter_version=prepared.drafter_version,
                 include_usage=body.include_usage,
             )
         )
@@ -104,7 +106,9 @@ async def chat_completions(
         events = service.stream(prepared, is_disconnected=request.is_disconnected)
         return _sse(
             responses.chat_events(
-                events, meta, drafter_version=prepared.drafter_version,
+                events,
+                meta,
+                drafter_version=prepared.drafter_version,
                 include_usage=body.include_usage,
             )
         )

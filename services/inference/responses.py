@@ -120,7 +120,9 @@ async def completion_events(
 ) -> AsyncIterator[str]:
     def chunk(text: str, outcome: Outcome | None = None) -> CompletionResponse:
         return CompletionResponse(
-            id=meta.id, created=meta.created, model=meta.model,
+            id=meta.id,
+            created=meta.created,
+            model=meta.model,
             choices=[
                 CompletionChoice(
                     text=text, finish_reason=outcome.finish_reason if outcome else None
@@ -136,8 +138,12 @@ async def completion_events(
             if include_usage:
                 yield sse(
                     CompletionResponse(
-                        id=meta.id, created=meta.created, model=meta.model, choices=[],
-                        usage=event.usage, drafter_version=drafter_version,
+                        id=meta.id,
+                        created=meta.created,
+                        model=meta.model,
+                        choices=[],
+                        usage=event.usage,
+                        drafter_version=drafter_version,
                     )
                 )
         elif event.text:
@@ -173,11 +179,20 @@ async def chat_events(
     def chunk(
         delta: ChatDelta, outcome: Outcome | None = None, *, usage_only: bool = False
     ) -> ChatCompletionChunk:
-        choices = [] if usage_only else [
-            ChatChunkChoice(delta=delta, finish_reason=outcome.finish_reason if outcome else None)
-        ]
+        choices = (
+            []
+            if usage_only
+            else [
+                ChatChunkChoice(
+                    delta=delta, finish_reason=outcome.finish_reason if outcome else None
+                )
+            ]
+        )
         return ChatCompletionChunk(
-            id=meta.id, created=meta.created, model=meta.model, choices=choices,
+            id=meta.id,
+            created=meta.created,
+            model=meta.model,
+            choices=choices,
             usage=outcome.usage if usage_only and outcome else None,
             drafter_version=drafter_version,
             speculative=outcome.speculative if outcome and not usage_only else None,

@@ -92,7 +92,9 @@ class InferenceService:
         drafter = load_served_drafter(settings.drafter, target) if settings.drafter else None
         logger.info(
             "inference ready: target=%s device=%s drafter=%s default_method=%s",
-            settings.target, settings.device, drafter.version if drafter else None,
+            settings.target,
+            settings.device,
+            drafter.version if drafter else None,
             settings.resolved_default_method,
         )
         return cls(settings, target, drafter, metrics)
@@ -151,15 +153,22 @@ class InferenceService:
         self._check_context(spec, len(prompt_ids))
         try:
             params = SamplingParams(
-                max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
-                top_p=spec.top_p, top_k=spec.top_k, seed=spec.seed, stop=spec.stop,
+                max_new_tokens=spec.max_new_tokens,
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+                top_k=spec.top_k,
+                seed=spec.seed,
+                stop=spec.stop,
                 ignore_eos=spec.ignore_eos,
             )
         except ValueError as err:  # the schemas check the same bounds; this is a backstop
             raise InvalidRequestError((), str(err)) from err
         k = spec.num_draft_tokens or self.settings.num_draft_tokens
         return PreparedGeneration(
-            spec=spec, prompt_ids=prompt_ids, params=params, method=method,
+            spec=spec,
+            prompt_ids=prompt_ids,
+            params=params,
+            method=method,
             num_draft_tokens=0 if method == "none" else k,
             drafter=drafter if method == "eagle3" else None,
             received_at=time.perf_counter(),
@@ -224,7 +233,9 @@ class InferenceService:
             raise InvalidRequestError(("prompt",), "the target has no tokenizer: send token ids")
         field = "messages" if spec.messages is not None else "prompt"
         prompt = Prompt(
-            id="request", messages=spec.messages, text=spec.prompt,
+            id="request",
+            messages=spec.messages,
+            text=spec.prompt,
             source="messages" if spec.messages is not None else "prompt",
         )
         try:
@@ -260,7 +271,9 @@ class InferenceService:
         elif prepared.method == "ngram":
             proposer = NgramProposer()
         return self.engine.start(
-            prepared.prompt_ids, prepared.params, proposer=proposer,
+            prepared.prompt_ids,
+            prepared.params,
+            proposer=proposer,
             num_draft_tokens=prepared.num_draft_tokens,
         )
 
@@ -287,7 +300,8 @@ class InferenceService:
             token_ids=list(result.token_ids),
             finish_reason="stop" if result.finish_reason == "stop" else "length",
             usage=Usage(
-                prompt_tokens=prompt, completion_tokens=completion,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
                 total_tokens=prompt + completion,
             ),
             drafter_version=prepared.drafter_version,
@@ -307,7 +321,8 @@ class InferenceService:
         if not finished:
             logger.info(
                 "%s: client gone, generation stopped after %d tokens",
-                prepared.spec.endpoint, run.visible,
+                prepared.spec.endpoint,
+                run.visible,
             )
 
 

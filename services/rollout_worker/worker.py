@@ -101,6 +101,8 @@ class RolloutWorker:
                 seeds=request.seeds,
                 job_id=request.job_id,
                 drafter_version=request.drafter_version,
+                mode=request.mode,
+                batch_size=request.batch_size,
             )
         except (OSError, ValueError) as err:  # unreadable or incompatible drafter, bad prompts
             self._failed(entry_id, request, err)

@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from draftopd.cli_args import (
@@ -64,6 +65,81 @@ def add_train(subparsers: Subparsers) -> None:
     )
     compare.add_argument("--png", required=True, help="output PNG path")
     compare.set_defaults(handler=_run_train_compare_command)
+    _add_train_tau(stages)
+
+
+def _add_train_tau(stages: Subparsers) -> None:
+    p = stages.add_parser(
+        "tau",
+        help="greedy tau of every checkpoint of training runs, on MT-Bench (the bench's tau)",
+        description="The target's greedy text and features are computed once; each checkpoint "
+        "is scored by replaying the engine's cycles over that text. Writes RUN_DIR/"
+        "tau_eval.jsonl per run (plot them with `draftopd train compare`).",
+    )
+    p.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        metavar="LABEL=RUN_DIR",
+        help="a training run (repeat the flag); every checkpoint in RUN_DIR/checkpoints is scored",
+    )
+    p.add_argument("--init", help="the checkpoint both runs started from, scored as step 0")
+    p.add_argument("--prompts", help="JSONL prompt file (default: MT-Bench question.jsonl)")
+    p.add_argument("--limit", type=positive_int, default=20, help="first N prompts (default 20)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="M (default 128)")
+    p.add_argument("--num-draft-tokens", type=positive_int, default=4, help="K (default 4)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per target pass")
+    p.add_argument("--target", default="smollm2", help="target: smollm2, a directory or a .gguf")
+    p.add_argument("--json", help="also write every run's lines to this JSON file")
+    _add_runtime_args(p)
+    p.set_defaults(handler=_run_train_tau_command)
+
+
+def _run_train_tau_command(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from draftopd.models.target import load_target
+    from draftopd.prompts import load_prompts, render_prompt
+    from draftopd.training.tau_eval import GreedyTauEvaluator, evaluate_runs
+
+    runs = [(label, Path(path)) for label, path in _labelled(args.run, "LABEL=RUN_DIR")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target = load_target(args.target, device=args.device or "cpu", dtype=args.dtype)
+    if target.tokenizer is None:
+        raise CommandError(f"target {args.target!r} has no tokenizer")
+    prompts = [render_prompt(target.tokenizer, p) for p in load_prompts(args.prompts, args.limit)]
+    evaluator = GreedyTauEvaluator(
+        target,
+        prompts,
+        num_draft_tokens=args.num_draft_tokens,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
+    results = evaluate_runs(evaluator, runs, init=Path(args.init) if args.init else None)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    for label, lines in results.items():
+        for line in lines:
+            positions = " / ".join(f"{x:.2f}" for x in line["acceptance_by_position"])
+            sys.stdout.write(
+                f"{label}\tstep {line['step']}\t{line['elapsed_s']:.0f} s\t"
+                f"tau {line['tau']:.3f}\tacceptance {positions}\n"
+            )
+    return 0
+
+
+def _labelled(values: list[str], form: str) -> list[tuple[str, str]]:
+    pairs = []
+    for value in values:
+        label, sep, path = value.partition("=")
+        if not sep or not label or not path:
+            raise ValueError(f"--run {value!r}: expected {form}")
+        pairs.append((label, path))
+    return pairs
 
 
 def _add_train_sft(stages: Subparsers) -> None:
@@ -141,6 +217,8 @@ _OPD_FLAGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--max-new-tokens", "max_new_tokens", positive_int, "rollout length (default 128)"),
     ("--temperature", "temperature", non_negative_float, "rollouts; 0 = greedy (default)"),
     ("--top-p", "top_p", positive_float, "rollout nucleus (default 1)"),
+    ("--rollout-mode", "rollout_mode", str, "engine | batched (greedy only) (default engine)"),
+    ("--rollout-batch-size", "rollout_batch_size", positive_int, "batched mode (default 8)"),
     ("--lambda-a", "lambda_a", non_negative_float, "stream A weight (default 1)"),
     ("--lambda-b", "lambda_b", non_negative_float, "stream B weight; 0 = off (default 1)"),
     ("--gamma", "gamma", positive_float, "stream B decay per slot (default 0.8)"),
@@ -219,12 +297,7 @@ def _run_train_curve_command(args: argparse.Namespace) -> int:
 def _run_train_compare_command(args: argparse.Namespace) -> int:
     from draftopd.training.curves import plot_comparison
 
-    runs = []
-    for value in args.run:
-        label, sep, path = value.partition("=")
-        if not sep or not label or not path:
-            raise ValueError(f"--run {value!r}: expected LABEL=METRICS_JSONL")
-        runs.append((label, path))
+    runs = _labelled(args.run, "LABEL=METRICS_JSONL")
     try:
         out = plot_comparison(runs, args.png)
     except ImportError as err:

@@ -53,14 +53,18 @@ class RolloutRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     seeds: list[int] | None = None  # one per prompt (sampled rollouts)
+    mode: str = "engine"  # rollouts.ROLLOUT_MODES: "engine", or "batched" (greedy only)
+    batch_size: int = 8  # sequences per pass in the batched mode
 
     def __post_init__(self) -> None:
         if not self.prompts or any(not p for p in self.prompts):
             raise ValueError("a rollout request needs non-empty prompts")
         if self.seeds is not None and len(self.seeds) != len(self.prompts):
             raise ValueError(f"{len(self.seeds)} seeds for {len(self.prompts)} prompts")
-        if self.num_draft_tokens < 1 or self.max_new_tokens < 1:
-            raise ValueError("num_draft_tokens and max_new_tokens must be >= 1")
+        if self.num_draft_tokens < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("num_draft_tokens, max_new_tokens and batch_size must be >= 1")
+        if self.mode not in ("engine", "batched"):
+            raise ValueError(f"rollout mode {self.mode!r}; allowed: engine, batched")
 
     def to_fields(self) -> dict[str, bytes | str]:
         return {"job_id": self.job_id, "data": msgpack.packb(asdict(self))}

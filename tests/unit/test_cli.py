@@ -62,12 +62,36 @@ def free_port() -> int:
 
 
 def test_parse_bench_arguments() -> None:
-    args = cli.build_parser().parse_args([
-        "bench", "--prompts", "p.jsonl", "--limit", "5", "--max-new-tokens", "64",
-        "--method", "ngram", "--num-draft-tokens", "6", "--temperature", "0.7", "--json", "o.json",
-        "--peers", "--target", "t", "--device", "cpu", "--dtype", "bfloat16", "--seed", "3",
-        "--threads", "1",
-    ])
+    args = cli.build_parser().parse_args(
+        [
+            "bench",
+            "--prompts",
+            "p.jsonl",
+            "--limit",
+            "5",
+            "--max-new-tokens",
+            "64",
+            "--method",
+            "ngram",
+            "--num-draft-tokens",
+            "6",
+            "--temperature",
+            "0.7",
+            "--json",
+            "o.json",
+            "--peers",
+            "--target",
+            "t",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
+            "--seed",
+            "3",
+            "--threads",
+            "1",
+        ]
+    )
     assert (args.command, args.prompts, args.limit) == ("bench", "p.jsonl", 5)
     assert args.max_new_tokens == 64
     assert (args.method, args.num_draft_tokens, args.temperature) == ("ngram", 6, 0.7)
@@ -86,11 +110,26 @@ def test_bench_writes_json(
     tiny_dir: Path, prompts_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out" / "bench.json"
-    code = cli.main([
-        "bench", "--prompts", str(prompts_file), "--target", str(tiny_dir), "--method", "ngram",
-        "--max-new-tokens", "8", "--num-draft-tokens", "2", "--device", "cpu", "--no-progress",
-        "--json", str(out),
-    ])
+    code = cli.main(
+        [
+            "bench",
+            "--prompts",
+            str(prompts_file),
+            "--target",
+            str(tiny_dir),
+            "--method",
+            "ngram",
+            "--max-new-tokens",
+            "8",
+            "--num-draft-tokens",
+            "2",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     assert set(REPORT_KEYS) <= set(report)
@@ -146,10 +185,21 @@ def test_serve_execs_uvicorn_factory(monkeypatch: pytest.MonkeyPatch) -> None:
     port = free_port()
     with pytest.raises(SystemExit):
         cli.main(["serve", "--host", "127.0.0.1", "--port", str(port)])
-    assert calls == [[
-        sys.executable, "-m", "uvicorn", "services.inference.main:create_app", "--factory",
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "info",
-    ]]
+    assert calls == [
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "services.inference.main:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "info",
+        ]
+    ]
 
 
 def health_service(tmp_path: Path, *, lifetime_s: float) -> cli.ChildService:
@@ -157,7 +207,8 @@ def health_service(tmp_path: Path, *, lifetime_s: float) -> cli.ChildService:
     script.write_text(HEALTH_SERVER)
     port = free_port()
     return cli.ChildService(
-        name="fake", argv=[sys.executable, str(script), str(port), str(lifetime_s)],
+        name="fake",
+        argv=[sys.executable, str(script), str(port), str(lifetime_s)],
         url=f"http://127.0.0.1:{port}",
     )
 

@@ -165,12 +165,14 @@ def regenerate(
     try:
         for offset in range(0, len(pending), shard_size):
             index = state.next_index + written
+            t0 = time.perf_counter()
             with _seeded(target.device, seed * 1_000_003 + index if sampled else None):
                 samples = _generate_window(
                     target, pending[offset : offset + shard_size], config, batch_size, bar
                 )
             path = _write_shard(out, index, samples)
-            state.shards[path.name] = _summarize(samples)
+            generate_s = round(time.perf_counter() - t0, 3)  # the target's time for this shard
+            state.shards[path.name] = {**_summarize(samples), "generate_s": generate_s}
             _write_manifest(out, state.info, state.shards)
             tokens += sum(len(s.response_ids) for s in samples)
             written += 1
@@ -199,9 +201,12 @@ def _scan(out: Path, info: dict[str, Any]) -> _DirState:
     for stale in out.glob("*.tmp"):
         stale.unlink()  # a partial write of an interrupted run
     state = _DirState(info=info, shards={}, done=set(), next_index=0)
+    timings = _recorded_timings(out)
     for path in _shard_paths(out):
         samples = list(_read_shard(path))
         state.shards[path.name] = _summarize(samples)
+        if path.name in timings:
+            state.shards[path.name]["generate_s"] = timings[path.name]
         state.done.update(s.prompt_id for s in samples)
         state.next_index = _shard_index(path.name) + 1
     _write_manifest(out, info, state.shards)
@@ -370,6 +375,15 @@ def _check_manifest(out: Path, settings: dict[str, Any]) -> None:
                 f"{field}={manifest['settings'].get(field)!r}, this run has "
                 f"{field}={settings[field]!r}; use the same settings or a new out_dir"
             )
+
+
+def _recorded_timings(out: Path) -> dict[str, float]:
+    """Shard file -> generation seconds, as the previous manifest recorded them."""
+    try:
+        shards = json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("shards", [])
+    except (OSError, ValueError):
+        return {}
+    return {s["file"]: s["generate_s"] for s in shards if isinstance(s, dict) and "generate_s" in s}
 
 
 def _write_manifest(out: Path, info: dict[str, Any], shards: dict[str, dict[str, Any]]) -> None:

@@ -31,7 +31,12 @@ from draftopd.speculative.records import RolloutRecord
 from draftopd.training.config_dict import known_fields
 from draftopd.training.opd_loss import OPDLossConfig
 from draftopd.training.replay import SequencePlan, anchor_plan, random_anchor_plan, replay_loss
-from draftopd.training.rollouts import fresh_records, make_rollouts, rollout_tau
+from draftopd.training.rollouts import (
+    check_rollout_mode,
+    fresh_records,
+    make_rollouts,
+    rollout_tau,
+)
 from draftopd.training.schedule import make_adamw, warmup_cosine_lr
 from draftopd.training.sft import (
     CHECKPOINT_DIR,
@@ -59,6 +64,8 @@ class OPDConfig:
     max_new_tokens: int = 128  # rollout length
     temperature: float = 0.0  # rollouts: 0 = greedy (the paper's default)
     top_p: float = 1.0
+    rollout_mode: str = "engine"  # "engine" (one sequence at a time) or "batched" (greedy only)
+    rollout_batch_size: int = 8  # sequences per batched rollout pass
     lambda_a: float = 1.0
     lambda_b: float = 1.0
     gamma: float = 0.8
@@ -84,6 +91,9 @@ class OPDConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("need lr > 0, temperature >= 0 and top_p in (0, 1]")
+        check_rollout_mode(self.rollout_mode, self.temperature)
+        if self.rollout_batch_size < 1:
+            raise ValueError(f"rollout_batch_size must be >= 1, got {self.rollout_batch_size}")
         _ = self.loss_config  # validates the loss fields
 
     @property
@@ -213,6 +223,8 @@ class LocalRollouts:
             top_p=cfg.top_p,
             seeds=seeds,
             drafter_version=str(step),
+            mode=cfg.rollout_mode,
+            batch_size=cfg.rollout_batch_size,
         )
 
     def applied(self, step: int) -> None:

@@ -126,6 +126,8 @@ class RedisRollouts:
                 max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
+                mode=cfg.rollout_mode,
+                batch_size=cfg.rollout_batch_size,
             )
             for i in range(chunks)
         ]
@@ -199,9 +201,7 @@ class JobStatus:
 
     def get(self, job_id: str) -> dict[str, Any]:
         raw: Any = self.client.hgetall(job_key(job_id, "status"))
-        return {
-            (k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()
-        }
+        return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
 
     def reporter(self, job_id: str, total_steps: int) -> Callable[[dict[str, Any]], None]:
         def report(line: dict[str, Any]) -> None:

@@ -192,37 +192,58 @@ def _gather_entries(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
 
 
-def replay_forward(
+def unroll_from_anchors(
     drafter: Eagle3Drafter,
     features: torch.Tensor,  # [b, T, 3H] target features of input_ids
-    batch: ReplayBatch,
+    input_ids: torch.Tensor,  # [b, T]
+    anchors: torch.Tensor,  # [b, C] absolute anchor positions, 1 <= A <= T-1
+    num_slots: int,
+    chain_inputs: torch.Tensor | None = None,  # [b, C, K] tokens fed at slots 2..K
 ) -> torch.Tensor:
-    """Drafter logits at every recorded slot: [b, C, K, Vd] (garbage where not ``slot_valid``)."""
-    input_ids = batch.input_ids
+    """Drafter logits at slots 1..K of a draft from every anchor: [b, C, K, Vd].
+
+    ``chain_inputs[:, :, k-1]`` is the token fed after slot k (the recorded proposals, for the
+    replay). ``None`` drafts freely: the input after slot k is the drafter's own argmax there, as
+    ``Eagle3Proposer`` does in greedy decoding."""
     b, length = input_ids.shape
     n = length - 1  # entries 0..T-2
     device = input_ids.device
     if features.shape[:2] != (b, length):
         raise ValueError(f"features {tuple(features.shape)} do not match ids {(b, length)}")
-    if bool((batch.anchors > n).any()):
+    if bool((anchors > n).any()):
         raise ValueError("an anchor lies past the last drafter entry")
     if features.is_inference():
         features = features.clone()
     cache = DrafterCache()
     positions = torch.arange(n, device=device).expand(b, n)
     out = drafter(drafter.project(features[:, :n]), input_ids[:, 1:], positions, cache=cache)
-    entry = batch.anchors - 1  # [b, C]: the entry whose output is slot 1
+    entry = anchors - 1  # [b, C]: the entry whose output is slot 1
     logits = [_gather_entries(out.logits, entry)]  # slot 1: [b, C, Vd]
     hidden = _gather_entries(out.hidden, entry)  # [b, C, H]
     cycles = entry.shape[1]
-    context = torch.arange(n, device=device)[None, None, :] < batch.anchors[:, :, None]  # [b,C,N]
+    context = torch.arange(n, device=device)[None, None, :] < anchors[:, :, None]  # [b, C, N]
     own = torch.eye(cycles, dtype=torch.bool, device=device).expand(b, cycles, cycles)
-    for s in range(1, batch.num_slots):
+    for s in range(1, num_slots):
+        if chain_inputs is None:
+            tokens = drafter.d2t[logits[-1].argmax(-1)]  # [b, C] the drafter's own slot-s draft
+        else:
+            tokens = chain_inputs[:, :, s - 1]
         mask = torch.cat([context] + [own] * s, dim=-1)[:, None]  # [b, 1, C, N + s*C]
-        out = drafter(hidden, batch.proposed[:, :, s - 1], entry + s, cache=cache, attn_mask=mask)
+        out = drafter(hidden, tokens, entry + s, cache=cache, attn_mask=mask)
         logits.append(out.logits)
         hidden = out.hidden
     return torch.stack(logits, dim=2)
+
+
+def replay_forward(
+    drafter: Eagle3Drafter,
+    features: torch.Tensor,  # [b, T, 3H] target features of input_ids
+    batch: ReplayBatch,
+) -> torch.Tensor:
+    """Drafter logits at every recorded slot: [b, C, K, Vd] (garbage where not ``slot_valid``)."""
+    return unroll_from_anchors(
+        drafter, features, batch.input_ids, batch.anchors, batch.num_slots, batch.proposed
+    )
 
 
 # -- targets, loss and the on-policy check ------------------------------------------------------
@@ -317,4 +338,5 @@ __all__ = [
     "replay_loss",
     "replay_parity",
     "replay_targets",
+    "unroll_from_anchors",
 ]

@@ -1,7 +1,10 @@
 """Rollouts for Draft-OPD: target-assisted speculative decoding with recording on.
 
-This is the rollout worker's job (DESIGN.md §1): the same engine as inference, one
-``RolloutRecord`` (DESIGN.md §3) per sequence.
+This is the rollout worker's job (DESIGN.md §1): one ``RolloutRecord`` (DESIGN.md §3) per sequence.
+Two modes write the same records:
+- ``engine``: the inference engine itself, one sequence at a time (any temperature);
+- ``batched``: greedy only; the batched passes of ``greedy_rollouts`` (a test checks that its
+  records equal the engine's).
 """
 
 from __future__ import annotations
@@ -14,6 +17,16 @@ from draftopd.speculative.engine import DecodeEngine
 from draftopd.speculative.proposers import Eagle3Proposer
 from draftopd.speculative.records import RolloutRecord
 from draftopd.speculative.sampling import SamplingParams
+from draftopd.training.greedy_rollouts import batched_greedy_rollouts
+
+ROLLOUT_MODES = ("engine", "batched")
+
+
+def check_rollout_mode(mode: str, temperature: float) -> None:
+    if mode not in ROLLOUT_MODES:
+        raise ValueError(f"rollout mode {mode!r}; allowed: {', '.join(ROLLOUT_MODES)}")
+    if mode == "batched" and temperature != 0:
+        raise ValueError("batched rollouts are greedy only: use temperature 0 or mode 'engine'")
 
 
 def make_rollouts(
@@ -28,8 +41,23 @@ def make_rollouts(
     seeds: Sequence[int] | None = None,
     job_id: str = "local",
     drafter_version: str = "0",
+    mode: str = "engine",
+    batch_size: int = 8,
 ) -> list[RolloutRecord]:
-    """Speculative decoding of each prompt with recording on: one record per sequence."""
+    """Speculative decoding of each prompt with recording on: one record per sequence.
+    ``batch_size`` is used by the batched mode only."""
+    check_rollout_mode(mode, temperature)
+    if mode == "batched":
+        return batched_greedy_rollouts(
+            target,
+            drafter,
+            prompts,
+            num_draft_tokens=num_draft_tokens,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            job_id=job_id,
+            drafter_version=drafter_version,
+        )
     engine = DecodeEngine(target, num_draft_tokens=num_draft_tokens)
     was_training = drafter.training
     drafter.eval()
@@ -72,4 +100,4 @@ def rollout_tau(records: Sequence[RolloutRecord]) -> float:
     return sum(len(r.response_ids) for r in records) / cycles if cycles else 0.0
 
 
-__all__ = ["fresh_records", "make_rollouts", "rollout_tau"]
+__all__ = ["ROLLOUT_MODES", "check_rollout_mode", "fresh_records", "make_rollouts", "rollout_tau"]

@@ -27,9 +27,7 @@ def http(live_server: LiveServer) -> Iterator[httpx.Client]:
         yield client
 
 
-def test_six_concurrent_greedy_requests(
-    live_server: LiveServer, reference: Reference
-) -> None:
+def test_six_concurrent_greedy_requests(live_server: LiveServer, reference: Reference) -> None:
     jobs = [(PROMPTS[i], METHODS[i % 3], 16 + 4 * i) for i in range(6)]
 
     def call(job: tuple[str, str, int]) -> dict:
@@ -76,19 +74,25 @@ def _wait_for(condition: Callable[[], bool], seconds: float = 30) -> bool:
 
 def test_disconnect_stops_the_generation(http: httpx.Client, live_server: LiveServer) -> None:
     limit = 2000
-    body = {"prompt": PROMPTS[0], "max_new_tokens": limit, "ignore_eos": True, "stream": True,
-            "speculative": {"method": "none"}}
+    body = {
+        "prompt": PROMPTS[0],
+        "max_new_tokens": limit,
+        "ignore_eos": True,
+        "stream": True,
+        "speculative": {"method": "none"},
+    }
     before = metric_samples(http.get("/metrics").text)
 
     def cancelled() -> float:
         samples = metric_samples(http.get("/metrics").text)
-        return metric(samples, "draftopd_requests_total", endpoint="/generate",
-                      outcome="cancelled") - metric(before, "draftopd_requests_total",
-                                                    endpoint="/generate", outcome="cancelled")
+        return metric(
+            samples, "draftopd_requests_total", endpoint="/generate", outcome="cancelled"
+        ) - metric(before, "draftopd_requests_total", endpoint="/generate", outcome="cancelled")
 
-    with httpx.Client(base_url=live_server.base_url, timeout=60) as client, client.stream(
-        "POST", "/generate", json=body
-    ) as response:
+    with (
+        httpx.Client(base_url=live_server.base_url, timeout=60) as client,
+        client.stream("POST", "/generate", json=body) as response,
+    ):
         assert response.status_code == 200
         received = 0
         for line in response.iter_lines():
@@ -112,8 +116,12 @@ def test_disconnect_stops_the_generation(http: httpx.Client, live_server: LiveSe
 def test_disconnect_while_waiting_for_a_json_response(
     http: httpx.Client, live_server: LiveServer
 ) -> None:
-    body = {"prompt": PROMPTS[1], "max_tokens": 2000, "ignore_eos": True,
-            "speculative": {"method": "none"}}
+    body = {
+        "prompt": PROMPTS[1],
+        "max_tokens": 2000,
+        "ignore_eos": True,
+        "speculative": {"method": "none"},
+    }
     before = metric_samples(http.get("/metrics").text)
 
     def moved(name: str, **labels: str) -> float:
@@ -123,7 +131,8 @@ def test_disconnect_while_waiting_for_a_json_response(
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
         httpx.post(f"{live_server.base_url}/v1/completions", json=body, timeout=0.3)
     assert _wait_for(
-        lambda: moved("draftopd_requests_total", endpoint="/v1/completions", outcome="cancelled")
-        == 1
+        lambda: (
+            moved("draftopd_requests_total", endpoint="/v1/completions", outcome="cancelled") == 1
+        )
     ), "the server did not stop the generation"
     assert moved("draftopd_generated_tokens_total", drafter_version="none") < 2000

@@ -94,8 +94,14 @@ def test_stop_string_cuts_the_text(client: TestClient, reference: Reference) -> 
 
 
 def test_seeded_sampling_is_reproducible(client: TestClient) -> None:
-    body = {"prompt": PROMPTS[0], "max_new_tokens": 16, "temperature": 0.9, "top_p": 0.95,
-            "top_k": 50, "seed": 1234}
+    body = {
+        "prompt": PROMPTS[0],
+        "max_new_tokens": 16,
+        "temperature": 0.9,
+        "top_p": 0.95,
+        "top_k": 50,
+        "seed": 1234,
+    }
     first = client.post("/generate", json=body).json()
     second = client.post("/generate", json=body).json()
     assert first["token_ids"] == second["token_ids"]
@@ -151,7 +157,9 @@ def test_a_running_request_keeps_its_drafter_across_a_swap(
     original = service.drafter
     body = {"prompt": PROMPTS[4], "max_new_tokens": 30, "stream": True}
     swapped = ServedDrafter(
-        drafter=random_drafter_for(service.target, seed=5), version="random:5", path=None,
+        drafter=random_drafter_for(service.target, seed=5),
+        version="random:5",
+        path=None,
         provenance={},
     )
     try:

@@ -52,13 +52,17 @@ def test_completions_greedy_streamed_and_not(
     assert done.usage.completion_tokens == len(expected)
     assert done.usage.prompt_tokens == len(reference.prompt_ids(prompt))
     extras = done.model_extra or {}
-    assert extras["drafter_version"] == {"eagle3": "random:0", "ngram": "ngram", "none": None}[
-        method
-    ]
+    assert (
+        extras["drafter_version"] == {"eagle3": "random:0", "ngram": "ngram", "none": None}[method]
+    )
 
     chunks = list(
         oai.completions.create(
-            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+            model=model,
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
             extra_body=extra,
         )
     )
@@ -84,15 +88,11 @@ def test_completions_accept_token_ids(oai: openai.OpenAI, model: str, reference:
     assert done.choices[0].text == reference.decode(reference.greedy(ids, 10))
 
 
-def test_chat_greedy_streamed_and_not(
-    oai: openai.OpenAI, model: str, reference: Reference
-) -> None:
+def test_chat_greedy_streamed_and_not(oai: openai.OpenAI, model: str, reference: Reference) -> None:
     messages: list[ChatCompletionMessageParam] = [
         {"role": "user", "content": "write a poem about the sea"}
     ]
-    done = oai.chat.completions.create(
-        model=model, messages=messages, max_tokens=24, temperature=0
-    )
+    done = oai.chat.completions.create(model=model, messages=messages, max_tokens=24, temperature=0)
     plain = [{"role": "user", "content": "write a poem about the sea"}]
     expected = reference.greedy(reference.chat_ids(plain), 24)
     assert done.object == "chat.completion"
@@ -104,8 +104,12 @@ def test_chat_greedy_streamed_and_not(
     assert (done.model_extra or {})["drafter_version"] == "random:0"
 
     stream = oai.chat.completions.create(
-        model=model, messages=messages, max_tokens=24, temperature=0,
-        stream=True, stream_options={"include_usage": True},
+        model=model,
+        messages=messages,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
@@ -126,7 +130,12 @@ def test_chat_seeded_sampling_matches_between_stream_and_not(
 
     def create(stream: bool) -> Any:
         return oai.chat.completions.create(
-            model=model, messages=messages, max_tokens=32, seed=7, temperature=1.0, top_p=0.9,
+            model=model,
+            messages=messages,
+            max_tokens=32,
+            seed=7,
+            temperature=1.0,
+            top_p=0.9,
             stream=stream,
         )
 
@@ -137,9 +146,7 @@ def test_chat_seeded_sampling_matches_between_stream_and_not(
 
 def test_chat_n_above_one_is_refused(oai: openai.OpenAI, model: str) -> None:
     with pytest.raises(openai.UnprocessableEntityError) as info:
-        oai.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "hi"}], n=2
-        )
+        oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], n=2)
     body = info.value.body
     assert isinstance(body, dict)
     assert body["detail"][0]["loc"] == ["body", "n"]

@@ -116,9 +116,7 @@ def test_metrics_move_with_a_request(client: TestClient) -> None:
     before = metric_samples(client.get("/metrics").text)
     body = {"prompt": PROMPTS[0] * 2, "max_new_tokens": 20, "speculative": {"method": "eagle3"}}
     data = client.post("/generate", json=body).json()
-    ngram = client.post(
-        "/generate", json={**body, "speculative": {"method": "ngram"}}
-    ).json()
+    ngram = client.post("/generate", json={**body, "speculative": {"method": "ngram"}}).json()
     after = metric_samples(client.get("/metrics").text)
 
     def moved(name: str, **labels: str) -> float:
@@ -127,19 +125,25 @@ def test_metrics_move_with_a_request(client: TestClient) -> None:
     for version, response in (("random:0", data), ("ngram", ngram)):
         spec = response["speculative"]
         assert moved("draftopd_spec_drafts_total", drafter_version=version) == spec["drafts"]
-        assert moved("draftopd_spec_draft_tokens_total", drafter_version=version) == spec[
-            "draft_tokens"
-        ]
-        assert moved("draftopd_spec_accepted_tokens_total", drafter_version=version) == spec[
-            "accepted_tokens"
-        ]
+        assert (
+            moved("draftopd_spec_draft_tokens_total", drafter_version=version)
+            == spec["draft_tokens"]
+        )
+        assert (
+            moved("draftopd_spec_accepted_tokens_total", drafter_version=version)
+            == spec["accepted_tokens"]
+        )
         assert moved("draftopd_spec_cycles_total", drafter_version=version) == spec["cycles"]
         assert moved("draftopd_generated_tokens_total", drafter_version=version) == 20
         for position, accepted in enumerate(spec["accepted_by_position"], start=1):
-            assert moved(
-                "draftopd_spec_accepted_by_position_total",
-                drafter_version=version, position=str(position),
-            ) == accepted
+            assert (
+                moved(
+                    "draftopd_spec_accepted_by_position_total",
+                    drafter_version=version,
+                    position=str(position),
+                )
+                == accepted
+            )
     assert data["speculative"]["drafts"] > 0 and ngram["speculative"]["draft_tokens"] > 0
     assert ngram["speculative"]["accepted_tokens"] > 0  # the repeated prompt gives lookups
     assert moved("draftopd_request_latency_seconds_count", endpoint="/generate") == 2
@@ -150,8 +154,15 @@ def test_metrics_move_with_a_request(client: TestClient) -> None:
 
 def test_openapi_documents_every_endpoint(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
-    for path in ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/models",
-                 "/health", "/metrics", "/drafter"):
+    for path in (
+        "/generate",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/health",
+        "/metrics",
+        "/drafter",
+    ):
         assert path in paths
 
 

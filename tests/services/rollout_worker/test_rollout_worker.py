@@ -149,11 +149,35 @@ def test_a_request_that_keeps_failing_goes_to_the_dead_letters(
     assert client.xlen("draftopd:rollout-requests") == 0 and _records(client) == []
 
 
+def test_a_batched_request_writes_the_engines_records(
+    redis_url: str, tiny_target: TargetModel, drafter_dirs: list[Path]
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    engine, batched = _request(0, drafter_dirs[0], prompts=3), _request(1, drafter_dirs[0])
+    batched = RolloutRequest(**{**vars(batched), "prompts": engine.prompts, "mode": "batched"})
+    sampled = RolloutRequest(**{**vars(batched), "request_id": "r2", "temperature": 1.0})
+    enqueue(client, [engine, batched, sampled])
+    worker = _worker(client, tiny_target, "w")
+    while worker.run_once():
+        pass
+    records = _records(client)
+    by_request = {r: [x for x in records if x.extra["request_id"] == r] for r in ("r0", "r1")}
+    assert [len(v) for v in by_request.values()] == [3, 3]
+    for a, b in zip(by_request["r0"], by_request["r1"], strict=True):
+        assert a.response_ids == b.response_ids
+        assert [(x.anchor, x.proposed, x.accepted, x.committed) for x in a.cycles] == [
+            (y.anchor, y.proposed, y.accepted, y.committed) for y in b.cycles
+        ]
+    assert worker.stats.failures == 1 and "greedy only" in (worker.stats.last_error or "")
+
+
 def test_requests_are_validated() -> None:
     with pytest.raises(ValueError, match="non-empty prompts"):
         RolloutRequest("j", "r", "0", "/x", prompts=[])
     with pytest.raises(ValueError, match="2 seeds for 1 prompts"):
         RolloutRequest("j", "r", "0", "/x", prompts=[[1]], seeds=[1, 2])
+    with pytest.raises(ValueError, match="rollout mode 'fast'"):
+        RolloutRequest("j", "r", "0", "/x", prompts=[[1]], mode="fast")
 
 
 def test_health_and_metrics(

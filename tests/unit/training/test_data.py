@@ -181,6 +181,8 @@ def test_resume_skips_completed_prompts(
     assert not list(part.glob("*.tmp"))
     assert by_id(part) == by_id(tmp_path / "full")
     assert read_manifest(part)["samples"] == 10
+    # every shard keeps the target's generation seconds across the resumes
+    assert all(s["generate_s"] > 0 for s in read_manifest(part)["shards"])
 
     counter.rows = 0  # a third run finds nothing to do
     again = regenerate(tiny_target, prompts, part, **kwargs)

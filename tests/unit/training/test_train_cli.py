@@ -254,7 +254,7 @@ def test_continued_sft_and_train_opd_start_from_the_sft_checkpoint(
         "--drafter", str(start), "--out", str(opd), "--skip", "8", "--heldout", "3",
         "--steps", "2", "--prompts-per-step", "2", "--num-draft-tokens", "3",
         "--max-new-tokens", "8", "--eval-every", "0", "--eval-max-new-tokens", "8",
-        "--lambda-b", "0.5", "--threads", "1", "--no-progress",
+        "--lambda-b", "0.5", "--rollout-mode", "batched", "--threads", "1", "--no-progress",
     ]  # fmt: skip
     assert main(opd_argv) == 0
     assert (
@@ -271,6 +271,26 @@ def test_continued_sft_and_train_opd_start_from_the_sft_checkpoint(
     assert "stream_b_loss must be one of" in capsys.readouterr().err
     assert _exit_code(["train", "opd", "--out", str(opd), "--drafter", str(tmp_path / "nope")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+    assert _exit_code([*opd_argv, "--temperature", "0.7"]) == 2
+    assert "batched rollouts are greedy only" in capsys.readouterr().err
+
+    tau_argv = [
+        "train", "tau", "--run", f"opd={opd}", "--run", f"sft={more}", "--init", str(start),
+        "--target", str(tiny_target_dir), "--prompts", str(prompts_file), "--limit", "3",
+        "--max-new-tokens", "8", "--num-draft-tokens", "3", "--json", str(tmp_path / "t.json"),
+    ]  # fmt: skip
+    assert main(tau_argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[:2] for line in printed] == [
+        [run, f"step {step}"] for run in ("opd", "sft") for step in (0, 2)
+    ]
+    scored = json.loads((tmp_path / "t.json").read_text())
+    assert scored["opd"][0]["tau"] == scored["sft"][0]["tau"]  # both start at the same checkpoint
+    assert scored["sft"][1]["elapsed_s"] > _metrics(more)[-1]["elapsed_s"]  # data time included
+    png = tmp_path / "tau.png"
+    compare = ["train", "compare", "--png", str(png), "--run", f"opd={opd / 'tau_eval.jsonl'}"]
+    assert main([*compare, "--run", f"sft={more / 'tau_eval.jsonl'}"]) == 0
+    assert png.read_bytes()[:8] == PNG_MAGIC
 
 
 def test_train_compare_draws_both_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
