@@ -14,12 +14,11 @@ import redis
 from draftopd.models.checkpoint import load_drafter
 from draftopd.models.eagle3 import Eagle3Drafter
 from draftopd.models.target import TargetModel
-from draftopd.rollout_queue import RolloutRequest, next_request, publish
+from draftopd.rollout_queue import DEAD_LETTER_STREAM, RolloutRequest, next_request, publish
 from draftopd.training.rollouts import make_rollouts
 
 logger = logging.getLogger(__name__)
 
-DEAD_LETTER_STREAM = "draftopd:rollout-requests:dead"
 FAILURES_KEY = "draftopd:rollout-requests:failures"  # entry id -> failed attempts
 
 

@@ -25,6 +25,7 @@ from draftopd.speculative.records import RolloutRecord, stream_key
 
 REQUEST_STREAM = "draftopd:rollout-requests"
 WORKER_GROUP = "rollout-workers"
+DEAD_LETTER_STREAM = "draftopd:rollout-requests:dead"  # requests that failed max_attempts times
 DEFAULT_MAXLEN = 10_000
 
 _PUBLISH = """
@@ -73,6 +74,23 @@ class RolloutRequest:
     def from_fields(cls, fields: dict[Any, Any]) -> RolloutRequest:
         norm = {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()}
         return cls(**msgpack.unpackb(norm["data"], raw=False))
+
+
+def dead_letters(
+    client: redis.Redis, job_id: str, request_prefix: str = "", *, scan: int = 1_000
+) -> list[dict[str, str]]:
+    """Dead-lettered requests of ``job_id`` whose id starts with ``request_prefix`` (among the
+    newest ``scan`` entries): dicts with ``request_id`` and ``error``."""
+    entries: Any = client.xrevrange(DEAD_LETTER_STREAM, count=scan)
+    found = []
+    for _, fields in entries:
+        row = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in fields.items()
+        }
+        if row.get("job_id") == job_id and row.get("request_id", "").startswith(request_prefix):
+            found.append(row)
+    return found
 
 
 def ensure_group(client: redis.Redis, stream: str, group: str) -> None:

@@ -32,7 +32,7 @@ import redis
 
 from draftopd.models.checkpoint import save_drafter
 from draftopd.models.eagle3 import Eagle3Drafter
-from draftopd.rollout_queue import RolloutRequest, enqueue, ensure_group
+from draftopd.rollout_queue import RolloutRequest, dead_letters, enqueue, ensure_group
 from draftopd.speculative.records import RolloutRecord, stream_key
 from draftopd.training.opd import OPDConfig
 
@@ -159,6 +159,8 @@ class RedisRollouts:
             if cursor != ">" and not entries:
                 cursor = ">"
                 continue
+            if not entries:
+                self._check_dead_letters(step)
             for raw_id, fields in entries:
                 entry_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
                 if cursor != ">":
@@ -180,6 +182,15 @@ class RedisRollouts:
         order = sorted(kept)
         self._pending_ids = [kept[k][0] for k in order]
         return [kept[k][1] for k in order]
+
+    def _check_dead_letters(self, step: int) -> None:
+        """Fail the step at once when a worker gave up on one of its requests."""
+        dead = dead_letters(self.client, self.job_id, f"s{step}-")
+        if dead:
+            raise RuntimeError(
+                f"step {step}: rollout request {dead[0]['request_id']} failed on the rollout "
+                f"workers: {dead[0].get('error', '?')}"
+            )
 
     def _read(self, entry_id: str) -> RolloutRecord:
         found: Any = self.client.xrange(stream_key(self.job_id), entry_id, entry_id)

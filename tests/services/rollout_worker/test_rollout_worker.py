@@ -16,6 +16,8 @@ from draftopd.models.checkpoint import random_drafter_for, save_drafter
 from draftopd.models.target import TargetModel
 from draftopd.rollout_queue import RolloutRequest, enqueue, next_request, publish
 from draftopd.speculative.records import RolloutRecord, stream_key
+from draftopd.training.opd import OPDConfig
+from draftopd.training.opd_job import RedisRollouts
 from draftopd.training.replay import anchor_plan
 from services.rollout_worker.main import create_app
 from services.rollout_worker.settings import RolloutWorkerSettings
@@ -199,3 +201,35 @@ def test_health_and_metrics(
         text = http.get("/metrics").text
         assert "draftopd_rollout_sequences 2.0" in text
         assert "draftopd_rollout_tokens_per_second" in text and "draftopd_rollout_tau" in text
+
+
+def test_the_trainer_fails_a_step_whose_request_was_dead_lettered(
+    redis_url: str, tiny_target: TargetModel, tmp_path: Path
+) -> None:
+    """The trainer does not wait out its timeout: a dead-lettered request fails the step with
+    the worker's error."""
+    client = redis.Redis.from_url(redis_url)
+    cfg = OPDConfig(total_steps=1, prompts_per_step=2, num_draft_tokens=2, max_new_tokens=4)
+    rollouts = RedisRollouts(client, "job-dead", tmp_path, cfg, timeout_s=120, block_ms=20)
+    drafter = random_drafter_for(tiny_target, seed=0, draft_vocab_size=200)
+    failure: list[BaseException] = []
+
+    def trainer() -> None:
+        try:
+            rollouts.records(0, drafter, [[5, 6, 7], [8, 9, 10]], [0, 1])
+        except (RuntimeError, TimeoutError) as err:
+            failure.append(err)
+
+    thread = threading.Thread(target=trainer)
+    thread.start()
+    while client.xlen("draftopd:rollout-requests") == 0:
+        time.sleep(0.01)
+    (tmp_path / "versions" / "v0" / "model.safetensors").write_bytes(b"not safetensors")
+    worker = _worker(client, tiny_target, "w", claim_idle_ms=1, max_attempts=2)
+    started = time.monotonic()
+    while thread.is_alive() and time.monotonic() - started < 60:
+        worker.run_once()
+        time.sleep(0.01)
+    thread.join(timeout=5)
+    assert len(failure) == 1 and isinstance(failure[0], RuntimeError)
+    assert "rollout request s0-" in str(failure[0]) and "unreadable" in str(failure[0])
