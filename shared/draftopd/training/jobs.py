@@ -1,7 +1,7 @@
-"""Train-job specs (what ``POST /train-jobs`` carries) and the function the trainer runs for one.
+"""The function the trainer runs for one train job (specs: ``draftopd.job_specs``).
 
-A spec is validated with ``extra="forbid"``; its ``mode`` picks SFT (``pipeline.sft_pipeline``) or
-Draft-OPD (``opd_pipeline`` with the rollouts done by the rollout workers, ``opd_job``).
+The spec's ``mode`` picks SFT (``pipeline.sft_pipeline``) or Draft-OPD (``opd_pipeline`` with the
+rollouts done by the rollout workers, ``opd_job``).
 """
 
 from __future__ import annotations
@@ -9,65 +9,26 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
-from draftopd.training.opd import OPDConfig
+from draftopd.job_specs import (
+    DraftOPDJobSpec,
+    JobSpecBase,
+    SFTJobSpec,
+    TrainJobSpec,
+    parse_spec,
+)
+from draftopd.training.configs import OPDConfig, SFTConfig
 from draftopd.training.opd_job import JobStatus, RedisRollouts
 from draftopd.training.opd_pipeline import OPDPipelineConfig, opd_pipeline
 from draftopd.training.pipeline import SFTPipelineConfig, sft_pipeline
-from draftopd.training.sft import SFTConfig
 
 logger = logging.getLogger(__name__)
 
 
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    out_dir: str = Field(description="Run directory on the trainer (checkpoints, metrics).")
-    target: str = "smollm2"
-    prompts: str | None = Field(default=None, description="Prompts JSONL; None = the corpus.")
-    skip: int = Field(default=0, ge=0)
-    limit: int | None = Field(default=None, ge=1)
-    heldout: int = Field(default=8, ge=0)
-    device: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    threads: int | None = Field(default=None, ge=1)
-
-
-class SFTJobSpec(_Spec):
-    mode: Literal["sft"] = "sft"
-    init_from: str | None = None
-    max_new_tokens: int = Field(default=512, ge=1)
-    gen_batch_size: int = Field(default=8, ge=1)
-    temperature: float = Field(default=0.0, ge=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    sft: dict[str, Any] = Field(default_factory=dict, description="SFTConfig fields.")
-
-    @field_validator("sft")
-    @classmethod
-    def _check_sft(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return SFTConfig.from_dict(value).to_dict()
-
-
-class DraftOPDJobSpec(_Spec):
-    mode: Literal["draft_opd"] = "draft_opd"
-    drafter: str = Field(description="Starting checkpoint directory (e.g. the SFT one).")
-    opd: dict[str, Any] = Field(default_factory=dict, description="OPDConfig fields.")
-    requests_per_step: int = Field(default=2, ge=1, description="Rollout requests per step.")
-    rollout_timeout_s: float = Field(default=600.0, gt=0)
-
-    @field_validator("opd")
-    @classmethod
-    def _check_opd(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return OPDConfig.from_dict(value).to_dict()
-
-
 _SFT_ONLY = {"init_from", "max_new_tokens", "gen_batch_size", "temperature", "top_p"}
-TrainJobSpec = Annotated[SFTJobSpec | DraftOPDJobSpec, Field(discriminator="mode")]
-_SPEC: TypeAdapter[SFTJobSpec | DraftOPDJobSpec] = TypeAdapter(TrainJobSpec)
 
 
 def _chain(
@@ -81,11 +42,6 @@ def _chain(
     return both
 
 
-def parse_spec(data: dict[str, Any]) -> SFTJobSpec | DraftOPDJobSpec:
-    """Validate a job spec (raises pydantic.ValidationError with the field's name)."""
-    return _SPEC.validate_python(data)
-
-
 def run_train_job(
     job_id: str,
     data: dict[str, Any],
@@ -97,7 +53,7 @@ def run_train_job(
     also gets every metrics line (the trainer renews its job lock there)."""
     spec = parse_spec(data)
     status = JobStatus(client)
-    common = spec.model_dump(include=set(_Spec.model_fields))
+    common = spec.model_dump(include=set(JobSpecBase.model_fields))
     try:
         if isinstance(spec, SFTJobSpec):
             cfg = SFTPipelineConfig(

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,16 +28,10 @@ from tqdm.auto import tqdm
 from draftopd.models.eagle3 import Eagle3Drafter
 from draftopd.models.target import TargetModel
 from draftopd.speculative.records import RolloutRecord
-from draftopd.training.config_dict import known_fields
-from draftopd.training.opd_loss import OPDLossConfig
+from draftopd.training.configs import OPDConfig
 from draftopd.training.replay import SequencePlan, anchor_plan, random_anchor_plan, replay_loss
-from draftopd.training.rollouts import (
-    check_rollout_mode,
-    fresh_records,
-    make_rollouts,
-    rollout_tau,
-)
-from draftopd.training.schedule import make_adamw, warmup_cosine_lr
+from draftopd.training.rollouts import fresh_records, make_rollouts, rollout_tau
+from draftopd.training.schedule import make_adamw
 from draftopd.training.sft import (
     CHECKPOINT_DIR,
     METRICS_FILE,
@@ -52,77 +46,6 @@ from draftopd.training.sft import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class OPDConfig:
-    lr: float = 3e-4  # peak AdamW learning rate (the paper's)
-    warmup_fraction: float = 0.05
-    total_steps: int = 200  # optimizer steps; the cosine reaches zero here
-    prompts_per_step: int = 8  # rollout sequences per optimizer step (the paper: ~200 on GPUs)
-    num_draft_tokens: int = 5  # K during rollouts
-    max_new_tokens: int = 128  # rollout length
-    temperature: float = 0.0  # rollouts: 0 = greedy (the paper's default)
-    top_p: float = 1.0
-    rollout_mode: str = "engine"  # "engine" (one sequence at a time) or "batched" (greedy only)
-    rollout_batch_size: int = 8  # sequences per batched rollout pass
-    lambda_a: float = 1.0
-    lambda_b: float = 1.0
-    gamma: float = 0.8
-    stream_a_loss: str = "soft_ce"
-    stream_b_loss: str = "k3"
-    random_anchors: bool = False  # ablation: same number of blocks at random positions
-    max_version_lag: int = 0  # records made by older drafter versions are dropped
-    grad_clip: float = 1.0
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    eval_every: int = 25  # held-out tau every N steps (and at step 0 and the end); 0 = end
-    eval_num_draft_tokens: int = 5
-    eval_max_new_tokens: int = 64
-    checkpoint_every: int = 25
-    seed: int = 0  # prompt order, sampled rollouts, random anchors
-
-    def __post_init__(self) -> None:
-        for name in ("total_steps", "prompts_per_step", "num_draft_tokens", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "max_version_lag", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("need lr > 0, temperature >= 0 and top_p in (0, 1]")
-        check_rollout_mode(self.rollout_mode, self.temperature)
-        if self.rollout_batch_size < 1:
-            raise ValueError(f"rollout_batch_size must be >= 1, got {self.rollout_batch_size}")
-        _ = self.loss_config  # validates the loss fields
-
-    @property
-    def loss_config(self) -> OPDLossConfig:
-        return OPDLossConfig(
-            lambda_a=self.lambda_a,
-            lambda_b=self.lambda_b,
-            gamma=self.gamma,
-            stream_a_loss=self.stream_a_loss,
-            stream_b_loss=self.stream_b_loss,
-        )
-
-    def lr_at(self, step: int) -> float:
-        warmup = round(self.warmup_fraction * self.total_steps)
-        return warmup_cosine_lr(
-            step, peak_lr=self.lr, warmup_steps=warmup, total_steps=self.total_steps
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["betas"] = list(self.betas)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> OPDConfig:
-        values = known_fields(cls, data)
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
-        return cls(**values)
 
 
 # -- the trainer's side ---------------------------------------------------------------------------

@@ -24,31 +24,7 @@ from typing import Any
 
 import torch
 
-STREAM_A_LOSSES = ("soft_ce", "bernoulli_fkl")
-STREAM_B_LOSSES = ("k3", "bernoulli_fkl")
-
-
-@dataclass(frozen=True)
-class OPDLossConfig:
-    lambda_a: float = 1.0
-    lambda_b: float = 1.0
-    gamma: float = 0.8
-    stream_a_loss: str = "soft_ce"
-    stream_b_loss: str = "k3"
-    clip: float = 10.0
-    logprob_floor: float = -10.0
-
-    def __post_init__(self) -> None:
-        if self.stream_a_loss not in STREAM_A_LOSSES:
-            raise ValueError(f"stream_a_loss must be one of {STREAM_A_LOSSES}")
-        if self.stream_b_loss not in STREAM_B_LOSSES:
-            raise ValueError(f"stream_b_loss must be one of {STREAM_B_LOSSES}")
-        if self.lambda_a < 0 or self.lambda_b < 0 or self.lambda_a + self.lambda_b == 0:
-            raise ValueError("lambda_a and lambda_b must be >= 0 and not both 0")
-        if not 0 < self.gamma <= 1:
-            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
-        if self.clip <= 0 or self.logprob_floor >= 0:
-            raise ValueError("clip must be > 0 and logprob_floor < 0")
+from draftopd.training.configs import STREAM_A_LOSSES, STREAM_B_LOSSES, OPDLossConfig
 
 
 def _floor(logprob: torch.Tensor, floor: float) -> torch.Tensor:

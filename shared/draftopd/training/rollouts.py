@@ -17,16 +17,8 @@ from draftopd.speculative.engine import DecodeEngine
 from draftopd.speculative.proposers import Eagle3Proposer
 from draftopd.speculative.records import RolloutRecord
 from draftopd.speculative.sampling import SamplingParams
+from draftopd.training.configs import ROLLOUT_MODES, check_rollout_mode
 from draftopd.training.greedy_rollouts import batched_greedy_rollouts
-
-ROLLOUT_MODES = ("engine", "batched")
-
-
-def check_rollout_mode(mode: str, temperature: float) -> None:
-    if mode not in ROLLOUT_MODES:
-        raise ValueError(f"rollout mode {mode!r}; allowed: {', '.join(ROLLOUT_MODES)}")
-    if mode == "batched" and temperature != 0:
-        raise ValueError("batched rollouts are greedy only: use temperature 0 or mode 'engine'")
 
 
 def make_rollouts(

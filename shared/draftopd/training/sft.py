@@ -31,7 +31,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +52,9 @@ from draftopd.prompts import load_prompts, render_prompt
 from draftopd.speculative.engine import DecodeEngine
 from draftopd.speculative.proposers import Eagle3Proposer
 from draftopd.speculative.sampling import SamplingParams
-from draftopd.training.config_dict import known_fields
+from draftopd.training.configs import SFTConfig
 from draftopd.training.data import Sample, collate, iter_samples, target_features
-from draftopd.training.schedule import make_adamw, warmup_cosine_lr
+from draftopd.training.schedule import make_adamw
 from draftopd.training.ttt import ttt_unroll
 
 logger = logging.getLogger(__name__)
@@ -69,66 +69,6 @@ _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _RESUMABLE_CHANGES = frozenset(
     {"eval_every", "eval_num_draft_tokens", "eval_max_new_tokens", "checkpoint_every"}
 )
-
-
-@dataclass(frozen=True)
-class SFTConfig:
-    lr: float = 3e-4  # peak AdamW learning rate
-    warmup_fraction: float = 0.05  # share of total_steps in linear warmup (if warmup_steps unset)
-    warmup_steps: int | None = None  # explicit warmup length; overrides warmup_fraction
-    total_steps: int = 2000  # optimizer steps; the cosine reaches zero here
-    batch_size: int = 8  # sequences per optimizer step
-    max_seq_len: int = 1024  # prompt + response tokens kept per sequence (cut on the right)
-    ttt_steps: int = 7  # training-time-test unroll length S
-    step_decay: float = 0.8  # loss weight of unroll step j is step_decay ** j
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    weight_decay: float = 0.0  # AdamW decoupled weight decay on matrices (norms exempt)
-    betas: tuple[float, float] = (0.9, 0.95)  # AdamW moment decay rates
-    draft_vocab_size: int = 32000  # Vd, the most frequent response tokens (capped at V)
-    eval_every: int = 100  # held-out tau every N steps, at step 0 and at the end; 0 = only end
-    eval_num_draft_tokens: int = 5  # K drafts per cycle when measuring held-out tau
-    eval_max_new_tokens: int = 64  # tokens generated per held-out prompt
-    checkpoint_every: int = 100  # resumable checkpoint every N steps (and at the end); 0 = end
-    seed: int = 0  # drafter initialisation and data order
-
-    def __post_init__(self) -> None:
-        positive = ("total_steps", "batch_size", "max_seq_len", "ttt_steps", "draft_vocab_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0 or not 0 < self.step_decay <= 1 or not 0 <= self.warmup_fraction <= 1:
-            raise ValueError(
-                f"need lr > 0, step_decay in (0, 1], warmup_fraction in [0, 1]; got "
-                f"{self.lr}, {self.step_decay}, {self.warmup_fraction}"
-            )
-        if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"warmup_steps must be in [0, {self.total_steps}]")
-
-    @property
-    def warmup(self) -> int:
-        if self.warmup_steps is not None:
-            return self.warmup_steps
-        return round(self.warmup_fraction * self.total_steps)
-
-    def lr_at(self, step: int) -> float:
-        return warmup_cosine_lr(
-            step, peak_lr=self.lr, warmup_steps=self.warmup, total_steps=self.total_steps
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["betas"] = list(self.betas)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SFTConfig:
-        values = known_fields(cls, data)
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
-        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import redis
 from pydantic import ValidationError
 
-from draftopd.training.jobs import DraftOPDJobSpec, SFTJobSpec, parse_spec, run_train_job
+from draftopd.job_specs import DraftOPDJobSpec, SFTJobSpec, parse_spec
+from draftopd.training.jobs import run_train_job
 from draftopd.training.opd_job import JobStatus
 
 
@@ -26,6 +29,19 @@ def test_specs_are_validated_strictly() -> None:
         parse_spec({"mode": "medusa", "out_dir": "a"})
     with pytest.raises(ValidationError, match="drafter"):
         parse_spec({"mode": "draft_opd", "out_dir": "a"})
+
+
+def test_specs_and_configs_validate_without_torch() -> None:
+    """The registry validates specs in a torch-free image: importing them must not pull torch."""
+    code = (
+        "import sys; from draftopd.job_specs import parse_spec; "
+        "spec = parse_spec({'mode': 'draft_opd', 'out_dir': 'o', 'drafter': 'd', "
+        "'opd': {'rollout_mode': 'batched', 'total_steps': 3}}); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; "
+        "print(spec.opd['rollout_mode'], spec.opd['total_steps'], spec.opd['lr'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["batched", "3", "0.0003"]
 
 
 def test_an_sft_job_reports_progress_and_success(
