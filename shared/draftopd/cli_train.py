@@ -186,8 +186,8 @@ def _add_train_sft(stages: Subparsers) -> None:
 
 
 def _run_train_sft_command(args: argparse.Namespace) -> int:
+    from draftopd.training.configs import SFTConfig
     from draftopd.training.pipeline import SFTPipelineConfig, sft_pipeline
-    from draftopd.training.sft import SFTConfig
 
     config = SFTPipelineConfig(
         out_dir=args.out,
@@ -263,7 +263,7 @@ def _add_train_opd(stages: Subparsers) -> None:
 
 
 def _run_train_opd_command(args: argparse.Namespace) -> int:
-    from draftopd.training.opd import OPDConfig
+    from draftopd.training.configs import OPDConfig
     from draftopd.training.opd_pipeline import OPDPipelineConfig, opd_pipeline
 
     config = OPDPipelineConfig(

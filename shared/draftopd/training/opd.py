@@ -31,19 +31,18 @@ from draftopd.speculative.records import RolloutRecord
 from draftopd.training.configs import OPDConfig
 from draftopd.training.replay import SequencePlan, anchor_plan, random_anchor_plan, replay_loss
 from draftopd.training.rollouts import fresh_records, make_rollouts, rollout_tau
-from draftopd.training.schedule import make_adamw
-from draftopd.training.sft import (
+from draftopd.training.run_state import (
     CHECKPOINT_DIR,
     METRICS_FILE,
     STATE_FILE,
-    batch_indices,
-    heldout_tau,
     latest_checkpoint,
     load_training_state,
     resume_drafter,
     save_training_checkpoint,
     truncate_metrics,
 )
+from draftopd.training.schedule import make_adamw
+from draftopd.training.sft import batch_indices, heldout_tau
 
 logger = logging.getLogger(__name__)
 

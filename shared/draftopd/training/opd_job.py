@@ -34,7 +34,7 @@ from draftopd.models.checkpoint import save_drafter
 from draftopd.models.eagle3 import Eagle3Drafter
 from draftopd.rollout_queue import RolloutRequest, dead_letters, enqueue, ensure_group
 from draftopd.speculative.records import RolloutRecord, stream_key
-from draftopd.training.opd import OPDConfig
+from draftopd.training.configs import OPDConfig
 
 logger = logging.getLogger(__name__)
 

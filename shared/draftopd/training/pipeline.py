@@ -35,9 +35,11 @@ from draftopd.models.checkpoint import load_drafter
 from draftopd.models.target import DEFAULT_TARGET, TargetModel, load_target
 from draftopd.prompts import Prompt, render_prompt
 from draftopd.training.config_dict import known_fields
+from draftopd.training.configs import SFTConfig
 from draftopd.training.corpus import load_training_prompts
 from draftopd.training.data import MANIFEST, RegenStats, regenerate
-from draftopd.training.sft import SFTConfig, latest_checkpoint, train_sft
+from draftopd.training.run_state import latest_checkpoint
+from draftopd.training.sft import train_sft
 
 logger = logging.getLogger(__name__)
 

@@ -26,9 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import re
-import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -36,15 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from draftopd.models.checkpoint import (
-    WEIGHTS_FILE,
     check_compatible,
-    load_drafter,
     random_drafter_for,
-    save_drafter,
 )
 from draftopd.models.eagle3 import Eagle3Drafter
 from draftopd.models.target import TargetModel, load_target
@@ -54,18 +47,21 @@ from draftopd.speculative.proposers import Eagle3Proposer
 from draftopd.speculative.sampling import SamplingParams
 from draftopd.training.configs import SFTConfig
 from draftopd.training.data import Sample, collate, iter_samples, target_features
+from draftopd.training.run_state import (
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    STATE_FILE,
+    latest_checkpoint,
+    load_training_state,
+    resume_drafter,
+    save_training_checkpoint,
+    truncate_metrics,
+)
 from draftopd.training.schedule import make_adamw
 from draftopd.training.ttt import ttt_unroll
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_DIR = "checkpoints"
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "trainer_state.json"
-STATE_FORMAT = 1
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
-# fields that change neither the weights nor the data order, so a resume may change them
 _RESUMABLE_CHANGES = frozenset(
     {"eval_every", "eval_num_draft_tokens", "eval_max_new_tokens", "checkpoint_every"}
 )
@@ -151,74 +147,6 @@ def heldout_tau(
 # -- checkpoints -----------------------------------------------------------------------------------
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``out_dir/checkpoints`` (None if there is none)."""
-    root = Path(out_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return None
-    done = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
-    return max(done, key=lambda p: p.name, default=None)
-
-
-def save_training_checkpoint(
-    directory: Path,
-    drafter: Eagle3Drafter,
-    optimizer: torch.optim.Optimizer,
-    *,
-    step: int,
-    elapsed_s: float,
-    extra: dict[str, Any],
-    provenance: dict[str, Any],
-) -> Path:
-    """Write drafter + optimizer + trainer state to a temporary sibling, then rename it."""
-    tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_drafter(drafter, tmp, provenance=provenance)
-    state = optimizer.state_dict()
-    tensors = {
-        f"state.{index}.{key}": value.detach().cpu().contiguous()
-        for index, slots in state["state"].items()
-        for key, value in slots.items()
-    }
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_file(tensors, str(tmp / OPTIMIZER_FILE))
-    trainer_state = {
-        "format": STATE_FORMAT,
-        "step": step,
-        "elapsed_s": elapsed_s,
-        "param_groups": state["param_groups"],
-        **extra,
-    }
-    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
-    return directory
-
-
-def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore optimizer moments and RNG from a checkpoint; return its trainer_state.json."""
-    state = json.loads((directory / STATE_FILE).read_text())
-    if state.get("format") != STATE_FORMAT:
-        raise ValueError(
-            f"{directory / STATE_FILE}: format {state.get('format')!r}, supported: {STATE_FORMAT}"
-        )
-    tensors = load_file(str(directory / OPTIMIZER_FILE))
-    slots: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        kind, _, rest = name.partition(".")
-        if kind == "state":
-            index, _, key = rest.partition(".")
-            slots.setdefault(int(index), {})[key] = value
-    groups = [{**g, "betas": tuple(g["betas"])} for g in state["param_groups"]]
-    optimizer.load_state_dict({"state": slots, "param_groups": groups})
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return state
-
-
 def _check_resume(saved: dict[str, Any], cfg: SFTConfig, fingerprint: str, where: Path) -> None:
     """Refuse to resume with another trajectory: changed config fields or other data.
 
@@ -266,14 +194,6 @@ def _initial_drafter(
     drafter = random_drafter_for(target, seed=cfg.seed, draft_vocab_size=size)
     vocab = choose_draft_vocab(samples, vocab_size=target.vocab_size, draft_vocab_size=size)
     drafter.set_draft_vocab(vocab.to(drafter.d2t.device))
-    return drafter
-
-
-def resume_drafter(directory: Path, target: TargetModel) -> Eagle3Drafter:
-    """Load a checkpoint's drafter with its exact float32 weights (not cast to the target's)."""
-    drafter = load_drafter(directory, target).float()
-    tensors = load_file(str(directory / WEIGHTS_FILE), device=str(target.device))
-    drafter.load_state_dict(tensors)
     return drafter
 
 
@@ -392,15 +312,6 @@ def _fingerprint(samples: Sequence[Sample]) -> str:
     return digest.hexdigest()
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint a run resumes from."""
-    if not path.is_file():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
 def _start(
     target: TargetModel,
     samples: list[Sample],
@@ -513,11 +424,6 @@ __all__ = [
     "batch_indices",
     "choose_draft_vocab",
     "heldout_tau",
-    "latest_checkpoint",
-    "load_training_state",
-    "resume_drafter",
     "run_sft",
-    "save_training_checkpoint",
     "train_sft",
-    "truncate_metrics",
 ]

@@ -34,7 +34,7 @@ from draftopd.training.greedy_rollouts import (
     text_features,
     walk_cycles,
 )
-from draftopd.training.sft import CHECKPOINT_DIR, STATE_FILE
+from draftopd.training.run_state import CHECKPOINT_DIR, STATE_FILE
 
 logger = logging.getLogger(__name__)
 

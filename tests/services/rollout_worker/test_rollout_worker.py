@@ -16,7 +16,7 @@ from draftopd.models.checkpoint import random_drafter_for, save_drafter
 from draftopd.models.target import TargetModel
 from draftopd.rollout_queue import RolloutRequest, enqueue, next_request, publish
 from draftopd.speculative.records import RolloutRecord, stream_key
-from draftopd.training.opd import OPDConfig
+from draftopd.training.configs import OPDConfig
 from draftopd.training.opd_job import RedisRollouts
 from draftopd.training.replay import anchor_plan
 from services.rollout_worker.main import create_app

@@ -14,7 +14,7 @@ from draftopd.models.target import TargetModel
 from draftopd.training.data import Sample
 from draftopd.training.opd import OPDConfig, OPDLearner, train_opd
 from draftopd.training.rollouts import fresh_records, make_rollouts
-from draftopd.training.sft import latest_checkpoint
+from draftopd.training.run_state import latest_checkpoint
 
 
 def _cfg(**changes: object) -> OPDConfig:

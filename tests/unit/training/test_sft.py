@@ -12,17 +12,11 @@ import torch
 from draftopd.models.checkpoint import load_drafter
 from draftopd.models.target import TargetModel, load_target
 from draftopd.prompts import load_prompts
+from draftopd.training.configs import SFTConfig
 from draftopd.training.data import Sample, regenerate
+from draftopd.training.run_state import latest_checkpoint
 from draftopd.training.schedule import warmup_cosine_lr
-from draftopd.training.sft import (
-    SFTConfig,
-    batch_indices,
-    choose_draft_vocab,
-    heldout_tau,
-    latest_checkpoint,
-    run_sft,
-    train_sft,
-)
+from draftopd.training.sft import batch_indices, choose_draft_vocab, heldout_tau, run_sft, train_sft
 
 MAX_NEW = 32  # the corpus fixture's response length
 
