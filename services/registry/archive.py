@@ -1,0 +1,167 @@
+"""Checks on an uploaded drafter artifact: a tar (uncompressed or gzip) of a checkpoint directory.
+
+The archive holds the checkpoint's files at its root (``tar -C CHECKPOINT_DIR -cf out.tar .``):
+at least ``model.safetensors`` and ``config.json`` (a JSON object). Only regular files and
+directories with relative names are allowed (no links, devices, absolute paths or ``..``), and no
+pickle: no ``.bin``/``.pt``/``.pth``/``.pkl``/``.pickle``/``.ckpt``/``.joblib`` member, and no
+member whose bytes start like a pickle or a ``torch.save`` zip. The safetensors header is parsed
+to make sure the weights file is what it says. Loading a registry artifact must never run code.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import zlib
+from collections.abc import Iterator
+from pathlib import PurePosixPath
+from typing import IO, Any, BinaryIO
+
+from services.registry.errors import ArtifactTooLargeError, InvalidArtifactError
+
+CHUNK_BYTES = 1 << 20
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+MAX_CONFIG_BYTES = 16 << 20
+MAX_SAFETENSORS_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
+GZIP_MAGIC = b"\x1f\x8b"
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def looks_like_pickle(head: bytes) -> bool:
+    """Pickle protocols 2-5 start with PROTO (0x80) and the protocol number."""
+    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def refuse_pickle_name(name: str) -> None:
+    if name.lower().endswith(PICKLE_SUFFIXES):
+        raise InvalidArtifactError(
+            f"{name!r} looks like a pickle file ({', '.join(PICKLE_SUFFIXES)} are refused); "
+            "upload safetensors weights"
+        )
+
+
+def _refuse_pickle_bytes(head: bytes, what: str) -> None:
+    if looks_like_pickle(head):
+        raise InvalidArtifactError(f"{what} is pickle data; upload safetensors weights")
+    if head.startswith(ZIP_MAGIC):
+        raise InvalidArtifactError(
+            f"{what} is a zip archive (torch.save format?); upload a tar of safetensors weights"
+        )
+
+
+def upload_chunks(stream: BinaryIO, *, max_bytes: int) -> Iterator[bytes]:
+    """The upload in chunks; refuses pickle/zip content at the first chunk and sizes over
+    ``max_bytes`` as soon as they are passed."""
+    total = 0
+    while chunk := stream.read(CHUNK_BYTES):
+        if total == 0:
+            _refuse_pickle_bytes(chunk[:4], "the uploaded file")
+        total += len(chunk)
+        if total > max_bytes:
+            raise ArtifactTooLargeError(f"the artifact is larger than {max_bytes} bytes")
+        yield chunk
+    if total == 0:
+        raise InvalidArtifactError("the uploaded file is empty")
+
+
+def media_type(head: bytes) -> str:
+    return "application/gzip" if head.startswith(GZIP_MAGIC) else "application/x-tar"
+
+
+def member_name(member: tarfile.TarInfo) -> str:
+    """The member's path relative to the archive root ('' for the root itself)."""
+    path = PurePosixPath(member.name)
+    if path.is_absolute() or ".." in path.parts:
+        raise InvalidArtifactError(f"archive member {member.name!r} escapes the checkpoint dir")
+    return "/".join(part for part in path.parts if part != ".")
+
+
+def _check_safetensors(stream: IO[bytes], size: int) -> None:
+    raw = stream.read(8)
+    length = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+    if not 0 < length <= min(size - 8, MAX_SAFETENSORS_HEADER_BYTES):
+        raise InvalidArtifactError(f"{WEIGHTS_FILE} has no valid safetensors header")
+    try:
+        header = json.loads(stream.read(length))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InvalidArtifactError(
+            f"{WEIGHTS_FILE}: unreadable safetensors header ({err})"
+        ) from err
+    if not isinstance(header, dict) or not all(
+        isinstance(v, dict) and "dtype" in v and "data_offsets" in v
+        for k, v in header.items()
+        if k != "__metadata__"
+    ):
+        raise InvalidArtifactError(f"{WEIGHTS_FILE}: the safetensors header is malformed")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InvalidArtifactError(f"{CONFIG_FILE} contains {name}, which JSON does not allow")
+
+
+def _read_config(stream: IO[bytes], size: int) -> dict[str, Any]:
+    if size > MAX_CONFIG_BYTES:
+        raise InvalidArtifactError(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        config = json.loads(stream.read(), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InvalidArtifactError(f"{CONFIG_FILE} is not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise InvalidArtifactError(f"{CONFIG_FILE} must hold a JSON object")
+    return config
+
+
+def _check_member(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> dict[str, Any]:
+    """Checks one regular file; returns the parsed config for ``config.json``, else {}."""
+    refuse_pickle_name(name)
+    stream = tar.extractfile(member)
+    if stream is None:  # only for non-regular members, which the caller has refused
+        raise InvalidArtifactError(f"archive member {name!r} cannot be read")
+    with stream:
+        _refuse_pickle_bytes(stream.read(4), f"archive member {name!r}")
+        stream.seek(0)
+        if name == WEIGHTS_FILE:
+            _check_safetensors(stream, member.size)
+        elif name == CONFIG_FILE:
+            return _read_config(stream, member.size)
+    return {}
+
+
+def _scan(tar: tarfile.TarFile) -> dict[str, Any]:
+    seen: set[str] = set()
+    config: dict[str, Any] | None = None
+    for member in tar:
+        name = member_name(member)
+        if member.isdir():
+            continue
+        if not member.isfile():
+            raise InvalidArtifactError(
+                f"archive member {member.name!r} is not a regular file or directory "
+                "(links and devices are refused)"
+            )
+        if name in seen:
+            raise InvalidArtifactError(f"archive member {name!r} appears twice")
+        seen.add(name)
+        parsed = _check_member(tar, member, name)
+        if name == CONFIG_FILE:
+            config = parsed
+    missing = [n for n in (WEIGHTS_FILE, CONFIG_FILE) if n not in seen]
+    if missing or config is None:
+        raise InvalidArtifactError(
+            f"the archive lacks {', '.join(missing)} at its root; archive the checkpoint "
+            "directory's contents (tar -C CHECKPOINT_DIR -cf out.tar .)"
+        )
+    return config
+
+
+def inspect_checkpoint_archive(fileobj: BinaryIO) -> dict[str, Any]:
+    """Validate the archive (see the module docstring); returns its parsed ``config.json``."""
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r:*") as tar:
+            return _scan(tar)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+        raise InvalidArtifactError(
+            f"not a readable tar archive (uncompressed or gzip): {err}"
+        ) from err

@@ -1,0 +1,234 @@
+"""Wire models of the registry API (DESIGN.md §4) and their construction from table rows."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Literal, cast
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from draftopd.job_specs import TrainJobSpec
+from services.registry.models import Alias, Drafter, Metric, TrainJob, Version
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+ALIAS_PATTERN = r"^[A-Za-z][A-Za-z0-9._-]{0,63}$"
+Architecture = Literal["eagle3", "dflash"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+MAX_INT = 2**31 - 1  # integer columns are 32-bit on Postgres
+
+
+def artifact_url(base_url: str, drafter: str, version: int) -> str:
+    return f"{base_url}/drafters/{drafter}/versions/{version}/artifact"
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DrafterCreate(_Request):
+    name: str = Field(
+        pattern=NAME_PATTERN, description="Unique; letters, digits, '.', '_', '-' (<= 128)."
+    )
+    target_model: str = Field(min_length=1, max_length=512, description="Target id or path.")
+    architecture: Architecture = "eagle3"
+    description: str = Field(default="", max_length=4000)
+
+
+class DrafterOut(BaseModel):
+    name: str
+    target_model: str
+    architecture: str
+    description: str
+    created_at: datetime
+    latest_version: int | None = Field(description="Highest version number; None: no versions.")
+    aliases: dict[str, int] = Field(description="Alias name -> version number.")
+
+    @classmethod
+    def from_row(cls, row: Drafter) -> DrafterOut:
+        return cls(
+            name=row.name,
+            target_model=row.target_model,
+            architecture=row.architecture,
+            description=row.description,
+            created_at=row.created_at,
+            latest_version=row.versions[-1].number if row.versions else None,
+            aliases={alias.name: alias.version.number for alias in row.aliases},
+        )
+
+
+class VersionOut(BaseModel):
+    drafter: str
+    version: int = Field(description="1, 2, 3, ... per drafter.")
+    sha256: str = Field(description="Hex sha256 of the artifact bytes.")
+    size_bytes: int
+    parent_version: int | None
+    job_id: str | None = Field(description="The train job that produced it, if any.")
+    step: int | None = Field(description="The job's optimizer step at this checkpoint.")
+    config: dict[str, Any] = Field(description="The checkpoint's config.json.")
+    artifact_url: str = Field(description="GET it for the tar archive.")
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Version, base_url: str) -> VersionOut:
+        return cls(
+            drafter=row.drafter.name,
+            version=row.number,
+            sha256=row.sha256,
+            size_bytes=row.size_bytes,
+            parent_version=row.parent.number if row.parent is not None else None,
+            job_id=row.job_id,
+            step=row.step,
+            config=row.config,
+            artifact_url=artifact_url(base_url, row.drafter.name, row.number),
+            created_at=row.created_at,
+        )
+
+
+class MetricCreate(_Request):
+    benchmark: str = Field(min_length=1, max_length=256, description="e.g. 'mt-bench'.")
+    temperature: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    tau: float = Field(ge=0, allow_inf_nan=False, description="Committed tokens per cycle.")
+    speedup: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="Baseline s / speculative s."
+    )
+    tokens_per_s: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    hardware: str = Field(default="", max_length=256)
+    extra: dict[str, Any] = Field(default_factory=dict, description="Anything else (JSON).")
+
+    @field_validator("extra")
+    @classmethod
+    def _strict_json(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            json.dumps(value, allow_nan=False)
+        except ValueError as err:
+            raise ValueError(f"extra must be plain JSON without NaN/Infinity ({err})") from err
+        return value
+
+
+class MetricOut(MetricCreate):
+    model_config = ConfigDict(extra="ignore")
+
+    id: int
+    drafter: str
+    version: int
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Metric) -> MetricOut:
+        return cls(
+            id=row.id,
+            drafter=row.version.drafter.name,
+            version=row.version.number,
+            benchmark=row.benchmark,
+            temperature=row.temperature,
+            tau=row.tau,
+            speedup=row.speedup,
+            tokens_per_s=row.tokens_per_s,
+            hardware=row.hardware,
+            extra=row.extra,
+            created_at=row.created_at,
+        )
+
+
+class AliasUpdate(_Request):
+    version: int = Field(ge=1, le=MAX_INT, description="The version number the alias points to.")
+
+
+class AliasOut(BaseModel):
+    """An alias; also the JSON payload published on ``draftopd:aliases`` when it moves."""
+
+    drafter: str
+    alias: str
+    version: int
+    sha256: str
+    artifact_url: str
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Alias, base_url: str) -> AliasOut:
+        return cls(
+            drafter=row.drafter.name,
+            alias=row.name,
+            version=row.version.number,
+            sha256=row.version.sha256,
+            artifact_url=artifact_url(base_url, row.drafter.name, row.version.number),
+            updated_at=row.updated_at,
+        )
+
+
+class TrainJobCreate(_Request):
+    drafter: str = Field(pattern=NAME_PATTERN, description="Produced versions belong to it.")
+    spec: TrainJobSpec = Field(description="The trainer's job spec; 'mode' picks sft/draft_opd.")
+    base_version: int | None = Field(
+        default=None, ge=1, le=MAX_INT, description="The drafter version training starts from."
+    )
+    promote_to: str | None = Field(
+        default=None,
+        pattern=ALIAS_PATTERN,
+        description="Alias moved to the job's last version when it succeeds.",
+    )
+
+
+class TrainJobUpdate(_Request):
+    """What the trainer reports; unset fields stay as they are."""
+
+    status: Literal["running", "succeeded", "failed", "cancelled"] | None = None
+    progress: float | None = Field(default=None, ge=0, le=1)
+    step: int | None = Field(default=None, ge=0, le=MAX_INT)
+    total_steps: int | None = Field(default=None, ge=1, le=MAX_INT)
+    tau: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    error: str | None = Field(default=None, max_length=20000)
+
+    @model_validator(mode="after")
+    def _no_null_status(self) -> TrainJobUpdate:
+        for name in ("status", "progress"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null; leave it out to keep its value")
+        return self
+
+
+class TrainJobOut(BaseModel):
+    id: str
+    mode: str
+    drafter: str
+    status: JobStatus
+    progress: float
+    step: int | None
+    total_steps: int | None
+    tau: float | None = Field(description="Latest held-out tau.")
+    error: str | None
+    cancel_requested: bool
+    base_version: int | None
+    promote_to: str | None
+    produced_versions: list[int] = Field(description="Version numbers this job registered.")
+    spec: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: TrainJob) -> TrainJobOut:
+        return cls(
+            id=row.id,
+            mode=row.mode,
+            drafter=row.drafter.name,
+            status=cast(JobStatus, row.status),  # a CHECK constraint holds it to JobStatus
+            progress=row.progress,
+            step=row.step,
+            total_steps=row.total_steps,
+            tau=row.tau,
+            error=row.error,
+            cancel_requested=row.cancel_requested,
+            base_version=row.base_version,
+            promote_to=row.promote_to,
+            produced_versions=[version.number for version in row.versions],
+            spec=row.spec,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+    database: str = Field(description="Backend name: 'postgresql' or 'sqlite'.")
+    schema_revision: str | None = Field(description="Alembic revision; None: not migrated.")

@@ -1,0 +1,110 @@
+"""Helpers for the registry tests: small checkpoints, archives and requests."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from safetensors.numpy import save
+
+TOKEN = "registry-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+DRAFTER = "smollm2-eagle3"
+
+
+def checkpoint_files(*, seed: int = 0, architecture: str = "eagle3") -> dict[str, bytes]:
+    """The files of a small drafter checkpoint: safetensors weights and a JSON config."""
+    rng = np.random.default_rng(seed)
+    weights: dict[str, np.ndarray] = {
+        "fc.weight": rng.standard_normal((8, 24)).astype(np.float32),
+        "d2t": np.arange(16, dtype=np.int64),
+    }
+    config = {"architecture": architecture, "config": {"hidden_size": 8}, "provenance": {}}
+    return {
+        "model.safetensors": save(weights),
+        "config.json": json.dumps(config, sort_keys=True).encode(),
+    }
+
+
+def write_checkpoint(directory: Path, *, seed: int = 0, architecture: str = "eagle3") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in checkpoint_files(seed=seed, architecture=architecture).items():
+        (directory / name).write_bytes(data)
+    return directory
+
+
+def tar_bytes(files: dict[str, bytes], *, mode: str = "w") -> bytes:
+    """A tar archive (``mode`` "w" or "w:gz") of ``files`` (name -> content)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as tar:  # type: ignore[call-overload]
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def checkpoint_tar(*, seed: int = 0, mode: str = "w", architecture: str = "eagle3") -> bytes:
+    return tar_bytes(checkpoint_files(seed=seed, architecture=architecture), mode=mode)
+
+
+def upload(client: TestClient, name: str, data: bytes, **form: Any) -> Any:
+    """POST an archive as the next version of ``name``; returns the response."""
+    return client.post(
+        f"/drafters/{name}/versions",
+        files={"artifact": ("checkpoint.tar", data, "application/x-tar")},
+        data={key: str(value) for key, value in form.items()},
+        headers=AUTH,
+    )
+
+
+def create_drafter(client: TestClient, name: str = DRAFTER, **fields: Any) -> Any:
+    body = {"name": name, "target_model": "HuggingFaceTB/SmolLM2-135M-Instruct", **fields}
+    response = client.post("/drafters", json=body, headers=AUTH)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+@contextmanager
+def live_server(app: FastAPI) -> Iterator[str]:
+    """uvicorn on a free port in a thread; yields the base URL."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="registry-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("the registry's uvicorn server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def next_events(pubsub: Any, count: int, *, drafter: str = DRAFTER) -> list[dict[str, Any]]:
+    """The next ``count`` events about ``drafter`` (other processes may share the channel)."""
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 10
+    while len(events) < count and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.5)
+        if message is not None and message["type"] == "message":
+            event = json.loads(message["data"])
+            if event["drafter"] == drafter:
+                events.append(event)
+    return events

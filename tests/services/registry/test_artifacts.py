@@ -1,0 +1,201 @@
+"""Artifact upload and download: sha256, streaming to the store, and refusing bad archives."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import tarfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.registry.main import create_app
+from services.registry.settings import RegistrySettings
+from tests.services.registry.helpers import (
+    AUTH,
+    DRAFTER,
+    checkpoint_files,
+    checkpoint_tar,
+    create_drafter,
+    tar_bytes,
+    upload,
+)
+
+
+def stored_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz"])
+def test_upload_download_round_trip(client: TestClient, tmp_path: Path, mode: str) -> None:
+    create_drafter(client)
+    data = checkpoint_tar(seed=3, mode=mode)
+    version = upload(client, DRAFTER, data).json()
+    assert version["sha256"] == hashlib.sha256(data).hexdigest()
+    assert version["size_bytes"] == len(data)
+
+    response = client.get(f"/drafters/{DRAFTER}/versions/1/artifact")
+    assert response.status_code == 200
+    assert response.content == data
+    assert response.headers["X-Content-SHA256"] == version["sha256"]
+    assert response.headers["content-length"] == str(len(data))
+    gz = mode == "w:gz"
+    assert response.headers["content-type"] == ("application/gzip" if gz else "application/x-tar")
+    assert (
+        f'filename="{DRAFTER}-v1.tar{".gz" if gz else ""}"'
+        in response.headers["content-disposition"]
+    )
+    # the store holds exactly the uploaded bytes, under the drafter's name, and no temp files
+    files = stored_files(tmp_path / "artifacts")
+    assert len(files) == 1 and files[0].parent.name == DRAFTER
+    assert files[0].read_bytes() == data
+
+
+def test_same_bytes_twice_make_two_versions_with_one_sha(client: TestClient) -> None:
+    create_drafter(client)
+    first = upload(client, DRAFTER, checkpoint_tar()).json()
+    second = upload(client, DRAFTER, checkpoint_tar()).json()
+    assert (first["version"], second["version"]) == (1, 2)
+    assert first["sha256"] == second["sha256"]
+
+
+PICKLED = pickle.dumps({"weights": [1.0, 2.0]}, protocol=4)
+
+
+def _torch_style_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("archive/data.pkl", PICKLED)
+    return buffer.getvalue()
+
+
+BAD_ARCHIVES: dict[str, tuple[bytes, str]] = {
+    "raw pickle": (PICKLED, "the uploaded file is pickle data"),
+    "torch zip": (_torch_style_zip(), "the uploaded file is a zip archive"),
+    "pickle member by name": (
+        tar_bytes({**checkpoint_files(), "optimizer.pt": b"anything"}),
+        "'optimizer.pt' looks like a pickle file",
+    ),
+    "pickle member by content": (
+        tar_bytes({**checkpoint_files(), "extra.dat": PICKLED}),
+        "archive member 'extra.dat' is pickle data",
+    ),
+    "pickle disguised as weights": (
+        tar_bytes({**checkpoint_files(), "model.safetensors": PICKLED}),
+        "archive member 'model.safetensors' is pickle data",
+    ),
+    "not a tar": (b"hello, this is not an archive" * 100, "not a readable tar archive"),
+    "missing weights": (
+        tar_bytes({"config.json": b"{}"}),
+        "the archive lacks model.safetensors at its root",
+    ),
+    "weights in a subdirectory": (
+        tar_bytes({f"ckpt/{k}": v for k, v in checkpoint_files().items()}),
+        "lacks model.safetensors, config.json at its root",
+    ),
+    "config not json": (
+        tar_bytes({**checkpoint_files(), "config.json": b"{nope"}),
+        "config.json is not valid JSON",
+    ),
+    "config with NaN": (
+        tar_bytes({**checkpoint_files(), "config.json": b'{"tau": NaN}'}),
+        "config.json contains NaN, which JSON does not allow",
+    ),
+    "config not an object": (
+        tar_bytes({**checkpoint_files(), "config.json": b"[1, 2]"}),
+        "config.json must hold a JSON object",
+    ),
+    "weights not safetensors": (
+        tar_bytes({**checkpoint_files(), "model.safetensors": b"\x00" * 64}),
+        "model.safetensors has no valid safetensors header",
+    ),
+    "path traversal": (
+        tar_bytes({**checkpoint_files(), "../escape.txt": b"x"}),
+        "escapes the checkpoint dir",
+    ),
+    "wrong architecture": (
+        tar_bytes(checkpoint_files(architecture="dflash")),
+        "config.json declares architecture 'dflash' but drafter",
+    ),
+    "empty": (b"", "the uploaded file is empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARCHIVES))
+def test_bad_archives_are_400_and_leave_nothing(
+    client: TestClient, tmp_path: Path, case: str
+) -> None:
+    create_drafter(client)
+    data, message = BAD_ARCHIVES[case]
+    response = upload(client, DRAFTER, data)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["detail"]
+    assert client.get(f"/drafters/{DRAFTER}/versions").json() == []
+    assert stored_files(tmp_path / "artifacts") == []
+
+
+def test_symlink_member_is_refused(client: TestClient) -> None:
+    create_drafter(client)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in checkpoint_files().items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("passwd")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    response = upload(client, DRAFTER, buffer.getvalue())
+    assert response.status_code == 400
+    assert "'passwd' is not a regular file or directory" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("filename", ["model.bin", "drafter.pt", "state.PKL"])
+def test_pickle_filenames_are_refused(client: TestClient, filename: str) -> None:
+    create_drafter(client)
+    response = client.post(
+        f"/drafters/{DRAFTER}/versions",
+        files={"artifact": (filename, checkpoint_tar(), "application/octet-stream")},
+        headers=AUTH,
+    )
+    assert response.status_code == 400
+    assert f"{filename!r} looks like a pickle file" in response.json()["detail"]
+
+
+def test_oversized_upload_is_413_and_leaves_nothing(
+    make_settings: Callable[..., RegistrySettings], tmp_path: Path
+) -> None:
+    data = checkpoint_tar()
+    with TestClient(create_app(make_settings(max_artifact_bytes=len(data) - 1))) as client:
+        create_drafter(client)
+        response = upload(client, DRAFTER, data)
+        assert response.status_code == 413
+        assert response.json()["detail"] == f"the artifact is larger than {len(data) - 1} bytes"
+        assert stored_files(tmp_path / "artifacts") == []
+
+
+def test_upload_form_validation(client: TestClient) -> None:
+    create_drafter(client)
+    response = upload(client, DRAFTER, checkpoint_tar(), step="many")
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "step"]
+    response = client.post(f"/drafters/{DRAFTER}/versions", headers=AUTH)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "artifact"]
+    assert upload(client, "nobody", checkpoint_tar()).status_code == 404
+
+
+def test_missing_artifact_file_is_404_not_500(client: TestClient, tmp_path: Path) -> None:
+    create_drafter(client)
+    upload(client, DRAFTER, checkpoint_tar())
+    (stored,) = stored_files(tmp_path / "artifacts")
+    stored.unlink()
+    response = client.get(f"/drafters/{DRAFTER}/versions/1/artifact")
+    assert response.status_code == 404
+    assert response.json()["detail"] == (
+        f"the artifact of drafter {DRAFTER!r} version 1 is missing from the store"
+    )
