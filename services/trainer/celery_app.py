@@ -20,6 +20,7 @@ import torch
 from celery import Celery, Task
 from celery.signals import worker_process_init
 
+from draftopd.registry_client import RegistryClient
 from draftopd.training.jobs import run_train_job
 from draftopd.training.opd_job import job_key
 from services.trainer.settings import get_settings
@@ -47,6 +48,16 @@ def _set_threads(**_: Any) -> None:
         torch.set_num_threads(settings.torch_threads)
 
 
+FINISHED = frozenset({"succeeded", "failed", "cancelled"})
+
+
+def _registry() -> RegistryClient | None:
+    if settings.registry_url is None:
+        return None
+    token = settings.registry_token.get_secret_value() if settings.registry_token else None
+    return RegistryClient(settings.registry_url, token=token)
+
+
 @app.task(name=TASK_NAME, bind=True, max_retries=None)
 def train(self: Task, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
     client = redis.Redis.from_url(settings.redis_url)
@@ -60,8 +71,16 @@ def train(self: Task, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
     def renew(_: dict[str, Any]) -> None:
         client.set(lock, owner, xx=True, ex=settings.lock_ttl_s)
 
+    registry = _registry()
     try:
-        return run_train_job(job_id, spec, client, on_step=renew)
+        if registry is not None:
+            status = registry.get_train_job(job_id)["status"]
+            if status in FINISHED:  # e.g. cancelled while queued, or a redelivered finished job
+                logger.info("job %s is %s; not running it", job_id, status)
+                return {"status": status}
+        return run_train_job(job_id, spec, client, on_step=renew, registry=registry)
     finally:
+        if registry is not None:
+            registry.close()
         if client.get(lock) == owner.encode():
             client.delete(lock)

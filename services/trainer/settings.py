@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,6 +24,14 @@ class TrainerSettings(BaseSettings):
         default=120, ge=1, description="A job's run lock expires this long after its last step."
     )
     torch_threads: int | None = Field(default=None, ge=1)
+    registry_url: str | None = Field(
+        default=None,
+        description="Registry base URL: jobs report there and register their checkpoints as "
+        "versions. None: status goes to a Redis hash (draftopd:jobs:<id>:status).",
+    )
+    registry_token: SecretStr | None = Field(
+        default=None, description="Bearer token for the registry's write endpoints."
+    )
 
 
 @lru_cache
