@@ -20,12 +20,12 @@ from draftopd.schemas import (
     DrafterInfo,
     GenerateRequest,
     GenerateResponse,
-    HealthResponse,
     ModelCard,
     ModelList,
 )
 from services.inference import responses, specs
 from services.inference.deps import MetricsDep, ServiceDep, require_api_key
+from services.inference.status import InferenceHealth
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing bearer token (only when the server has an api_key)."},
@@ -121,8 +121,10 @@ def models(service: ServiceDep) -> ModelList:
     return ModelList(data=[ModelCard(id=service.settings.model_name, created=service.started_at)])
 
 
-@router.get("/health", response_model=HealthResponse, summary="Liveness and what is served")
-def health(service: ServiceDep) -> HealthResponse:
+@router.get("/health", response_model=InferenceHealth, summary="Liveness and what is served")
+def health(service: ServiceDep) -> InferenceHealth:
+    """``registry`` (when following a registry alias) shows whether the served drafter is the
+    version the alias names and the last version refused or failed, with the reason."""
     return service.health()
 
 

@@ -2,6 +2,10 @@
 
 A request reads the service's ``ServedDrafter`` once when it starts and uses that object to the
 end, so replacing the holder (a hot swap) never changes a request that is already running.
+
+Versions: a local checkpoint reports its provenance ``version`` (else ``sha256:<12 hex>`` of its
+weights), a random drafter ``random:SEED``, and a registry version ``NAME@VERSION`` (e.g.
+``smollm2-eagle3@3``: the registry's drafter name and version number).
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ class ServedDrafter:
     """A loaded drafter and what the API reports about it. Never mutated: swap the whole object."""
 
     drafter: Eagle3Drafter  # shared read-only by every request (each has its own proposer)
-    version: str  # provenance["version"], "sha256:<12 hex>" of the weights, or "random:SEED"
+    version: str  # "NAME@VERSION" (registry), provenance["version"], "sha256:<12 hex>", "random:N"
     path: str | None  # checkpoint directory; None for a random drafter
     provenance: dict[str, Any]  # the checkpoint's training provenance ({} if none)
+    sha256: str | None = None  # the registry artifact's sha256 (registry versions only)
 
     @property
     def architecture(self) -> str:
@@ -81,14 +86,27 @@ def load_served_drafter(spec: str, target: TargetModel) -> ServedDrafter:
     directory = Path(spec).expanduser()
     if not directory.is_dir():
         raise ValueError(f"drafter {spec!r}: not a checkpoint directory nor 'random:SEED'")
+    return load_checkpoint_drafter(directory, target, version=checkpoint_version(directory))
+
+
+def registry_version_label(name: str, version: int) -> str:
+    """The version string a registry drafter is reported under: ``NAME@VERSION``."""
+    return f"{name}@{version}"
+
+
+def load_checkpoint_drafter(
+    directory: Path, target: TargetModel, *, version: str, sha256: str | None = None
+) -> ServedDrafter:
+    """Load the checkpoint in ``directory`` as ``version``. ValueError if it is unreadable or
+    was built for another target."""
     meta = read_checkpoint_meta(directory)
-    version = checkpoint_version(directory)
     drafter = load_drafter(directory, target)
     provenance = meta.get("provenance")
-    logger.info("serving EAGLE-3 drafter %s from %s", version, directory)
+    logger.info("loaded EAGLE-3 drafter %s from %s", version, directory)
     return ServedDrafter(
         drafter=drafter,
         version=version,
         path=str(directory),
         provenance=provenance if isinstance(provenance, dict) else {},
+        sha256=sha256,
     )

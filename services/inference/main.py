@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 
 from services.inference.api import generation, router
 from services.inference.errors import ClientGoneError, DrafterUnavailableError, InvalidRequestError
+from services.inference.follower import AliasFollower
 from services.inference.metrics import ServiceMetrics
 from services.inference.serving import InferenceService, set_torch_threads
 from services.inference.settings import InferenceSettings, get_settings
@@ -33,11 +34,18 @@ def create_app(settings: InferenceSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         set_torch_threads(settings.torch_threads)
-        app.state.service = await anyio.to_thread.run_sync(
-            InferenceService.load, settings, app.state.metrics
-        )
-        yield
-        app.state.service = None
+        service = await anyio.to_thread.run_sync(InferenceService.load, settings, app.state.metrics)
+        follower = AliasFollower(service, settings) if settings.follows_registry else None
+        if follower is not None:  # the first load happens before the first request
+            service.follower = follower
+            await anyio.to_thread.run_sync(follower.start)
+        app.state.service, app.state.follower = service, follower
+        try:
+            yield
+        finally:
+            app.state.service = None
+            if follower is not None:
+                await anyio.to_thread.run_sync(follower.stop)
 
     app = FastAPI(
         title="draftopd inference",
@@ -49,6 +57,7 @@ def create_app(settings: InferenceSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()
     app.state.service = None
+    app.state.follower = None
     app.include_router(generation)
     app.include_router(router)
     _add_error_handlers(app)

@@ -67,6 +67,12 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.drafter_swaps = Counter(
+            "draftopd_drafter_swaps_total",
+            "Registry versions swapped in, refused (bad artifact) or failed (transient).",
+            ["outcome"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "draftopd_requests_in_flight", "Generation requests admitted or waiting.", registry=r
         )

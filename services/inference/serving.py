@@ -9,7 +9,8 @@
 - ``generate`` is ``stream`` run to the end.
 
 The drafter lives in an immutable ``ServedDrafter`` holder: a request takes the holder once in
-``prepare`` and keeps it, so ``swap_drafter`` can replace it at any time.
+``prepare`` and keeps it, so ``swap_drafter`` can replace it at any time (the registry alias
+follower, ``follower.py``, does so from its own thread).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from draftopd.models.target import TargetModel, load_target
 from draftopd.prompts import Prompt, render_prompt
 from draftopd.schemas import (
     DrafterInfo,
-    HealthResponse,
     SpeculativeMethod,
     SpeculativeStats,
     Usage,
@@ -41,6 +41,7 @@ from services.inference.metrics import RunRecord, ServiceMetrics
 from services.inference.responses import Outcome
 from services.inference.settings import InferenceSettings
 from services.inference.specs import GenerationSpec
+from services.inference.status import FollowStatusSource, InferenceHealth
 
 logger = logging.getLogger(__name__)
 
@@ -84,18 +85,20 @@ class InferenceService:
         self.started_at = int(time.time())
         self._drafter = drafter
         self._slots = asyncio.Semaphore(settings.max_concurrency)
+        self.follower: FollowStatusSource | None = None  # set when following a registry alias
 
     @classmethod
     def load(cls, settings: InferenceSettings, metrics: ServiceMetrics) -> InferenceService:
-        """Load the target and the configured drafter (blocking: call it off the event loop)."""
+        """Load the target and the configured local drafter (blocking: call it off the event
+        loop). A registry drafter is loaded afterwards by the alias follower."""
         target = load_target(settings.target, device=settings.device, dtype=settings.dtype)
         drafter = load_served_drafter(settings.drafter, target) if settings.drafter else None
+        source = f"registry alias {settings.drafter_name}/{settings.drafter_alias}"
         logger.info(
-            "inference ready: target=%s device=%s drafter=%s default_method=%s",
+            "inference ready: target=%s device=%s drafter=%s",
             settings.target,
             settings.device,
-            drafter.version if drafter else None,
-            settings.resolved_default_method,
+            source if settings.follows_registry else drafter.version if drafter else None,
         )
         return cls(settings, target, drafter, metrics)
 
@@ -108,15 +111,20 @@ class InferenceService:
         """Serve ``drafter`` from now on; running requests keep the holder they started with."""
         self._drafter = drafter
 
-    def health(self) -> HealthResponse:
+    def default_method(self, drafter: ServedDrafter | None) -> SpeculativeMethod:
+        """The method of a request that names none, given the holder it took."""
+        return self.settings.default_method_for(drafter is not None)
+
+    def health(self) -> InferenceHealth:
         drafter = self._drafter
-        return HealthResponse(
+        return InferenceHealth(
             target=self.settings.target,
             device=str(self.target.device),
             dtype=str(self.target.dtype).removeprefix("torch."),
             drafter_version=drafter.version if drafter else None,
-            default_method=self.settings.resolved_default_method,
+            default_method=self.default_method(drafter),
             num_draft_tokens=self.settings.num_draft_tokens,
+            registry=self.follower.status() if self.follower is not None else None,
         )
 
     def drafter_info(self) -> DrafterInfo:
@@ -128,7 +136,7 @@ class InferenceService:
             path=drafter.path if drafter else None,
             draft_vocab_size=drafter.draft_vocab_size if drafter else None,
             num_draft_tokens=self.settings.num_draft_tokens,
-            default_method=self.settings.resolved_default_method,
+            default_method=self.default_method(drafter),
             provenance=dict(drafter.provenance) if drafter else None,
         )
 
@@ -142,13 +150,10 @@ class InferenceService:
                 f"got {spec.max_new_tokens}",
                 spec.max_new_tokens,
             )
-        method = spec.method or self.settings.resolved_default_method
-        drafter = self._drafter
+        drafter = self._drafter  # read once: a swap from now on does not touch this request
+        method = spec.method or self.default_method(drafter)
         if method == "eagle3" and drafter is None:
-            raise DrafterUnavailableError(
-                "speculative.method 'eagle3' needs an EAGLE-3 drafter, and this server has none "
-                "loaded (setting DRAFTOPD_INFERENCE_DRAFTER); use 'ngram' or 'none'"
-            )
+            raise DrafterUnavailableError(self._no_drafter_message())
         prompt_ids = self._prompt_ids(spec)
         self._check_context(spec, len(prompt_ids))
         try:
@@ -212,6 +217,19 @@ class InferenceService:
             yield self._outcome(prepared, run)
 
     # -- helpers ----------------------------------------------------------------------------
+    def _no_drafter_message(self) -> str:
+        settings = self.settings
+        if settings.follows_registry:
+            return (
+                "speculative.method 'eagle3' needs an EAGLE-3 drafter, and none is loaded yet "
+                f"from registry alias {settings.drafter_name}/{settings.drafter_alias} (see "
+                "GET /health, field registry); use 'ngram' or 'none'"
+            )
+        return (
+            "speculative.method 'eagle3' needs an EAGLE-3 drafter, and this server has none "
+            "loaded (setting DRAFTOPD_INFERENCE_DRAFTER); use 'ngram' or 'none'"
+        )
+
     def _next_cycle(self, cycles: Iterator[Delta]) -> Delta | None:
         """Run one decode cycle (in a worker thread); None when the run has finished."""
         threads = self.settings.torch_threads

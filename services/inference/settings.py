@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -23,7 +24,7 @@ class InferenceSettings(BaseSettings):
         default=None, description="EAGLE-3 checkpoint dir, or 'random:SEED'; None = no drafter."
     )
     default_method: Literal["eagle3", "ngram", "none"] | None = Field(
-        default=None, description="None: 'eagle3' if a drafter is configured, else 'ngram'."
+        default=None, description="None: 'eagle3' while a drafter is loaded, else 'ngram'."
     )
     num_draft_tokens: int = Field(default=4, ge=1, le=32, description="Default K per cycle.")
     max_new_tokens_limit: int = Field(
@@ -41,6 +42,27 @@ class InferenceSettings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8001, ge=0, le=65535)
+    # -- following a registry alias (hot swap); registry_url None = the local `drafter` above --
+    registry_url: str | None = Field(
+        default=None, description="Registry to follow; None = serve `drafter` (no hot swap)."
+    )
+    registry_token: SecretStr | None = Field(
+        default=None, description="Bearer token for the registry (when its reads are closed)."
+    )
+    drafter_name: str | None = Field(
+        default=None, description="Registry drafter whose alias is served (with registry_url)."
+    )
+    drafter_alias: str = Field(default="production", description="The alias followed.")
+    alias_poll_s: float = Field(
+        default=10.0, gt=0, description="Fallback polling period of the alias (seconds)."
+    )
+    redis_url: str | None = Field(
+        default=None, description="Redis carrying the alias events; None = polling only."
+    )
+    artifact_cache_dir: Path | None = Field(
+        default=None,
+        description="Downloaded drafter versions; None = $DRAFTOPD_CACHE_DIR/drafters.",
+    )
 
     @field_validator("drafter")
     @classmethod
@@ -51,17 +73,47 @@ class InferenceSettings(BaseSettings):
                 raise ValueError(f"drafter {value!r}: expected 'random:SEED' with an integer SEED")
         return value or None
 
+    @field_validator("registry_url", "drafter_name", "redis_url")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None
+
     @model_validator(mode="after")
-    def _check_method(self) -> InferenceSettings:
-        if self.default_method == "eagle3" and self.drafter is None:
-            raise ValueError("default_method 'eagle3' needs a drafter (set drafter)")
+    def _check_drafter_source(self) -> InferenceSettings:
+        if self.registry_url is not None:
+            if self.drafter is not None:
+                raise ValueError(
+                    "set either drafter (a local checkpoint) or registry_url, not both"
+                )
+            if self.drafter_name is None:
+                raise ValueError("registry_url needs drafter_name (the registry drafter to serve)")
+        if self.default_method == "eagle3" and not self.has_drafter_source:
+            raise ValueError(
+                "default_method 'eagle3' needs a drafter (set drafter or registry_url)"
+            )
         return self
 
     @property
+    def follows_registry(self) -> bool:
+        return self.registry_url is not None
+
+    @property
+    def has_drafter_source(self) -> bool:
+        return self.drafter is not None or self.registry_url is not None
+
+    @property
     def resolved_default_method(self) -> Literal["eagle3", "ngram", "none"]:
+        """The default when a drafter is configured (with a registry: once one is loaded)."""
         if self.default_method is not None:
             return self.default_method
-        return "eagle3" if self.drafter is not None else "ngram"
+        return "eagle3" if self.has_drafter_source else "ngram"
+
+    def default_method_for(self, drafter_loaded: bool) -> Literal["eagle3", "ngram", "none"]:
+        """The method of a request that names none: eagle3 needs a loaded drafter unless the
+        operator chose it explicitly (then such requests get a 409 until one is loaded)."""
+        if self.default_method is not None:
+            return self.default_method
+        return "eagle3" if drafter_loaded else "ngram"
 
     @property
     def model_name(self) -> str:

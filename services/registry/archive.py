@@ -78,23 +78,21 @@ def member_name(member: tarfile.TarInfo) -> str:
     return "/".join(part for part in path.parts if part != ".")
 
 
-def _check_safetensors(stream: IO[bytes], size: int) -> None:
+def _check_safetensors(stream: IO[bytes], size: int, name: str = WEIGHTS_FILE) -> None:
     raw = stream.read(8)
     length = int.from_bytes(raw, "little") if len(raw) == 8 else -1
     if not 0 < length <= min(size - 8, MAX_SAFETENSORS_HEADER_BYTES):
-        raise InvalidArtifactError(f"{WEIGHTS_FILE} has no valid safetensors header")
+        raise InvalidArtifactError(f"{name} has no valid safetensors header")
     try:
         header = json.loads(stream.read(length))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InvalidArtifactError(
-            f"{WEIGHTS_FILE}: unreadable safetensors header ({err})"
-        ) from err
+        raise InvalidArtifactError(f"{name}: unreadable safetensors header ({err})") from err
     if not isinstance(header, dict) or not all(
         isinstance(v, dict) and "dtype" in v and "data_offsets" in v
         for k, v in header.items()
         if k != "__metadata__"
     ):
-        raise InvalidArtifactError(f"{WEIGHTS_FILE}: the safetensors header is malformed")
+        raise InvalidArtifactError(f"{name}: the safetensors header is malformed")
 
 
 def _refuse_constant(name: str) -> Any:
@@ -120,11 +118,12 @@ def _check_member(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> d
     if stream is None:  # only for non-regular members, which the caller has refused
         raise InvalidArtifactError(f"archive member {name!r} cannot be read")
     with stream:
+        if name.endswith(".safetensors"):  # the first 8 bytes are a header length, which may look
+            _check_safetensors(stream, member.size, name)  # like a pickle opcode: parse the header
+            return {}
         _refuse_pickle_bytes(stream.read(4), f"archive member {name!r}")
         stream.seek(0)
-        if name == WEIGHTS_FILE:
-            _check_safetensors(stream, member.size)
-        elif name == CONFIG_FILE:
+        if name == CONFIG_FILE:
             return _read_config(stream, member.size)
     return {}
 

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from draftopd.models.target import load_target
+from draftopd.registry_client import RegistryClient
 from services.rollout_worker.settings import RolloutWorkerSettings, get_settings
 from services.rollout_worker.worker import RolloutWorker
 
@@ -29,6 +30,7 @@ def create_app(settings: RolloutWorkerSettings | None = None) -> FastAPI:
         target = await anyio.to_thread.run_sync(
             lambda: load_target(settings.target, device=settings.device, dtype=settings.dtype)
         )
+        registry = _registry_client(settings)
         worker = RolloutWorker(
             redis.Redis.from_url(settings.redis_url),
             target,
@@ -37,6 +39,8 @@ def create_app(settings: RolloutWorkerSettings | None = None) -> FastAPI:
             claim_idle_ms=settings.claim_idle_ms,
             stream_maxlen=settings.stream_maxlen,
             max_attempts=settings.max_attempts,
+            registry=registry,
+            artifact_cache_dir=settings.artifact_cache_dir,
         )
         stop = threading.Event()
         thread = threading.Thread(target=worker.run, args=(stop,), name="rollouts", daemon=True)
@@ -45,6 +49,8 @@ def create_app(settings: RolloutWorkerSettings | None = None) -> FastAPI:
         yield
         stop.set()
         await anyio.to_thread.run_sync(thread.join, 30.0)
+        if registry is not None:
+            registry.close()
 
     app = FastAPI(
         title="draftopd rollout worker",
@@ -90,3 +96,11 @@ def create_app(settings: RolloutWorkerSettings | None = None) -> FastAPI:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _registry_client(settings: RolloutWorkerSettings) -> RegistryClient | None:
+    """The client for 'registry://' drafter references; None without a registry_url."""
+    if settings.registry_url is None:
+        return None
+    token = settings.registry_token.get_secret_value() if settings.registry_token else None
+    return RegistryClient(settings.registry_url, token=token)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import socket
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -34,6 +35,16 @@ class RolloutWorkerSettings(BaseSettings):
         default=3, ge=1, description="Failed attempts before a request goes to the dead letters."
     )
     torch_threads: int | None = Field(default=None, ge=1)
+    registry_url: str | None = Field(
+        default=None, description="Registry for 'registry://NAME/VERSION' drafter references."
+    )
+    registry_token: SecretStr | None = Field(
+        default=None, description="Bearer token for the registry (when its reads are closed)."
+    )
+    artifact_cache_dir: Path | None = Field(
+        default=None,
+        description="Downloaded drafter versions; None = $DRAFTOPD_CACHE_DIR/drafters.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8002, ge=0, le=65535)
 

@@ -1,5 +1,11 @@
 """The rollout loop: take a request, make sure the drafter version is loaded, roll out with
-recording on, publish the records (``draftopd.rollout_queue``)."""
+recording on, publish the records (``draftopd.rollout_queue``).
+
+A request's ``drafter_path`` is a local checkpoint directory or a registry version,
+``registry://NAME/VERSION``: the worker fetches that into its artifact cache (sha256 checked by
+``RegistryClient.fetch_version``; a cached version is not downloaded again) and loads it. A
+registry that is unreachable, an unknown version or a refused artifact fails the request like an
+unreadable checkpoint does (retried, then dead-lettered)."""
 
 from __future__ import annotations
 
@@ -9,11 +15,13 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import httpx
 import redis
 
 from draftopd.models.checkpoint import load_drafter
 from draftopd.models.eagle3 import Eagle3Drafter
-from draftopd.models.target import TargetModel
+from draftopd.models.target import TargetModel, default_cache_dir
+from draftopd.registry_client import RegistryClient, RegistryError, parse_registry_ref
 from draftopd.rollout_queue import DEAD_LETTER_STREAM, RolloutRequest, next_request, publish
 from draftopd.training.rollouts import make_rollouts
 
@@ -54,12 +62,16 @@ class RolloutWorker:
         claim_idle_ms: int = 60_000,
         stream_maxlen: int = 10_000,
         max_attempts: int = 3,
+        registry: RegistryClient | None = None,
+        artifact_cache_dir: Path | None = None,
     ) -> None:
         self.client, self.target, self.consumer = client, target, consumer
         self.block_ms, self.claim_idle_ms, self.stream_maxlen = (
             block_ms, claim_idle_ms, stream_maxlen,
         )  # fmt: skip
         self.max_attempts = max_attempts
+        self.registry = registry
+        self.cache_dir = artifact_cache_dir or default_cache_dir() / "drafters"
         self.stats = WorkerStats()
         self.drafter: Eagle3Drafter | None = None
         self.drafter_key: tuple[str, str] | None = None  # (path, version) held
@@ -70,13 +82,25 @@ class RolloutWorker:
         return None if self.drafter_key is None else self.drafter_key[1]
 
     def _drafter_for(self, request: RolloutRequest) -> Eagle3Drafter:
-        key = (str(Path(request.drafter_path)), request.drafter_version)
+        ref = parse_registry_ref(request.drafter_path)
+        path = request.drafter_path if ref else str(Path(request.drafter_path))
+        key = (path, request.drafter_version)
         if self.drafter is None or self.drafter_key != key:
-            self.drafter = load_drafter(request.drafter_path, self.target).eval()
+            directory = self._fetch(*ref) if ref else Path(path)
+            self.drafter = load_drafter(directory, self.target).eval()
             self.drafter_key = key
             self.stats.drafter_loads += 1
-            logger.info("loaded drafter version %s from %s", key[1], key[0])
+            logger.info("loaded drafter version %s from %s", key[1], directory)
         return self.drafter
+
+    def _fetch(self, name: str, version: int) -> Path:
+        """A registry version's checkpoint directory in the artifact cache (downloaded once)."""
+        if self.registry is None:
+            raise ValueError(
+                f"drafter registry://{name}/{version} needs a registry: this worker has none "
+                "(set DRAFTOPD_ROLLOUT_REGISTRY_URL)"
+            )
+        return self.registry.fetch_version(name, version, self.cache_dir)
 
     def run_once(self) -> bool:
         """Serve one request if there is one; True when a request was handled."""
@@ -103,7 +127,8 @@ class RolloutWorker:
                 mode=request.mode,
                 batch_size=request.batch_size,
             )
-        except (OSError, ValueError) as err:  # unreadable or incompatible drafter, bad prompts
+        except (OSError, ValueError, RegistryError, httpx.HTTPError) as err:
+            # unreadable, incompatible or unfetchable drafter; bad prompts
             self._failed(entry_id, request, err)
             return True
         records = [

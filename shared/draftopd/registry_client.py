@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 SHA256_HEADER = "X-Content-SHA256"
+REGISTRY_REF_PREFIX = "registry://"  # "registry://NAME/VERSION": a version held by the registry
 REQUIRED_FILES = ("model.safetensors", "config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 CHUNK_BYTES = 1 << 20
@@ -77,6 +78,16 @@ def unpack_checkpoint(archive: str | Path, dest: str | Path) -> Path:
                 raise ValueError(f"archive member {member.name!r} looks like a pickle file")
         tar.extractall(dest, filter="data")
     return dest
+
+
+def parse_registry_ref(ref: str) -> tuple[str, int] | None:
+    """``"registry://NAME/VERSION"`` -> (NAME, VERSION); None for anything else (a local path)."""
+    if not ref.startswith(REGISTRY_REF_PREFIX):
+        return None
+    name, _, version = ref[len(REGISTRY_REF_PREFIX) :].rpartition("/")
+    if not name or "/" in name or not version.isdigit():
+        raise ValueError(f"registry reference {ref!r}: expected 'registry://NAME/VERSION'")
+    return name, int(version)
 
 
 class RegistryClient:
@@ -208,6 +219,24 @@ class RegistryClient:
                 shutil.rmtree(dest)
             unpacked.rename(dest)
         return dest
+
+    def fetch_version(
+        self, name: str, version: int, cache_dir: str | Path, *, expected_sha256: str | None = None
+    ) -> Path:
+        """The version's checkpoint directory under ``cache_dir``, downloaded (and verified by
+        ``download_version``) unless the cache holds it: ``cache_dir/NAME/v{VERSION}-{sha[:16]}``.
+
+        A cached directory was verified when it was downloaded and is not hashed again."""
+        sha256 = expected_sha256 or self.get_version(name, version)["sha256"]
+        dest = Path(cache_dir) / name / f"v{version}-{sha256[:16]}"
+        if dest.is_dir():
+            return dest
+        try:
+            return self.download_version(name, version, dest, expected_sha256=sha256)
+        except (OSError, ValueError):
+            if dest.is_dir():  # another process put the same version into the cache first
+                return dest
+            raise
 
     def _fetch(self, path: str, out: Path) -> tuple[str | None, str]:
         """Stream ``path`` into ``out``; returns (the sha256 header, the body's sha256)."""

@@ -47,7 +47,7 @@ class RolloutRequest:
     job_id: str
     request_id: str  # unique within the job
     drafter_version: str  # the version the records must be made with
-    drafter_path: str  # where a worker loads that version from (a checkpoint directory)
+    drafter_path: str  # where a worker loads it: a checkpoint dir, or "registry://NAME/VERSION"
     prompts: list[list[int]]  # rendered prompt token ids
     num_draft_tokens: int = 5
     max_new_tokens: int = 128

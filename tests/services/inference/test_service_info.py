@@ -69,6 +69,7 @@ def test_health(client: TestClient, tiny_target_dir: Path) -> None:
         "drafter_version": "random:0",
         "default_method": "eagle3",
         "num_draft_tokens": 4,
+        "registry": None,  # a local drafter: no registry alias followed
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import pickle
 import tarfile
 import zipfile
@@ -86,7 +87,7 @@ BAD_ARCHIVES: dict[str, tuple[bytes, str]] = {
     ),
     "pickle disguised as weights": (
         tar_bytes({**checkpoint_files(), "model.safetensors": PICKLED}),
-        "archive member 'model.safetensors' is pickle data",
+        "model.safetensors has no valid safetensors header",
     ),
     "not a tar": (b"hello, this is not an archive" * 100, "not a readable tar archive"),
     "missing weights": (
@@ -123,6 +124,26 @@ BAD_ARCHIVES: dict[str, tuple[bytes, str]] = {
     ),
     "empty": (b"", "the uploaded file is empty"),
 }
+
+
+def _safetensors_with_header_length(length: int) -> bytes:
+    """A valid safetensors file whose 8-byte header length is exactly ``length``."""
+    body = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    header = (body + " " * (length - len(body))).encode()
+    return length.to_bytes(8, "little") + header + b"\x00" * 4
+
+
+@pytest.mark.parametrize("length", [640, 896, 1152, 1408])  # 0x80 0x02..0x05: pickle's PROTO
+def test_weights_whose_header_length_looks_like_a_pickle_opcode_are_accepted(
+    client: TestClient, length: int
+) -> None:
+    create_drafter(client)
+    weights = _safetensors_with_header_length(length)
+    assert weights[:2] == bytes([0x80, length // 256])
+    response = upload(
+        client, DRAFTER, tar_bytes({**checkpoint_files(), "model.safetensors": weights})
+    )
+    assert response.status_code == 201, response.text
 
 
 @pytest.mark.parametrize("case", list(BAD_ARCHIVES))
