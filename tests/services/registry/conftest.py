@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +19,14 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 from services.registry.events import ALIAS_CHANNEL
 from services.registry.main import create_app
 from services.registry.migrate import upgrade_head
 from services.registry.settings import RegistrySettings
-from tests.services.registry.helpers import TOKEN
+from tests.services.registry.helpers import TOKEN, scratch_postgres
 
-PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 TABLES = ("aliases", "metrics", "versions", "train_jobs", "drafters")
 
 
@@ -40,24 +37,6 @@ def _one_torch_thread() -> Iterator[None]:
 
 
 # -- databases ------------------------------------------------------------------------------------
-
-
-@contextmanager
-def scratch_postgres(name: str) -> Iterator[str]:
-    """A new, empty Postgres database ``name`` (dropped afterwards); yields its URL."""
-    admin = create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as err:
-        pytest.fail(f"Postgres is not reachable on 127.0.0.1:5432 as user postgres ({err})")
-    try:
-        yield f"{PG_SERVER}/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="session")

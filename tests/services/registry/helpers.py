@@ -18,7 +18,11 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from safetensors.numpy import save
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
 
+PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 TOKEN = "registry-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 DRAFTER = "smollm2-eagle3"
@@ -108,3 +112,21 @@ def next_events(pubsub: Any, count: int, *, drafter: str = DRAFTER) -> list[dict
             if event["drafter"] == drafter:
                 events.append(event)
     return events
+
+
+@contextmanager
+def scratch_postgres(name: str) -> Iterator[str]:
+    """A new, empty Postgres database ``name`` (dropped afterwards); yields its URL."""
+    admin = create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as err:
+        pytest.fail(f"Postgres is not reachable on 127.0.0.1:5432 as user postgres ({err})")
+    try:
+        yield f"{PG_SERVER}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
