@@ -3,12 +3,13 @@
 Subcommands:
 - ``bench``: the benchmark protocol (DESIGN.md §6, ``draftopd.bench``);
 - ``serve``: the inference service in the foreground (uvicorn, replacing this process);
-- ``up``: the local stack as supervised child processes (for now: the inference service only);
+- ``up``: the whole local stack as supervised child processes (``draftopd.stack``);
 - ``train sft|opd|curve``: training from the command line (``draftopd.cli_train``).
 
 Each subcommand is one ``_add_<name>(subparsers)`` function that declares its flags and sets
 ``handler``; add ``jobs`` the same way and list them in ``SUBCOMMANDS``. The library
-never imports a service: services are started as ``python -m uvicorn <module>:create_app``.
+never imports a service: services are started as child processes (``python -m uvicorn
+<module>:create_app --factory``, ``python -m celery``).
 Heavy imports (torch, transformers) happen inside the handlers, so ``--help`` stays fast.
 """
 
@@ -17,20 +18,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
-from draftopd.cli_args import CommandError, Subparsers
+from draftopd.cli_args import CommandError, Subparsers, non_negative_int, positive_float
 from draftopd.cli_train import add_train
+from draftopd.stack import StackOptions, default_data_dir, run_up, uvicorn_command
+from draftopd.supervisor import STARTUP_TIMEOUT_S, check_port_free
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +33,6 @@ INFERENCE_APP = "services.inference.main:create_app"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-STARTUP_TIMEOUT_S = 600.0  # the first start may convert the SmolLM2 GGUF (tens of seconds)
-STOP_TIMEOUT_S = 10.0  # grace period after SIGTERM before a child is killed
 
 
 # -- entry point --------------------------------------------------------------------------------
@@ -159,37 +152,6 @@ def _add_serve(subparsers: Subparsers) -> None:
     p.set_defaults(handler=_run_serve_command)
 
 
-def uvicorn_command(app: str, *, host: str, port: int, log_level: str = "info") -> list[str]:
-    """The argv that serves ``module:create_app`` (a factory) with uvicorn."""
-    return [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        app,
-        "--factory",
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--log-level",
-        log_level.lower(),
-    ]
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Fail early and clearly when ``host:port`` cannot be listened on."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
-        try:
-            sock.bind((host, port))
-        except OSError as err:
-            raise CommandError(
-                f"cannot listen on {host}:{port} ({err.strerror}): is another server (or "
-                "`draftopd up`) already running there? Stop it or choose another --port"
-            ) from err
-
-
 def _run_serve_command(args: argparse.Namespace) -> int:
     check_port_free(args.host, args.port)
     argv = uvicorn_command(INFERENCE_APP, host=args.host, port=args.port, log_level=args.log_level)
@@ -198,145 +160,62 @@ def _run_serve_command(args: argparse.Namespace) -> int:
 
 
 # -- up -----------------------------------------------------------------------------------------
-@dataclass
-class ChildService:
-    """One service of the local stack, run as a child process and checked through /health."""
-
-    name: str  # shown in logs
-    argv: list[str]  # the command that runs it
-    url: str  # its base URL, e.g. http://127.0.0.1:8000
-    env: dict[str, str] = field(default_factory=dict)  # extra environment variables
-    process: subprocess.Popen[bytes] | None = None  # set by start()
-
-    def start(self) -> None:
-        logger.info("starting %s: %s", self.name, " ".join(self.argv))
-        # its own session: Ctrl-C reaches only us, and we stop children in order
-        self.process = subprocess.Popen(
-            self.argv, env={**os.environ, **self.env}, start_new_session=True
-        )
-
-    def exit_code(self) -> int | None:
-        return None if self.process is None else self.process.poll()
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                return int(response.status) == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def wait_healthy(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self.healthy():
-            code = self.exit_code()
-            if code is not None:
-                raise CommandError(f"{self.name} exited with code {code} before it was healthy")
-            if time.monotonic() > deadline:
-                raise CommandError(
-                    f"{self.name} not healthy at {self.url}/health after {timeout_s:.0f} s"
-                )
-            time.sleep(0.5)
-        logger.info("%s is up at %s", self.name, self.url)
-
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        logger.info("stopping %s (pid %d)", self.name, self.process.pid)
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            logger.warning("%s did not stop within %.0f s; killing it", self.name, timeout_s)
-            self.process.kill()
-            self.process.wait()
-
-
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def run_stack(
-    services: list[ChildService],
-    *,
-    startup_timeout_s: float = STARTUP_TIMEOUT_S,
-    on_ready: Callable[[], None] | None = None,
-) -> int:
-    """Start the services, wait for their /health, and supervise them until Ctrl-C or SIGTERM.
-
-    Returns 0 after a requested stop and 1 when a service dies on its own; stops every child
-    (in reverse start order) either way.
-    """
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        for service in services:
-            service.start()
-            service.wait_healthy(startup_timeout_s)
-        if on_ready is not None:
-            on_ready()
-        return _supervise(services)
-    except KeyboardInterrupt:
-        logger.info("stop requested; shutting down")
-        return 0
-    finally:
-        for service in reversed(services):
-            service.stop()
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _supervise(services: list[ChildService]) -> int:
-    while True:
-        for service in services:
-            code = service.exit_code()
-            if code is not None:
-                logger.error("%s exited unexpectedly with code %d", service.name, code)
-                return 1
-        time.sleep(0.5)
-
-
 def _add_up(subparsers: Subparsers) -> None:
-    p = subparsers.add_parser("up", help="start the local stack (for now: the inference service)")
-    _add_host_port(p)
+    defaults = StackOptions(target="smollm2", data_dir=default_data_dir())
+    p = subparsers.add_parser(
+        "up",
+        help="start the whole stack locally: Redis, registry, inference, rollout worker, trainer",
+        description="Embedded Redis (unless REDIS_URL is set) and SQLite (unless DATABASE_URL is "
+        "set) under --data-dir; the services run as child processes with their logs in "
+        "<data-dir>/logs. Ctrl-C stops everything.",
+    )
+    p.add_argument("--target", default=defaults.target, help="smollm2 (default), a dir or a .gguf")
+    p.add_argument("--data-dir", type=Path, default=defaults.data_dir, help="default: %(default)s")
+    p.add_argument("--host", default=defaults.host, help="HTTP bind address (default %(default)s)")
+    for names, default, what in (
+        (["--inference-port", "--port"], defaults.inference_port, "inference (%(default)s)"),
+        (["--rollout-port"], defaults.rollout_port, "the rollout worker (%(default)s)"),
+        (["--registry-port"], defaults.registry_port, "the registry (%(default)s)"),
+        (["--redis-port"], defaults.redis_port, "the embedded Redis (default: a free one)"),
+    ):
+        p.add_argument(*names, type=_port, default=default, help=f"port of {what}")
+    p.add_argument(
+        "--drafter-name",
+        default=defaults.drafter_name,
+        help="registry drafter that inference serves (created if missing; default %(default)s)",
+    )
+    p.add_argument("--alias", default=defaults.drafter_alias, help="alias followed (%(default)s)")
     p.add_argument(
         "--startup-timeout",
-        type=float,
+        type=positive_float,
         default=STARTUP_TIMEOUT_S,
-        help="seconds to wait for each service's /health",
+        help="seconds to wait for each start-up stage (default %(default)s)",
     )
     p.set_defaults(handler=_run_up_command)
 
 
+def _port(value: str) -> int:
+    port = non_negative_int(value)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {port}")
+    return port
+
+
 def _run_up_command(args: argparse.Namespace) -> int:
-    check_port_free(args.host, args.port)
-    url = f"http://{args.host}:{args.port}"
-    argv = uvicorn_command(INFERENCE_APP, host=args.host, port=args.port, log_level=args.log_level)
-    inference = ChildService(
-        name="inference",
-        argv=argv,
-        url=url,
-        env=_repo_pythonpath(),
+    options = StackOptions(
+        target=args.target,
+        data_dir=args.data_dir.expanduser(),
+        host=args.host,
+        inference_port=args.inference_port,
+        rollout_port=args.rollout_port,
+        registry_port=args.registry_port,
+        redis_port=args.redis_port,
+        drafter_name=args.drafter_name,
+        drafter_alias=args.alias,
+        startup_timeout_s=args.startup_timeout,
+        log_level=args.log_level,
     )
-    return run_stack(
-        [inference], startup_timeout_s=args.startup_timeout, on_ready=lambda: _announce(url)
-    )
-
-
-def _repo_pythonpath() -> dict[str, str]:
-    """In a source checkout, put its root on PYTHONPATH so the child can import ``services``."""
-    repo = Path(__file__).resolve().parents[2]
-    if not (repo / "services").is_dir():
-        return {}
-    current = os.environ.get("PYTHONPATH")
-    return {"PYTHONPATH": f"{repo}{os.pathsep}{current}" if current else str(repo)}
-
-
-def _announce(url: str) -> None:
-    logger.info("draftopd is up. inference: %s  (API docs: %s/docs)", url, url)
-    logger.info(
-        "try: curl -s %s/generate -H 'Content-Type: application/json' "
-        '-d \'{"prompt": "Write a haiku about the sea.", "max_new_tokens": 64}\'',
-        url,
-    )
-    logger.info("press Ctrl-C to stop")
+    return run_up(options)
 
 
 SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
