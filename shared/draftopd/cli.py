@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from draftopd.cli_args import CommandError, Subparsers, non_negative_int, positive_float
+from draftopd.cli_jobs import add_jobs
 from draftopd.cli_train import add_train
 from draftopd.stack import StackOptions, default_data_dir, run_up, uvicorn_command
 from draftopd.supervisor import STARTUP_TIMEOUT_S, check_port_free
@@ -223,6 +224,7 @@ SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     _add_serve,
     _add_up,
     add_train,
+    add_jobs,
 )
 
 
