@@ -35,8 +35,8 @@ def plot_comparison(runs: Sequence[tuple[str, str | Path]], png_path: str | Path
         if seconds:
             by_time.plot(*zip(*seconds, strict=True), marker="o", label=label)
     by_step.set_xlabel("optimizer step")
-    by_time.set_xlabel("training seconds (rollouts / data included where the run logs them)")
-    by_step.set_ylabel("held-out tau (tokens per cycle)")
+    by_time.set_xlabel("training seconds")
+    by_step.set_ylabel("tau (tokens per cycle)")
     by_step.legend()
     by_step.grid(alpha=0.3)
     by_time.grid(alpha=0.3)
