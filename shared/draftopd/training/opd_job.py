@@ -100,7 +100,8 @@ class RedisRollouts:
 
     # -- helpers ----------------------------------------------------------------------------------
     def publish_version(self, step: int, drafter: Eagle3Drafter) -> Path:
-        path = self.out_dir / VERSIONS_DIR / f"v{step}"
+        # absolute: the rollout workers resolve it in their own working directory
+        path = self.out_dir.resolve() / VERSIONS_DIR / f"v{step}"
         if not path.is_dir():
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)

@@ -233,3 +233,22 @@ def test_the_trainer_fails_a_step_whose_request_was_dead_lettered(
     thread.join(timeout=5)
     assert len(failure) == 1 and isinstance(failure[0], RuntimeError)
     assert "rollout request s0-" in str(failure[0]) and "unreadable" in str(failure[0])
+
+
+def test_versions_are_published_with_absolute_paths(
+    redis_url: str, tiny_target: TargetModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job with a relative out_dir (the trainer's cwd) still names a path the rollout workers
+    can open from their own working directory."""
+    monkeypatch.chdir(tmp_path)
+    client = redis.Redis.from_url(redis_url)
+    cfg = OPDConfig(total_steps=1, prompts_per_step=1, num_draft_tokens=2, max_new_tokens=4)
+    rollouts = RedisRollouts(client, "job-rel", Path("runs/rel"), cfg)
+    drafter = random_drafter_for(tiny_target, seed=0, draft_vocab_size=200)
+    path = rollouts.publish_version(0, drafter)
+    rollouts._request(0, [[5, 6, 7]], [0], path)
+    (_, fields), *_ = client.xrange("draftopd:rollout-requests")
+    request = RolloutRequest.from_fields(fields)
+    assert Path(request.drafter_path).is_absolute()
+    assert Path(request.drafter_path) == tmp_path / "runs" / "rel" / "versions" / "v0"
+    assert (Path(request.drafter_path) / "model.safetensors").is_file()
