@@ -3,10 +3,11 @@ inference, a rollout worker and the Celery trainer, wired together, then the wal
 
 Checked: plain and n-gram generation agree token for token before any drafter exists (and eagle3
 is refused); registry writes need the printed token; an ``sft`` train job submitted with
-``POST /train-jobs`` is picked up by the trainer, registers its checkpoints as versions with their
-held-out tau and moves ``production``; inference then serves the promoted version and its eagle3
-output is the plain greedy output. A second ``up`` on the same data directory is refused while the
-first runs. SIGTERM (and Ctrl-C: SIGINT) stops every child and frees every port; a restart
+``POST /train-jobs`` is picked up by the trainer and registers its checkpoints as versions with
+their held-out tau; a ``draft_opd`` job from ``registry://`` version 2 (rollouts on the rollout
+worker) registers version 3; ``PUT production`` makes inference serve it, and its eagle3 output is
+the plain greedy output (the README walkthrough's requests). A second ``up`` on the same data
+directory is refused while the first runs. SIGTERM (and Ctrl-C: SIGINT) stops every child and frees every port; a restart
 reuses the token, the database and the alias (inference serves the promoted version from its
 first request).
 """
@@ -196,6 +197,40 @@ def _sft_spec(tmp_path: Path, target: Path) -> dict[str, Any]:
     }
 
 
+def _opd_spec(tmp_path: Path, target: Path) -> dict[str, Any]:
+    return {
+        "mode": "draft_opd",
+        "out_dir": "runs/first-opd",
+        "drafter": f"registry://{DRAFTER}/2",
+        "target": str(target),
+        "prompts": str(tmp_path / "prompts.jsonl"),
+        "skip": 4,
+        "heldout": 2,
+        "threads": 1,
+        "requests_per_step": 1,
+        "rollout_timeout_s": 120,
+        "opd": {"total_steps": 2, "prompts_per_step": 2, "max_new_tokens": 8,
+                "num_draft_tokens": 3, "rollout_mode": "batched", "eval_every": 2,
+                "checkpoint_every": 2, "eval_max_new_tokens": 8},
+    }  # fmt: skip
+
+
+def _run_job(
+    http: httpx.Client, stack: Stack, body: dict[str, Any], auth: dict[str, str]
+) -> dict[str, Any]:
+    created = http.post(f"{stack.registry}/train-jobs", json=body, headers=auth)
+    assert created.status_code == 201, created.text
+    job_url = f"{stack.registry}/train-jobs/{created.json()['id']}"
+
+    def finished() -> dict[str, Any] | None:
+        job: dict[str, Any] = http.get(job_url).json()
+        return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+    job: dict[str, Any] = _wait_for(finished, 150, "the train job", stack.data_dir / "logs")
+    assert job["status"] == "succeeded", job
+    return job
+
+
 def _walkthrough(stack: Stack, token: str, target: Path, tmp_path: Path) -> list[int]:
     """The README walkthrough; returns the plain greedy token ids of PROMPT."""
     with httpx.Client(timeout=60) as http:
@@ -205,35 +240,36 @@ def _walkthrough(stack: Stack, token: str, target: Path, tmp_path: Path) -> list
         assert ngram["token_ids"] == plain["token_ids"] and len(plain["token_ids"]) == 16
         assert _generate(http, stack.inference, "eagle3").status_code == 409
 
-        job_body = {"drafter": DRAFTER, "spec": _sft_spec(tmp_path, target),
-                    "promote_to": "production"}  # fmt: skip
+        job_body = {"drafter": DRAFTER, "spec": _sft_spec(tmp_path, target)}
         assert http.post(f"{stack.registry}/train-jobs", json=job_body).status_code == 401
         auth = {"Authorization": f"Bearer {token}"}
-        created = http.post(f"{stack.registry}/train-jobs", json=job_body, headers=auth)
-        assert created.status_code == 201, created.text
-        job_url = f"{stack.registry}/train-jobs/{created.json()['id']}"
-
-        def finished() -> dict[str, Any] | None:
-            job: dict[str, Any] = http.get(job_url).json()
-            return job if job["status"] in ("succeeded", "failed", "cancelled") else None
-
-        job = _wait_for(finished, 150, "the train job", stack.data_dir / "logs")
-        assert job["status"] == "succeeded", job
+        job = _run_job(http, stack, job_body, auth)
         assert (job["step"], job["total_steps"], job["produced_versions"]) == (4, 4, [1, 2])
         assert (stack.data_dir / "trainer/runs/first-sft/metrics.jsonl").is_file()
 
-        versions = http.get(f"{stack.registry}/drafters/{DRAFTER}/versions").json()
-        assert [(v["version"], v["step"], v["job_id"]) for v in versions] == [
-            (1, 2, job["id"]),
-            (2, 4, job["id"]),
-        ]
-        metrics = http.get(f"{stack.registry}/drafters/{DRAFTER}/versions/2/metrics").json()
-        assert [m["benchmark"] for m in metrics] == ["heldout"]
-        assert metrics[0]["tau"] == pytest.approx(job["tau"]) and job["tau"] >= 1.0
-        alias = http.get(f"{stack.registry}/drafters/{DRAFTER}/aliases/production").json()
-        assert alias["version"] == 2
+        # Draft-OPD from version 2, with a relative out_dir like the README's: the rollout
+        # worker (another working directory) must still find each step's drafter
+        opd_body = {"drafter": DRAFTER, "base_version": 2, "spec": _opd_spec(tmp_path, target)}
+        job2 = _run_job(http, stack, opd_body, auth)
+        assert (job2["step"], job2["produced_versions"]) == (2, [3])
 
-        served = f"{DRAFTER}@2"
+        versions = http.get(f"{stack.registry}/drafters/{DRAFTER}/versions").json()
+        assert [(v["version"], v["parent_version"], v["step"], v["job_id"]) for v in versions] == [
+            (1, None, 2, job["id"]),
+            (2, 1, 4, job["id"]),
+            (3, 2, 2, job2["id"]),
+        ]
+        metrics = http.get(f"{stack.registry}/drafters/{DRAFTER}/versions/3/metrics").json()
+        assert [m["benchmark"] for m in metrics] == ["heldout"]
+        assert metrics[0]["tau"] == pytest.approx(job2["tau"]) and job2["tau"] >= 1.0
+
+        moved = http.put(
+            f"{stack.registry}/drafters/{DRAFTER}/aliases/production",
+            json={"version": 3},
+            headers=auth,
+        )
+        assert moved.status_code == 200 and moved.json()["version"] == 3
+        served = f"{DRAFTER}@3"
         _wait_for(
             lambda: http.get(f"{stack.inference}/drafter").json()["version"] == served,
             15,
@@ -277,5 +313,5 @@ def test_up_runs_the_walkthrough_and_stops_cleanly(tiny_target_dir: Path, tmp_pa
         assert token in stack.wait_ready()  # the same token, the same database
         with httpx.Client(timeout=60) as http:  # the alias is served from the first request
             eagle = _generate(http, stack.inference, "eagle3").json()
-        assert (eagle["drafter_version"], eagle["token_ids"]) == (f"{DRAFTER}@2", greedy)
+        assert (eagle["drafter_version"], eagle["token_ids"]) == (f"{DRAFTER}@3", greedy)
         _stop_and_check_nothing_is_left(stack, signal.SIGINT)  # as Ctrl-C would
