@@ -22,6 +22,7 @@ import msgpack
 import redis
 
 from draftopd.speculative.records import RolloutRecord, stream_key
+from draftopd.training.configs import ROLLOUT_MODES
 
 REQUEST_STREAM = "draftopd:rollout-requests"
 WORKER_GROUP = "rollout-workers"
@@ -64,8 +65,8 @@ class RolloutRequest:
             raise ValueError(f"{len(self.seeds)} seeds for {len(self.prompts)} prompts")
         if self.num_draft_tokens < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("num_draft_tokens, max_new_tokens and batch_size must be >= 1")
-        if self.mode not in ("engine", "batched"):
-            raise ValueError(f"rollout mode {self.mode!r}; allowed: engine, batched")
+        if self.mode not in ROLLOUT_MODES:
+            raise ValueError(f"rollout mode {self.mode!r}; allowed: {', '.join(ROLLOUT_MODES)}")
 
     def to_fields(self) -> dict[str, bytes | str]:
         return {"job_id": self.job_id, "data": msgpack.packb(asdict(self))}

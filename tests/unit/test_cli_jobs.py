@@ -15,15 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
 from draftopd import cli_jobs
 from draftopd.cli import main
 from draftopd.registry_client import RegistryClient
-from services.registry.main import create_app
-from services.registry.migrate import upgrade_head
-from services.registry.settings import RegistrySettings
-from tests.services.registry.helpers import TOKEN, live_server, write_checkpoint
+from tests.services.registry.helpers import TOKEN, live_registry, write_checkpoint
 
 DRAFTER = "tiny-eagle3"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -44,16 +40,7 @@ def _no_registry_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def registry(redis_url: str, tmp_path: Path) -> Iterator[RegistryClient]:
-    db = tmp_path / "registry.db"
-    upgrade_head(f"sqlite:///{db}")
-    settings = RegistrySettings(
-        database_url=f"sqlite:///{db}",
-        artifact_dir=tmp_path / "artifacts",
-        api_token=SecretStr(TOKEN),
-        redis_url=redis_url,
-    )
-    with live_server(create_app(settings)) as url, RegistryClient(url, token=TOKEN) as client:
-        client.create_drafter(DRAFTER, target_model="tiny")
+    with live_registry(redis_url, tmp_path, DRAFTER) as client:
         yield client
 
 

@@ -35,6 +35,19 @@ def warmup_cosine_lr(step: int, *, peak_lr: float, warmup_steps: int, total_step
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _to_json(cfg: Any) -> dict[str, Any]:
+    data = asdict(cfg)
+    data["betas"] = list(cfg.betas)  # JSON has no tuples
+    return data
+
+
+def _from_json(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    values = known_fields(cls, data)
+    if "betas" in values:
+        values["betas"] = tuple(values["betas"])
+    return values
+
+
 ROLLOUT_MODES = ("engine", "batched")
 
 
@@ -120,16 +133,11 @@ class SFTConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["betas"] = list(self.betas)
-        return data
+        return _to_json(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SFTConfig:
-        values = known_fields(cls, data)
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
-        return cls(**values)
+        return cls(**_from_json(cls, data))
 
 
 @dataclass(frozen=True)
@@ -191,16 +199,11 @@ class OPDConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["betas"] = list(self.betas)
-        return data
+        return _to_json(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OPDConfig:
-        values = known_fields(cls, data)
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
-        return cls(**values)
+        return cls(**_from_json(cls, data))
 
 
 __all__ = [

@@ -8,8 +8,6 @@ server is uvicorn on a free port in a background thread.
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from draftopd.speculative.engine import DecodeEngine
 from draftopd.speculative.sampling import SamplingParams
 from services.inference.main import create_app
 from services.inference.settings import InferenceSettings
+from tests.servers import uvicorn_in_thread
 
 PROMPTS = [
     "The quick brown fox",
@@ -109,19 +108,8 @@ class LiveServer:
 def live_server(make_settings: Callable[..., InferenceSettings]) -> Iterator[LiveServer]:
     """uvicorn in a thread on a free port; two generations may run at once."""
     app = create_app(make_settings(drafter="random:0", max_concurrency=2))
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="inference-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("the uvicorn server did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield LiveServer(base_url=f"http://127.0.0.1:{port}", server=server)
-    server.should_exit = True
-    thread.join(timeout=30)
+    with uvicorn_in_thread(app, name="inference-uvicorn") as (url, server):
+        yield LiveServer(base_url=url, server=server)
 
 
 def metric_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

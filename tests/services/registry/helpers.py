@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,13 +13,18 @@ from typing import Any
 
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from safetensors.numpy import save
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
+
+from draftopd.registry_client import RegistryClient
+from services.registry.main import create_app
+from services.registry.migrate import upgrade_head
+from services.registry.settings import RegistrySettings
+from tests.servers import uvicorn_in_thread
 
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 TOKEN = "registry-test-token"
@@ -83,22 +87,28 @@ def create_drafter(client: TestClient, name: str = DRAFTER, **fields: Any) -> An
 
 @contextmanager
 def live_server(app: FastAPI) -> Iterator[str]:
-    """uvicorn on a free port in a thread; yields the base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="registry-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("the registry's uvicorn server did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    """The registry app on a free port (uvicorn in a thread); yields the base URL."""
+    with uvicorn_in_thread(app, name="registry-uvicorn") as (url, _):
+        yield url
+
+
+@contextmanager
+def live_registry(
+    redis_url: str, tmp_path: Path, drafter: str, target_model: str = "tiny"
+) -> Iterator[RegistryClient]:
+    """A migrated SQLite registry served on a free port, with ``drafter`` created; yields a
+    client holding the write token."""
+    db = tmp_path / "registry.db"
+    upgrade_head(f"sqlite:///{db}")
+    settings = RegistrySettings(
+        database_url=f"sqlite:///{db}",
+        artifact_dir=tmp_path / "artifacts",
+        api_token=TOKEN,
+        redis_url=redis_url,
+    )
+    with live_server(create_app(settings)) as url, RegistryClient(url, token=TOKEN) as client:
+        client.create_drafter(drafter, target_model=target_model)
+        yield client
 
 
 def next_events(pubsub: Any, count: int, *, drafter: str = DRAFTER) -> list[dict[str, Any]]:

@@ -17,26 +17,14 @@ import redis
 
 from draftopd.registry_client import RegistryClient
 from draftopd.training.jobs import run_train_job
-from services.registry.main import create_app
-from services.registry.migrate import upgrade_head
-from services.registry.settings import RegistrySettings
-from tests.services.registry.helpers import TOKEN, live_server
+from tests.services.registry.helpers import live_registry
 
 DRAFTER = "tiny-eagle3"
 
 
 @pytest.fixture
 def registry(redis_url: str, tmp_path: Path) -> Iterator[RegistryClient]:
-    db = tmp_path / "registry.db"
-    upgrade_head(f"sqlite:///{db}")
-    settings = RegistrySettings(
-        database_url=f"sqlite:///{db}",
-        artifact_dir=tmp_path / "artifacts",
-        api_token=TOKEN,
-        redis_url=redis_url,
-    )
-    with live_server(create_app(settings)) as url, RegistryClient(url, token=TOKEN) as client:
-        client.create_drafter(DRAFTER, target_model="tiny")
+    with live_registry(redis_url, tmp_path, DRAFTER) as client:
         yield client
 
 
