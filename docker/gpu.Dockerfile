@@ -1,4 +1,4 @@
-# Inference, rollout worker and trainer: CUDA + torch (DESIGN.md §5, docker-compose.yml).
+# Inference, rollout worker and trainer: CUDA + torch (docs/design.md §5, docker-compose.yml).
 # Build from the repository root: docker build -f docker/gpu.Dockerfile -t draftopd-gpu .
 # The NVIDIA container runtime supplies the driver; this image brings the CUDA runtime, torch
 # (pinned as in the Makefile) and the package. One image, three commands (see docker-compose.yml).

@@ -1,4 +1,4 @@
-# The registry and its one-shot migration: torch-free (DESIGN.md §5, docker-compose.yml).
+# The registry and its one-shot migration: torch-free (docs/design.md §5, docker-compose.yml).
 # Build from the repository root: docker build -f docker/registry.Dockerfile -t draftopd-registry .
 # It installs only pyproject's `registry` extra (FastAPI, SQLAlchemy, Alembic, psycopg, Celery
 # client, Redis) and runs the sources from /app, so migrations/ sits where

@@ -34,7 +34,7 @@ from pydantic import SecretStr
 from draftopd.models.checkpoint import random_drafter_for, save_drafter
 from draftopd.models.target import load_target
 from draftopd.models.tiny import build_tiny_target
-from draftopd.registry_client import RegistryClient
+from draftopd.wire.registry_client import RegistryClient
 from services.registry.main import create_app
 from services.registry.migrate import upgrade_head
 from services.registry.settings import RegistrySettings

@@ -1,4 +1,5 @@
-"""HTTP routes of the inference service (DESIGN.md §4). Thin: validate, call the service, return.
+"""HTTP routes of the inference service (docs/design.md §4). Thin: validate, call the service,
+return.
 
 Generation endpoints (``/generate``, ``/v1/completions``, ``/v1/chat/completions``) need the API
 key when one is configured; ``/health``, ``/metrics``, ``/drafter`` and ``/v1/models`` are open.
@@ -12,7 +13,9 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from draftopd.schemas import (
+from services.inference import responses, specs
+from services.inference.deps import MetricsDep, ServiceDep, require_api_key
+from services.inference.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -23,8 +26,6 @@ from draftopd.schemas import (
     ModelCard,
     ModelList,
 )
-from services.inference import responses, specs
-from services.inference.deps import MetricsDep, ServiceDep, require_api_key
 from services.inference.status import InferenceHealth
 
 _ERRORS: dict[int | str, dict[str, Any]] = {

@@ -22,9 +22,9 @@ from draftopd.models.checkpoint import (
     random_drafter_for,
     read_checkpoint_meta,
 )
-from draftopd.models.eagle3 import Eagle3Drafter
+from draftopd.models.drafter import Drafter
 from draftopd.models.target import TargetModel
-from services.inference.settings import RANDOM_DRAFTER_PREFIX
+from draftopd.wire.formats import parse_random_ref
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ _HASH_CHUNK = 1 << 20
 class ServedDrafter:
     """A loaded drafter and what the API reports about it. Never mutated: swap the whole object."""
 
-    drafter: Eagle3Drafter  # shared read-only by every request (each has its own proposer)
+    drafter: Drafter  # shared read-only by every request (each has its own proposer)
     version: str  # "NAME@VERSION" (registry), provenance["version"], "sha256:<12 hex>", "random:N"
     path: str | None  # checkpoint directory; None for a random drafter
     provenance: dict[str, Any]  # the checkpoint's training provenance ({} if none)
@@ -78,8 +78,8 @@ def checkpoint_version(directory: str | Path) -> str:
 
 def load_served_drafter(spec: str, target: TargetModel) -> ServedDrafter:
     """Load ``spec`` ('random:SEED' or a checkpoint directory) for ``target``."""
-    if spec.startswith(RANDOM_DRAFTER_PREFIX):
-        seed = int(spec[len(RANDOM_DRAFTER_PREFIX) :])
+    seed = parse_random_ref(spec)
+    if seed is not None:
         drafter = random_drafter_for(target, seed=seed)
         logger.info("serving a random EAGLE-3 drafter (seed %d)", seed)
         return ServedDrafter(drafter=drafter, version=spec, path=None, provenance={})

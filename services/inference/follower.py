@@ -1,4 +1,4 @@
-"""Following a registry alias: the inference service's hot swap (DESIGN.md §1).
+"""Following a registry alias: the inference service's hot swap (docs/design.md §1).
 
 One daemon thread, ``alias-follower``, does all of it, so no download or load runs on the request
 path:
@@ -40,7 +40,7 @@ import redis
 import torch
 
 from draftopd.models.target import default_cache_dir
-from draftopd.registry_client import RegistryClient, RegistryError
+from draftopd.wire.registry_client import RegistryClient, RegistryError, connect
 from services.inference.drafters import (
     ServedDrafter,
     load_checkpoint_drafter,
@@ -52,7 +52,7 @@ from services.inference.status import AliasFollowStatus, SwapError
 
 logger = logging.getLogger(__name__)
 
-ALIAS_CHANNEL = "draftopd:aliases"  # the registry's alias-event channel (DESIGN.md §1)
+ALIAS_CHANNEL = "draftopd:aliases"  # the registry's alias-event channel (docs/design.md §1)
 LOADED_KEPT = 2  # loaded versions kept in memory (the served one and the one before)
 _REFUSED = (ValueError, KeyError, TypeError, RuntimeError, tarfile.TarError)  # a bad artifact
 _TRANSIENT = (RegistryError, httpx.HTTPError, OSError)  # the registry or the disk, for now
@@ -83,11 +83,12 @@ class AliasFollower:
     ) -> None:
         if settings.registry_url is None or settings.drafter_name is None:
             raise ValueError("following an alias needs registry_url and drafter_name")
-        token = settings.registry_token.get_secret_value() if settings.registry_token else None
         self.service = service
         self.name, self.alias = settings.drafter_name, settings.drafter_alias
         self.poll_s = settings.alias_poll_s
-        self.client = client or RegistryClient(settings.registry_url, token=token, timeout=30.0)
+        self.client = client or connect(
+            settings.registry_url, settings.registry_token, timeout=30.0
+        )
         self.cache_dir = Path(settings.artifact_cache_dir or default_cache_dir() / "drafters")
         self.redis_url = settings.redis_url
         self.torch_threads = settings.torch_threads

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from draftopd.schemas import (
+from services.inference.schemas import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,

@@ -26,19 +26,19 @@ import torch
 
 from draftopd.models.target import TargetModel, load_target
 from draftopd.prompts import Prompt, render_prompt
-from draftopd.schemas import (
-    DrafterInfo,
-    SpeculativeMethod,
-    SpeculativeStats,
-    Usage,
-)
 from draftopd.speculative.engine import DecodeEngine, DecodeRun, Delta
-from draftopd.speculative.proposers import Eagle3Proposer, NgramProposer, Proposer
+from draftopd.speculative.proposers import NgramProposer, Proposer
 from draftopd.speculative.sampling import SamplingParams
 from services.inference.drafters import ServedDrafter, load_served_drafter
 from services.inference.errors import ClientGoneError, DrafterUnavailableError, InvalidRequestError
 from services.inference.metrics import RunRecord, ServiceMetrics
 from services.inference.responses import Outcome
+from services.inference.schemas import (
+    DrafterInfo,
+    SpeculativeMethod,
+    SpeculativeStats,
+    Usage,
+)
 from services.inference.settings import InferenceSettings
 from services.inference.specs import GenerationSpec
 from services.inference.status import FollowStatusSource, InferenceHealth
@@ -285,7 +285,7 @@ class InferenceService:
         proposer: Proposer | None = None
         if prepared.method == "eagle3":
             assert prepared.drafter is not None  # checked in prepare
-            proposer = Eagle3Proposer(prepared.drafter.drafter)  # per-request drafting state
+            proposer = prepared.drafter.drafter.proposer()  # per-request drafting state
         elif prepared.method == "ngram":
             proposer = NgramProposer()
         return self.engine.start(

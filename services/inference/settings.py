@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-RANDOM_DRAFTER_PREFIX = "random:"
+from draftopd.wire.formats import parse_random_ref
 
 
 class InferenceSettings(BaseSettings):
@@ -67,10 +67,8 @@ class InferenceSettings(BaseSettings):
     @field_validator("drafter")
     @classmethod
     def _check_drafter(cls, value: str | None) -> str | None:
-        if value is not None and value.startswith(RANDOM_DRAFTER_PREFIX):
-            seed = value[len(RANDOM_DRAFTER_PREFIX) :]
-            if not seed.isdigit():
-                raise ValueError(f"drafter {value!r}: expected 'random:SEED' with an integer SEED")
+        if value is not None:
+            parse_random_ref(value)  # a malformed random:SEED is refused at start-up
         return value or None
 
     @field_validator("registry_url", "drafter_name", "redis_url")

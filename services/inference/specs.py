@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from draftopd.schemas import (
+from services.inference.schemas import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from pydantic import BaseModel, Field
 
-from draftopd.schemas import HealthResponse
+from services.inference.schemas import HealthResponse
 
 
 class SwapError(BaseModel):

@@ -1,4 +1,5 @@
-"""HTTP routes of the registry (DESIGN.md §4): drafters, versions and artifacts, metrics, aliases.
+"""HTTP routes of the registry (docs/design.md §4): drafters, versions and artifacts, metrics,
+aliases.
 Train jobs are in ``train_api.py``. Thin: validate, call one function, return a response model.
 
 Writes need the bearer token; reads are open unless ``open_reads`` is false (``settings.py``).

@@ -17,12 +17,10 @@ from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import IO, Any, BinaryIO
 
+from draftopd.wire.formats import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, is_pickle_name
 from services.registry.errors import ArtifactTooLargeError, InvalidArtifactError
 
 CHUNK_BYTES = 1 << 20
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 MAX_CONFIG_BYTES = 16 << 20
 MAX_SAFETENSORS_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
 GZIP_MAGIC = b"\x1f\x8b"
@@ -35,7 +33,7 @@ def looks_like_pickle(head: bytes) -> bool:
 
 
 def refuse_pickle_name(name: str) -> None:
-    if name.lower().endswith(PICKLE_SUFFIXES):
+    if is_pickle_name(name):
         raise InvalidArtifactError(
             f"{name!r} looks like a pickle file ({', '.join(PICKLE_SUFFIXES)} are refused); "
             "upload safetensors weights"

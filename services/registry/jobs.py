@@ -16,7 +16,7 @@ import uuid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from draftopd.training.configs import OPDConfig, SFTConfig
+from draftopd.wire.job_specs import total_steps
 from services.registry import repository
 from services.registry.errors import ConflictError, NotFoundError, QueueUnavailableError
 from services.registry.models import Alias, Drafter, TrainJob
@@ -31,7 +31,6 @@ def create_job(session: Session, body: TrainJobCreate, drafter: Drafter) -> Trai
     if body.base_version is not None:
         repository.get_version(session, drafter, body.base_version)  # 404 if unknown
     spec = body.spec
-    config = SFTConfig.from_dict(spec.sft) if spec.mode == "sft" else OPDConfig.from_dict(spec.opd)
     job = TrainJob(
         id=str(uuid.uuid4()),
         mode=spec.mode,
@@ -41,7 +40,7 @@ def create_job(session: Session, body: TrainJobCreate, drafter: Drafter) -> Trai
         spec=spec.model_dump(mode="json"),
         status="queued",
         progress=0.0,
-        total_steps=config.total_steps,
+        total_steps=total_steps(spec),
         cancel_requested=False,
     )
     session.add(job)

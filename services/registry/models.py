@@ -37,6 +37,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from draftopd.wire.formats import FINISHED_STATUSES, JOB_STATUSES
+
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -45,8 +47,6 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 JOB_MODES = ("sft", "draft_opd")
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
 
 def utcnow() -> datetime:

@@ -1,4 +1,4 @@
-"""Wire models of the registry API (DESIGN.md §4) and their construction from table rows."""
+"""Wire models of the registry API (docs/design.md §4) and their construction from table rows."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from draftopd.job_specs import TrainJobSpec
+from draftopd.wire.job_specs import TrainJobSpec
 from services.registry.models import Alias, Drafter, Metric, TrainJob, Version
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

@@ -1,4 +1,4 @@
-"""HTTP routes for train jobs (DESIGN.md §4). ``POST /train-jobs`` stores a strict job spec and
+"""HTTP routes for train jobs (docs/design.md §4). ``POST /train-jobs`` stores a strict job spec and
 enqueues ``draftopd.train(job_id, spec)`` for the trainer; the trainer reports back through
 ``PATCH /train-jobs/{id}`` and registers checkpoints as versions with the job's id.
 """

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from draftopd.models.target import load_target
-from draftopd.registry_client import RegistryClient
+from draftopd.wire.registry_client import RegistryClient, connect
 from services.rollout_worker.settings import RolloutWorkerSettings, get_settings
 from services.rollout_worker.worker import RolloutWorker
 
@@ -100,7 +100,4 @@ def create_app(settings: RolloutWorkerSettings | None = None) -> FastAPI:
 
 def _registry_client(settings: RolloutWorkerSettings) -> RegistryClient | None:
     """The client for 'registry://' drafter references; None without a registry_url."""
-    if settings.registry_url is None:
-        return None
-    token = settings.registry_token.get_secret_value() if settings.registry_token else None
-    return RegistryClient(settings.registry_url, token=token)
+    return connect(settings.registry_url, settings.registry_token)

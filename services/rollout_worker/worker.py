@@ -1,5 +1,5 @@
 """The rollout loop: take a request, make sure the drafter version is loaded, roll out with
-recording on, publish the records (``draftopd.rollout_queue``).
+recording on, publish the records (``draftopd.wire.rollout_queue``).
 
 A request's ``drafter_path`` is a local checkpoint directory or a registry version,
 ``registry://NAME/VERSION``: the worker fetches that into its artifact cache (sha256 checked by
@@ -19,11 +19,12 @@ import httpx
 import redis
 
 from draftopd.models.checkpoint import load_drafter
-from draftopd.models.eagle3 import Eagle3Drafter
+from draftopd.models.drafter import Drafter
 from draftopd.models.target import TargetModel, default_cache_dir
-from draftopd.registry_client import RegistryClient, RegistryError, parse_registry_ref
-from draftopd.rollout_queue import DEAD_LETTER_STREAM, RolloutRequest, next_request, publish
-from draftopd.training.rollouts import make_rollouts
+from draftopd.training.opd.rollouts import make_rollouts
+from draftopd.wire.formats import parse_registry_ref
+from draftopd.wire.registry_client import RegistryClient, RegistryError, resolve_drafter_ref
+from draftopd.wire.rollout_queue import DEAD_LETTER_STREAM, RolloutRequest, next_request, publish
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class RolloutWorker:
         self.registry = registry
         self.cache_dir = artifact_cache_dir or default_cache_dir() / "drafters"
         self.stats = WorkerStats()
-        self.drafter: Eagle3Drafter | None = None
+        self.drafter: Drafter | None = None
         self.drafter_key: tuple[str, str] | None = None  # (path, version) held
         self._lock = threading.Lock()
 
@@ -81,26 +82,21 @@ class RolloutWorker:
     def drafter_version(self) -> str | None:
         return None if self.drafter_key is None else self.drafter_key[1]
 
-    def _drafter_for(self, request: RolloutRequest) -> Eagle3Drafter:
-        ref = parse_registry_ref(request.drafter_path)
-        path = request.drafter_path if ref else str(Path(request.drafter_path))
-        key = (path, request.drafter_version)
+    def _drafter_for(self, request: RolloutRequest) -> Drafter:
+        ref = request.drafter_path
+        key = (ref, request.drafter_version)
         if self.drafter is None or self.drafter_key != key:
-            directory = self._fetch(*ref) if ref else Path(path)
+            if self.registry is None and parse_registry_ref(ref) is not None:
+                raise ValueError(
+                    f"drafter {ref} needs a registry: this worker has none "
+                    "(set DRAFTOPD_ROLLOUT_REGISTRY_URL)"
+                )
+            directory = resolve_drafter_ref(ref, self.registry, self.cache_dir)
             self.drafter = load_drafter(directory, self.target).eval()
             self.drafter_key = key
             self.stats.drafter_loads += 1
             logger.info("loaded drafter version %s from %s", key[1], directory)
         return self.drafter
-
-    def _fetch(self, name: str, version: int) -> Path:
-        """A registry version's checkpoint directory in the artifact cache (downloaded once)."""
-        if self.registry is None:
-            raise ValueError(
-                f"drafter registry://{name}/{version} needs a registry: this worker has none "
-                "(set DRAFTOPD_ROLLOUT_REGISTRY_URL)"
-            )
-        return self.registry.fetch_version(name, version, self.cache_dir)
 
     def run_once(self) -> bool:
         """Serve one request if there is one; True when a request was handled."""

@@ -20,9 +20,10 @@ import torch
 from celery import Celery, Task
 from celery.signals import worker_process_init
 
-from draftopd.registry_client import RegistryClient
-from draftopd.training.jobs import run_train_job
-from draftopd.training.opd_job import job_key
+from draftopd.wire.formats import FINISHED_STATUSES
+from draftopd.wire.registry_client import RegistryClient, connect
+from services.trainer.jobs import run_train_job
+from services.trainer.rollouts import job_key
 from services.trainer.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -48,14 +49,8 @@ def _set_threads(**_: Any) -> None:
         torch.set_num_threads(settings.torch_threads)
 
 
-FINISHED = frozenset({"succeeded", "failed", "cancelled"})
-
-
 def _registry() -> RegistryClient | None:
-    if settings.registry_url is None:
-        return None
-    token = settings.registry_token.get_secret_value() if settings.registry_token else None
-    return RegistryClient(settings.registry_url, token=token)
+    return connect(settings.registry_url, settings.registry_token)
 
 
 @app.task(name=TASK_NAME, bind=True, max_retries=None)
@@ -75,7 +70,9 @@ def train(self: Task, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
     try:
         if registry is not None:
             status = registry.get_train_job(job_id)["status"]
-            if status in FINISHED:  # e.g. cancelled while queued, or a redelivered finished job
+            if (
+                status in FINISHED_STATUSES
+            ):  # e.g. cancelled while queued, or a redelivered finished job
                 logger.info("job %s is %s; not running it", job_id, status)
                 return {"status": status}
         return run_train_job(job_id, spec, client, on_step=renew, registry=registry)

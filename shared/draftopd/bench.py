@@ -1,4 +1,4 @@
-"""The benchmark protocol (DESIGN.md §6): plain vs speculative decoding, side by side.
+"""The benchmark protocol (docs/design.md §6): plain vs speculative decoding, side by side.
 
 For every prompt, on the same machine and in one run, this measures:
 1. plain autoregressive decoding in our engine (no proposer): the baseline;
@@ -28,18 +28,18 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import GenerationConfig
 
 from draftopd.models.checkpoint import load_drafter, random_drafter_for
-from draftopd.models.eagle3 import Eagle3Drafter
+from draftopd.models.drafter import Drafter
 from draftopd.models.target import DEFAULT_TARGET, TargetModel, load_target
 from draftopd.prompts import load_prompts, render_prompt
 from draftopd.speculative.engine import DecodeEngine, GenerationResult
-from draftopd.speculative.proposers import Eagle3Proposer, NgramProposer, Proposer
+from draftopd.speculative.proposers import NgramProposer, Proposer
 from draftopd.speculative.sampling import SamplingParams
+from draftopd.wire.formats import parse_random_ref
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("eagle3", "ngram", "none")
 DEFAULT_DRAFTER = "random:0"  # a seeded random-init drafter, until a trained one is given
-RANDOM_PREFIX = "random:"
 HF_PROMPT_LOOKUP_TOKENS = 10  # prompt_lookup_num_tokens for the HF peer
 WARMUP_TOKENS = 16  # new tokens of the untimed warm-up generations
 REPORT_KEYS = (
@@ -64,11 +64,9 @@ class DrafterRef:
 
 def parse_drafter_ref(ref: str) -> DrafterRef:
     """``random:SEED`` or an existing checkpoint directory; anything else is a ValueError."""
-    if ref.startswith(RANDOM_PREFIX):
-        seed = ref[len(RANDOM_PREFIX) :]
-        if not seed.lstrip("-").isdigit():
-            raise ValueError(f"drafter {ref!r}: expected random:SEED with an integer SEED")
-        return DrafterRef(path=None, seed=int(seed))
+    seed = parse_random_ref(ref)
+    if seed is not None:
+        return DrafterRef(path=None, seed=seed)
     path = Path(ref).expanduser()
     if path.is_dir():
         return DrafterRef(path=path, seed=0)
@@ -156,12 +154,12 @@ class _Bench:
     config: BenchConfig
     target: TargetModel
     engine: DecodeEngine
-    drafter: Eagle3Drafter | None
+    drafter: Drafter | None
     prompts: list[tuple[str, list[int]]]  # (prompt id, prompt token ids)
 
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:
-    """Run the benchmark and return the JSON report (DESIGN.md §6 keys plus context)."""
+    """Run the benchmark and return the JSON report (docs/design.md §6 keys plus context)."""
     torch.manual_seed(config.seed)
     if config.threads is not None:
         torch.set_num_threads(config.threads)  # oversubscribed CPUs slow torch down many times
@@ -191,7 +189,7 @@ def _setup(config: BenchConfig) -> _Bench:
     return _Bench(config=config, target=target, engine=engine, drafter=drafter, prompts=rendered)
 
 
-def _load_drafter(ref: str, target: TargetModel) -> Eagle3Drafter:
+def _load_drafter(ref: str, target: TargetModel) -> Drafter:
     parsed = parse_drafter_ref(ref)
     if parsed.path is not None:
         logger.info("loading drafter checkpoint %s", parsed.path)
@@ -204,7 +202,7 @@ def _new_proposer(bench: _Bench) -> Proposer | None:
     """A fresh proposer for one request (proposers hold per-request state)."""
     if bench.config.method == "eagle3":
         assert bench.drafter is not None
-        return Eagle3Proposer(bench.drafter)
+        return bench.drafter.proposer()
     if bench.config.method == "ngram":
         return NgramProposer()
     return None
@@ -349,7 +347,7 @@ def _position_counts(results: list[GenerationResult], k: int) -> tuple[list[int]
 def build_report(
     config: BenchConfig, runs: list[PromptRun], *, machine: dict[str, Any]
 ) -> dict[str, Any]:
-    """The JSON report: the DESIGN.md §6 keys first, then the context to interpret them."""
+    """The JSON report: the docs/design.md §6 keys first, then the context to interpret them."""
     spec = [r.spec for r in runs]
     baseline = [r.baseline for r in runs]
     k = config.num_draft_tokens if config.method != "none" else 0

@@ -26,7 +26,7 @@ import redis
 from draftopd.models.checkpoint import random_drafter_for, save_drafter
 from draftopd.models.target import TargetModel
 from draftopd.speculative.records import RolloutRecord, stream_key
-from draftopd.training.opd_job import TRAINER_GROUP, JobStatus, job_key
+from services.trainer.rollouts import TRAINER_GROUP, JobStatus, job_key
 
 REPO = Path(__file__).resolve().parents[2]
 JOB = "opd-it"

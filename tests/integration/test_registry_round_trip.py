@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from draftopd.registry_client import RegistryClient
+from draftopd.wire.registry_client import RegistryClient
 from services.registry.migrate import upgrade_head
 from tests.services.registry.helpers import scratch_postgres
 

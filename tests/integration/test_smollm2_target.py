@@ -19,7 +19,7 @@ from draftopd.models.target import (
 )
 from draftopd.prompts import default_prompts_path, load_prompts, render_prompt
 from draftopd.speculative.engine import DecodeEngine
-from draftopd.speculative.proposers import Eagle3Proposer, NgramProposer
+from draftopd.speculative.proposers import NgramProposer
 from draftopd.speculative.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -58,6 +58,6 @@ def test_greedy_lossless_on_mtbench_prompts(smollm2: TargetModel, tmp_path: Path
         )[0, len(ids) :].tolist()
         plain = engine.generate(ids, params)
         assert plain.token_ids == hf
-        proposers: list[Any] = [Eagle3Proposer(reloaded), NgramProposer()]
+        proposers: list[Any] = [reloaded.proposer(), NgramProposer()]
         for proposer in proposers:
             assert engine.generate(ids, params, proposer=proposer).token_ids == hf

@@ -177,15 +177,17 @@ def _generate(http: httpx.Client, base: str, method: str | None) -> httpx.Respon
 def _sft_spec(tmp_path: Path, target: Path) -> dict[str, Any]:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(10)))
-    return {
+    return {  # the sectioned layout, as the README walkthrough writes it
         "mode": "sft",
-        "out_dir": "runs/first-sft",  # relative: under the trainer's directory in the data dir
-        "target": str(target),
-        "prompts": str(prompts),
-        "heldout": 2,
-        "max_new_tokens": 8,
-        "threads": 1,
+        "run": {
+            "out_dir": "runs/first-sft",  # relative: under the trainer's directory in the data dir
+            "target": str(target),
+            "prompts": str(prompts),
+            "heldout": 2,
+            "threads": 1,
+        },
         "sft": {
+            "max_new_tokens": 8,
             "total_steps": 4,
             "batch_size": 2,
             "ttt_steps": 2,
@@ -198,7 +200,7 @@ def _sft_spec(tmp_path: Path, target: Path) -> dict[str, Any]:
 
 
 def _opd_spec(tmp_path: Path, target: Path) -> dict[str, Any]:
-    return {
+    return {  # the flat layout of earlier releases: still accepted
         "mode": "draft_opd",
         "out_dir": "runs/first-opd",
         "drafter": f"registry://{DRAFTER}/2",

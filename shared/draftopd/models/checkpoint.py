@@ -4,6 +4,9 @@ Layout of a checkpoint directory::
 
     config.json        {"architecture": "eagle3", "config": {...}, "provenance": {...}}
     model.safetensors  the drafter's parameters and its d2t/t2d maps (not the shared embedding)
+
+The ``architecture`` tag picks the drafter family (``models.families``); this module is the same
+for every family.
 """
 
 from __future__ import annotations
@@ -16,17 +19,16 @@ from typing import Any
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from draftopd.models.eagle3 import Eagle3Config, Eagle3Drafter, random_drafter
+from draftopd.models.drafter import Drafter, DrafterConfig
+from draftopd.models.families import DEFAULT_ARCHITECTURE, family
 from draftopd.models.target import TargetModel
+from draftopd.wire.formats import CONFIG_FILE, WEIGHTS_FILE
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-
 
 def save_drafter(
-    drafter: Eagle3Drafter, directory: str | Path, *, provenance: dict[str, Any] | None = None
+    drafter: Drafter, directory: str | Path, *, provenance: dict[str, Any] | None = None
 ) -> Path:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,12 +51,16 @@ def read_checkpoint_meta(directory: str | Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"unreadable {path}: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("architecture") != "eagle3":
-        raise ValueError(f"unsupported drafter architecture in {path}; supported: ['eagle3']")
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    try:
+        family(str(meta.get("architecture")))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
     return meta
 
 
-def check_compatible(cfg: Eagle3Config, target: TargetModel) -> None:
+def check_compatible(cfg: DrafterConfig, target: TargetModel) -> None:
     """Refuse a drafter built for another target (shape or declared target id)."""
     if cfg.hidden_size != target.hidden_size or cfg.target_vocab_size != target.vocab_size:
         raise ValueError(
@@ -72,12 +78,14 @@ def check_compatible(cfg: Eagle3Config, target: TargetModel) -> None:
         )
 
 
-def load_drafter(directory: str | Path, target: TargetModel) -> Eagle3Drafter:
-    """Load a checkpoint onto the target's device and dtype, sharing its embedding."""
+def load_drafter(directory: str | Path, target: TargetModel) -> Drafter:
+    """Load a checkpoint of any family onto the target's device and dtype, sharing its
+    embedding."""
     meta = read_checkpoint_meta(directory)
-    cfg = Eagle3Config.from_dict(meta["config"])
+    kind = family(meta["architecture"])
+    cfg = kind.config_from_dict(meta["config"])
     check_compatible(cfg, target)
-    drafter = Eagle3Drafter(cfg)
+    drafter = kind.build(cfg)
     weights_path = Path(directory) / WEIGHTS_FILE
     try:
         tensors = load_file(str(weights_path))
@@ -91,19 +99,32 @@ def load_drafter(directory: str | Path, target: TargetModel) -> Eagle3Drafter:
 
 
 def random_drafter_for(
-    target: TargetModel, *, seed: int = 0, draft_vocab_size: int | None = None
-) -> Eagle3Drafter:
-    """A seeded random-init drafter for any target (before any training exists)."""
-    cfg = Eagle3Config.for_target(
+    target: TargetModel,
+    *,
+    seed: int = 0,
+    draft_vocab_size: int | None = None,
+    architecture: str = DEFAULT_ARCHITECTURE,
+) -> Drafter:
+    """A seeded random-init drafter of a family for any target (before any training exists)."""
+    kind = family(architecture)
+    cfg = kind.config_for_target(
         target.config,
         feature_layers=target.feature_layers,
         draft_vocab_size=draft_vocab_size or min(32000, target.vocab_size),
         target_model=target.name,
         target_fingerprint=target.fingerprint,
     )
-    drafter = random_drafter(cfg, seed=seed)
+    drafter = kind.random(cfg, seed=seed)
     drafter.attach_embedding(target.embed_tokens)
     return drafter.to(device=target.device, dtype=target.dtype).eval()
 
 
-__all__ = ["load_drafter", "random_drafter_for", "read_checkpoint_meta", "save_drafter"]
+__all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "check_compatible",
+    "load_drafter",
+    "random_drafter_for",
+    "read_checkpoint_meta",
+    "save_drafter",
+]

@@ -1,7 +1,8 @@
 """The decode loop: plain autoregressive decoding and chain speculative decoding.
 
-One cycle (DRAFT_OPD.md, "Notation"): the proposer drafts d_1..d_k from the committed prefix; the
-target scores [last committed, d_1..d_k] in ONE forward; verification accepts m drafts and picks a
+One cycle (docs/draft_opd.md, "Notation"): the proposer drafts d_1..d_k from the committed
+prefix; the target scores [last committed, d_1..d_k] in ONE forward; verification accepts m drafts
+and picks a
 bonus token; m + 1 tokens are committed and the target's KV cache is cropped to the kept prefix.
 The target's KV always covers every committed token except the last one.
 
@@ -20,19 +21,9 @@ import torch
 
 from draftopd.models.target import TargetModel, crop_cache
 from draftopd.speculative.proposers import Proposal, Proposer
+from draftopd.speculative.records import Cycle
 from draftopd.speculative.sampling import SamplingParams, probs_from_logits
 from draftopd.speculative.verify import Verdict, verify_greedy, verify_sampling
-
-
-@dataclass(frozen=True)
-class Cycle:
-    """One draft-verify cycle as recorded for Draft-OPD (DESIGN.md §3)."""
-
-    anchor: int  # response index of the last committed token when drafting began; -1 = prompt
-    proposed: list[int]  # d_1..d_k
-    accepted: int  # m
-    committed: list[int]  # d_1..d_m + bonus
-    rejected_teacher_logprobs: list[float]  # log p(d_j | prefix, d_<j) for j = m+1..k
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The rollout record (DESIGN.md §3): one Redis Stream entry per generated sequence.
+"""The rollout record (docs/design.md §3): one Redis Stream entry per generated sequence.
 
 Token lists and cycles travel as one msgpack blob (field ``data``) next to a few small scalar
 fields that consumers can filter on without decoding (``schema_version``, ``job_id``,
@@ -16,14 +16,26 @@ from __future__ import annotations
 import sys
 from array import array
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from draftopd.speculative.engine import Cycle, GenerationResult
-from draftopd.speculative.sampling import SamplingParams
+if TYPE_CHECKING:  # torch-free at run time: the rollout queue and the registry side use records
+    from draftopd.speculative.engine import GenerationResult
+    from draftopd.speculative.sampling import SamplingParams
 
 SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Cycle:
+    """One draft-verify cycle as recorded for Draft-OPD (docs/design.md §3)."""
+
+    anchor: int  # response index of the last committed token when drafting began; -1 = prompt
+    proposed: list[int]  # d_1..d_k
+    accepted: int  # m
+    committed: list[int]  # d_1..d_m + bonus
+    rejected_teacher_logprobs: list[float]  # log p(d_j | prefix, d_<j) for j = m+1..k
 
 
 def _pack_cycle(cycle: Cycle) -> list[Any]:

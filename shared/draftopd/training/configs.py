@@ -1,20 +1,46 @@
-"""Training configurations, torch-free: what a train-job spec carries and the registry validates.
+"""Training configurations, torch-free. Each setting is declared once, here.
 
-- ``SFTConfig``: the SFT bootstrap (EAGLE-3 recipe with training-time test);
-- ``OPDConfig`` with its ``OPDLossConfig``: Draft-OPD (DRAFT_OPD.md);
-- ``warmup_cosine_lr``: the learning-rate schedule both use (a pure function of the step).
+- ``RunConfig``: the run section (where the run lives, which target and prompts, the device);
+- ``SFTConfig``: the SFT stage (target regeneration, then the family's SFT objective);
+- ``OPDConfig`` with its nested ``OPDLossConfig``: Draft-OPD (docs/draft_opd.md).
 
-Each is a frozen dataclass that validates itself and round-trips through JSON (``to_dict`` /
-``from_dict``; unknown keys are an error).
+A train-job spec (``wire/job_specs.py``) is a run section plus an ``sft`` or ``opd`` section made
+of exactly these classes, the pipelines take those sections as they are, and the ``draftopd
+train`` flags are generated from the fields (``cli/config_flags.py``): the help text of a flag is
+the ``help`` of its field, its default the field's default.
+
+Each class is a frozen dataclass that validates itself in ``__post_init__`` (ValueError naming
+the field) and round-trips through JSON (``to_dict`` / ``from_dict``; unknown keys are an error).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
 
-from draftopd.training.config_dict import known_fields
+from pydantic import ConfigDict
+
+DTYPES = ("float32", "bfloat16", "float16")
+ROLLOUT_MODES = ("engine", "batched")
+STREAM_A_LOSSES = ("soft_ce", "bernoulli_fkl")
+STREAM_B_LOSSES = ("k3", "bernoulli_fkl")
+
+_STRICT = ConfigDict(extra="forbid")  # job specs validate these classes: unknown keys are errors
+
+
+def setting(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    flag: str | None = None,  # the `draftopd train` flag; None = --field-name
+    choices: tuple[str, ...] | None = None,
+    cli: bool = True,  # False: no flag (a setting of the trainer service or a tuple)
+    resumable: bool = False,  # may change when a run resumes (no effect on weights or data order)
+) -> Any:
+    """A dataclass field with the metadata the CLI and the resume check read."""
+    meta = {"help": help, "flag": flag, "choices": choices, "cli": cli, "resumable": resumable}
+    return field(default=default, metadata=meta)
 
 
 def warmup_cosine_lr(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -35,22 +61,6 @@ def warmup_cosine_lr(step: int, *, peak_lr: float, warmup_steps: int, total_step
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _to_json(cfg: Any) -> dict[str, Any]:
-    data = asdict(cfg)
-    data["betas"] = list(cfg.betas)  # JSON has no tuples
-    return data
-
-
-def _from_json(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    values = known_fields(cls, data)
-    if "betas" in values:
-        values["betas"] = tuple(values["betas"])
-    return values
-
-
-ROLLOUT_MODES = ("engine", "batched")
-
-
 def check_rollout_mode(mode: str, temperature: float) -> None:
     if mode not in ROLLOUT_MODES:
         raise ValueError(f"rollout mode {mode!r}; allowed: {', '.join(ROLLOUT_MODES)}")
@@ -58,61 +68,127 @@ def check_rollout_mode(mode: str, temperature: float) -> None:
         raise ValueError("batched rollouts are greedy only: use temperature 0 or mode 'engine'")
 
 
-STREAM_A_LOSSES = ("soft_ce", "bernoulli_fkl")
-STREAM_B_LOSSES = ("k3", "bernoulli_fkl")
+def _at_least(cfg: Any, minimum: float, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"{name} must be >= {minimum:g}, got {value}")
+
+
+def _one_of(value: str, name: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+C = TypeVar("C", bound="_JSONConfig")
+
+
+class _JSONConfig:
+    """JSON round trip shared by the config classes (tuples become lists)."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = _STRICT
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)  # type: ignore[call-overload]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        values = cls.normalise(dict(data))
+        unknown = set(values) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    @classmethod
+    def normalise(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Earlier layouts of the section mapped to this one (none by default)."""
+        return data
+
+    @classmethod
+    def resumable_fields(cls) -> frozenset[str]:
+        return frozenset(
+            f.name
+            for f in fields(cls)  # type: ignore[arg-type]
+            if f.metadata.get("resumable")
+        )
+
+
+def config_fields(cls: type) -> list[Field[Any]]:
+    """The fields of a config class (for the CLI)."""
+    return list(fields(cls))
 
 
 @dataclass(frozen=True)
-class OPDLossConfig:
-    lambda_a: float = 1.0
-    lambda_b: float = 1.0
-    gamma: float = 0.8
-    stream_a_loss: str = "soft_ce"
-    stream_b_loss: str = "k3"
-    clip: float = 10.0
-    logprob_floor: float = -10.0
+class RunConfig(_JSONConfig):
+    """The run section: where the run lives, what it trains on, where it computes."""
+
+    out_dir: str = setting(help="run directory: data/, checkpoints/, metrics.jsonl", flag="--out")
+    target: str = setting("smollm2", "target: smollm2, a directory or a .gguf")
+    prompts: str | None = setting(None, "training prompts JSONL; none = the built-in corpus")
+    skip: int = setting(0, "skip the first N non-held-out prompts (fresh data for a next stage)")
+    limit: int | None = setting(None, "then use the next N prompts; none = all the rest")
+    heldout: int = setting(8, "the last N prompts of the list, never trained on: tau in training")
+    corpus_seed: int = setting(0, "seed of the built-in corpus (ignored with --prompts)")
+    device: str | None = setting(None, "torch device; none = cuda when available, else cpu")
+    dtype: str = setting("float32", "target dtype", choices=DTYPES)
+    threads: int | None = setting(None, "torch intra-op CPU threads; none = torch's default")
 
     def __post_init__(self) -> None:
-        if self.stream_a_loss not in STREAM_A_LOSSES:
-            raise ValueError(f"stream_a_loss must be one of {STREAM_A_LOSSES}")
-        if self.stream_b_loss not in STREAM_B_LOSSES:
-            raise ValueError(f"stream_b_loss must be one of {STREAM_B_LOSSES}")
-        if self.lambda_a < 0 or self.lambda_b < 0 or self.lambda_a + self.lambda_b == 0:
-            raise ValueError("lambda_a and lambda_b must be >= 0 and not both 0")
-        if not 0 < self.gamma <= 1:
-            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
-        if self.clip <= 0 or self.logprob_floor >= 0:
-            raise ValueError("clip must be > 0 and logprob_floor < 0")
+        if not self.out_dir:
+            raise ValueError("out_dir must not be empty")
+        _at_least(self, 0, ("skip", "heldout"))
+        _at_least(self, 1, ("limit", "threads"))
+        _one_of(self.dtype, "dtype", DTYPES)
 
 
 @dataclass(frozen=True)
-class SFTConfig:
-    lr: float = 3e-4  # peak AdamW learning rate
-    warmup_fraction: float = 0.05  # share of total_steps in linear warmup (if warmup_steps unset)
-    warmup_steps: int | None = None  # explicit warmup length; overrides warmup_fraction
-    total_steps: int = 2000  # optimizer steps; the cosine reaches zero here
-    batch_size: int = 8  # sequences per optimizer step
-    max_seq_len: int = 1024  # prompt + response tokens kept per sequence (cut on the right)
-    ttt_steps: int = 7  # training-time-test unroll length S
-    step_decay: float = 0.8  # loss weight of unroll step j is step_decay ** j
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    weight_decay: float = 0.0  # AdamW decoupled weight decay on matrices (norms exempt)
-    betas: tuple[float, float] = (0.9, 0.95)  # AdamW moment decay rates
-    draft_vocab_size: int = 32000  # Vd, the most frequent response tokens (capped at V)
-    eval_every: int = 100  # held-out tau every N steps, at step 0 and at the end; 0 = only end
-    eval_num_draft_tokens: int = 5  # K drafts per cycle when measuring held-out tau
-    eval_max_new_tokens: int = 64  # tokens generated per held-out prompt
-    checkpoint_every: int = 100  # resumable checkpoint every N steps (and at the end); 0 = end
-    seed: int = 0  # drafter initialisation and data order
+class SFTConfig(_JSONConfig):
+    """The SFT stage: the target answers the training prompts, the drafter learns from them."""
+
+    # -- data: target regeneration
+    init_from: str | None = setting(
+        None, "start a fresh run from this drafter checkpoint (continued SFT)", resumable=True
+    )
+    max_new_tokens: int = setting(512, "cap on each target-written response", resumable=True)
+    gen_batch_size: int = setting(8, "prompts per batched generate call", resumable=True)
+    temperature: float = setting(0.0, "regeneration temperature; 0 = greedy", resumable=True)
+    top_p: float = setting(1.0, "regeneration nucleus cut-off", resumable=True)
+    # -- optimisation
+    lr: float = setting(3e-4, "peak AdamW learning rate")
+    warmup_fraction: float = setting(0.05, "share of the steps in linear warmup (if no --warmup)")
+    warmup_steps: int | None = setting(
+        None, "warmup steps; overrides the fraction", flag="--warmup"
+    )
+    total_steps: int = setting(
+        2000, "optimizer steps; the cosine LR reaches 0 here", flag="--steps"
+    )
+    batch_size: int = setting(8, "sequences per optimizer step")
+    max_seq_len: int = setting(1024, "prompt + response tokens kept per sequence (cut right)")
+    ttt_steps: int = setting(7, "training-time-test unroll length (draft slots trained)")
+    step_decay: float = setting(0.8, "loss weight of unroll step j is step_decay ** j")
+    grad_clip: float = setting(1.0, "max global gradient norm; 0 disables clipping")
+    weight_decay: float = setting(0.0, "AdamW decoupled weight decay on matrices")
+    betas: tuple[float, float] = setting((0.9, 0.95), "AdamW moment decay rates", cli=False)
+    draft_vocab_size: int = setting(32000, "draft vocab Vd: the most frequent response tokens")
+    seed: int = setting(0, "drafter init, data order, sampled regeneration")
+    # -- evaluation and checkpoints
+    eval_every: int = setting(
+        100, "held-out tau every N steps (and 0, end); 0 = end", resumable=True
+    )
+    eval_num_draft_tokens: int = setting(
+        5, "K drafts per cycle for held-out tau", flag="--eval-draft-tokens", resumable=True
+    )
+    eval_max_new_tokens: int = setting(64, "tokens per held-out tau prompt", resumable=True)
+    checkpoint_every: int = setting(
+        100, "checkpoint every N steps (and end); 0 = end", resumable=True
+    )
 
     def __post_init__(self) -> None:
-        positive = ("total_steps", "batch_size", "max_seq_len", "ttt_steps", "draft_vocab_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        _at_least(self, 1, ("total_steps", "batch_size", "max_seq_len", "ttt_steps"))
+        _at_least(self, 1, ("draft_vocab_size", "max_new_tokens", "gen_batch_size"))
+        _at_least(self, 0, ("eval_every", "checkpoint_every", "weight_decay", "grad_clip"))
+        _at_least(self, 1, ("eval_num_draft_tokens", "eval_max_new_tokens"))
         if self.lr <= 0 or not 0 < self.step_decay <= 1 or not 0 <= self.warmup_fraction <= 1:
             raise ValueError(
                 f"need lr > 0, step_decay in (0, 1], warmup_fraction in [0, 1]; got "
@@ -120,6 +196,10 @@ class SFTConfig:
             )
         if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.total_steps:
             raise ValueError(f"warmup_steps must be in [0, {self.total_steps}]")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"need temperature >= 0 and top_p in (0, 1]; got {self.temperature}, {self.top_p}"
+            )
 
     @property
     def warmup(self) -> int:
@@ -132,65 +212,85 @@ class SFTConfig:
             step, peak_lr=self.lr, warmup_steps=self.warmup, total_steps=self.total_steps
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return _to_json(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SFTConfig:
-        return cls(**_from_json(cls, data))
+@dataclass(frozen=True)
+class OPDLossConfig(_JSONConfig):
+    """The two-stream Draft-OPD loss (docs/draft_opd.md, "Replay and loss")."""
+
+    lambda_a: float = setting(1.0, "stream A weight (accepted and correction slots)")
+    lambda_b: float = setting(1.0, "stream B weight (rejected slots); 0 = off")
+    gamma: float = setting(0.8, "stream B weight decay per slot: gamma ** (k-1)")
+    stream_a_loss: str = setting("soft_ce", "stream A loss", choices=STREAM_A_LOSSES)
+    stream_b_loss: str = setting("k3", "stream B loss", choices=STREAM_B_LOSSES)
+    clip: float = setting(10.0, "clip each token's loss to [-clip, clip]")
+    logprob_floor: float = setting(-10.0, "floor on log-probs inside the loss")
+
+    def __post_init__(self) -> None:
+        _one_of(self.stream_a_loss, "stream_a_loss", STREAM_A_LOSSES)
+        _one_of(self.stream_b_loss, "stream_b_loss", STREAM_B_LOSSES)
+        if self.lambda_a < 0 or self.lambda_b < 0 or self.lambda_a + self.lambda_b == 0:
+            raise ValueError("lambda_a and lambda_b must be >= 0 and not both 0")
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
+        if self.clip <= 0 or self.logprob_floor >= 0:
+            raise ValueError("clip must be > 0 and logprob_floor < 0")
 
 
 @dataclass(frozen=True)
-class OPDConfig:
-    lr: float = 3e-4  # peak AdamW learning rate (the paper's)
-    warmup_fraction: float = 0.05
-    total_steps: int = 200  # optimizer steps; the cosine reaches zero here
-    prompts_per_step: int = 8  # rollout sequences per optimizer step (the paper: ~200 on GPUs)
-    num_draft_tokens: int = 5  # K during rollouts
-    max_new_tokens: int = 128  # rollout length
-    temperature: float = 0.0  # rollouts: 0 = greedy (the paper's default)
-    top_p: float = 1.0
-    rollout_mode: str = "engine"  # "engine" (one sequence at a time) or "batched" (greedy only)
-    rollout_batch_size: int = 8  # sequences per batched rollout pass
-    lambda_a: float = 1.0
-    lambda_b: float = 1.0
-    gamma: float = 0.8
-    stream_a_loss: str = "soft_ce"
-    stream_b_loss: str = "k3"
-    random_anchors: bool = False  # ablation: same number of blocks at random positions
-    max_version_lag: int = 0  # records made by older drafter versions are dropped
-    grad_clip: float = 1.0
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    eval_every: int = 25  # held-out tau every N steps (and at step 0 and the end); 0 = end
-    eval_num_draft_tokens: int = 5
-    eval_max_new_tokens: int = 64
-    checkpoint_every: int = 25
-    seed: int = 0  # prompt order, sampled rollouts, random anchors
+class OPDConfig(_JSONConfig):
+    """Draft-OPD: on-policy rollouts, replay from the error positions, one step, repeat."""
+
+    drafter: str = setting("", "starting drafter checkpoint (e.g. the SFT one)", resumable=True)
+    # -- rollouts
+    prompts_per_step: int = setting(8, "rollout sequences per optimizer step (paper: ~200)")
+    num_draft_tokens: int = setting(5, "K drafts per cycle in rollouts")
+    max_new_tokens: int = setting(128, "rollout length")
+    temperature: float = setting(0.0, "rollout temperature; 0 = greedy (the paper's default)")
+    top_p: float = setting(1.0, "rollout nucleus cut-off")
+    rollout_mode: str = setting("engine", "engine, or batched (greedy only)", choices=ROLLOUT_MODES)
+    rollout_batch_size: int = setting(8, "sequences per batched rollout pass")
+    max_version_lag: int = setting(0, "records made by older drafter versions are dropped")
+    requests_per_step: int = setting(
+        2, "trainer service: rollout requests per step", cli=False, resumable=True
+    )
+    rollout_timeout_s: float = setting(
+        600.0, "trainer service: seconds to wait for a step's rollouts", cli=False, resumable=True
+    )
+    # -- the loss and the optimisation
+    loss: OPDLossConfig = field(default_factory=OPDLossConfig)
+    random_anchors: bool = setting(False, "ablation: the same number of blocks at random anchors")
+    lr: float = setting(3e-4, "peak AdamW learning rate (the paper's)")
+    warmup_fraction: float = setting(0.05, "share of the steps in linear warmup")
+    total_steps: int = setting(200, "optimizer steps; the cosine LR reaches 0 here", flag="--steps")
+    grad_clip: float = setting(1.0, "max global gradient norm; 0 disables clipping")
+    weight_decay: float = setting(0.0, "AdamW decoupled weight decay on matrices")
+    betas: tuple[float, float] = setting((0.9, 0.95), "AdamW moment decay rates", cli=False)
+    seed: int = setting(0, "prompt order, sampled rollouts, random anchors")
+    # -- evaluation and checkpoints
+    eval_every: int = setting(
+        25, "held-out tau every N steps (and 0, end); 0 = end", resumable=True
+    )
+    eval_num_draft_tokens: int = setting(
+        5, "K drafts per cycle for held-out tau", flag="--eval-draft-tokens", resumable=True
+    )
+    eval_max_new_tokens: int = setting(64, "tokens per held-out tau prompt", resumable=True)
+    checkpoint_every: int = setting(
+        25, "checkpoint every N steps (and end); 0 = end", resumable=True
+    )
 
     def __post_init__(self) -> None:
-        for name in ("total_steps", "prompts_per_step", "num_draft_tokens", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every", "max_version_lag", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if isinstance(self.loss, dict):  # pydantic and from_dict hand the nested section as-is
+            object.__setattr__(self, "loss", OPDLossConfig.from_dict(self.loss))
+        _at_least(self, 1, ("total_steps", "prompts_per_step", "num_draft_tokens"))
+        _at_least(self, 1, ("max_new_tokens", "rollout_batch_size", "requests_per_step"))
+        _at_least(self, 1, ("eval_num_draft_tokens", "eval_max_new_tokens"))
+        _at_least(self, 0, ("eval_every", "checkpoint_every", "max_version_lag", "grad_clip"))
+        _at_least(self, 0, ("weight_decay",))
         if self.lr <= 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("need lr > 0, temperature >= 0 and top_p in (0, 1]")
+        if not 0 <= self.warmup_fraction <= 1 or not self.rollout_timeout_s > 0:
+            raise ValueError("need warmup_fraction in [0, 1] and rollout_timeout_s > 0")
         check_rollout_mode(self.rollout_mode, self.temperature)
-        if self.rollout_batch_size < 1:
-            raise ValueError(f"rollout_batch_size must be >= 1, got {self.rollout_batch_size}")
-        _ = self.loss_config  # validates the loss fields
-
-    @property
-    def loss_config(self) -> OPDLossConfig:
-        return OPDLossConfig(
-            lambda_a=self.lambda_a,
-            lambda_b=self.lambda_b,
-            gamma=self.gamma,
-            stream_a_loss=self.stream_a_loss,
-            stream_b_loss=self.stream_b_loss,
-        )
 
     def lr_at(self, step: int) -> float:
         warmup = round(self.warmup_fraction * self.total_steps)
@@ -199,20 +299,29 @@ class OPDConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_json(self)
+        return {**super().to_dict(), "loss": self.loss.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> OPDConfig:
-        return cls(**_from_json(cls, data))
+    def normalise(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Earlier releases kept the loss fields flat beside the others: nest them."""
+        loss_names = {f.name for f in fields(OPDLossConfig)}
+        flat = {k: data.pop(k) for k in list(data) if k in loss_names}
+        if flat:
+            data["loss"] = {**dict(data.get("loss") or {}), **flat}
+        return data
 
 
 __all__ = [
+    "DTYPES",
     "ROLLOUT_MODES",
     "STREAM_A_LOSSES",
     "STREAM_B_LOSSES",
     "OPDConfig",
     "OPDLossConfig",
+    "RunConfig",
     "SFTConfig",
     "check_rollout_mode",
+    "config_fields",
+    "setting",
     "warmup_cosine_lr",
 ]

@@ -6,6 +6,8 @@ step counter it already saves.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from draftopd.training.configs import warmup_cosine_lr
@@ -23,4 +25,28 @@ def make_adamw(
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
-__all__ = ["make_adamw", "warmup_cosine_lr"]
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    *,
+    lr: float,
+    grad_clip: float,
+    timings: dict[str, float] | None = None,
+) -> float:
+    """Backward, global gradient clipping (0 = none), then one step at ``lr``; the grad norm.
+    ``timings`` gets ``backward_s`` and ``step_s``."""
+    t0 = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    t1 = time.perf_counter()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    if timings is not None:
+        timings.update(backward_s=t1 - t0, step_s=time.perf_counter() - t1)
+    return float(norm)
+
+
+__all__ = ["make_adamw", "optimizer_step", "warmup_cosine_lr"]

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from draftopd.models.checkpoint import load_drafter
-from draftopd.models.eagle3 import Eagle3Drafter
+from draftopd.models.drafter import Drafter
 from draftopd.models.target import TargetModel
-from draftopd.training.greedy_rollouts import (
+from draftopd.training.opd.greedy_rollouts import (
     SimulatedCycle,
     draft_everywhere,
     greedy_continuations,
@@ -34,7 +34,7 @@ from draftopd.training.greedy_rollouts import (
     text_features,
     walk_cycles,
 )
-from draftopd.training.run_state import CHECKPOINT_DIR, STATE_FILE
+from draftopd.training.run import run_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class GreedyTauEvaluator:
             features = text_features(target, ids, mask.to(target.device))
             self.batches.append((rows, ids, features))
 
-    def evaluate(self, drafter: Eagle3Drafter) -> TauResult:
+    def evaluate(self, drafter: Drafter) -> TauResult:
         was_training = drafter.training
         drafter.eval()
         per_prompt: list[list[SimulatedCycle]] = []
@@ -126,22 +126,6 @@ class GreedyTauEvaluator:
 
 
 # -- checkpoints of training runs ------------------------------------------------------------------
-
-
-def run_checkpoints(run_dir: str | Path) -> list[tuple[int, float, Path]]:
-    """(step, elapsed_s, directory) of every complete checkpoint of a run, by step."""
-    root = Path(run_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        raise ValueError(f"{run_dir} has no {CHECKPOINT_DIR}/ directory")
-    found = []
-    for path in sorted(root.glob("step-*")):
-        state_file = path / STATE_FILE
-        if path.is_dir() and state_file.is_file():
-            state = json.loads(state_file.read_text())
-            found.append((int(state["step"]), float(state["elapsed_s"]), path))
-    if not found:
-        raise ValueError(f"{run_dir} has no complete checkpoint")
-    return found
 
 
 def data_seconds(run_dir: str | Path) -> float:
@@ -201,6 +185,5 @@ __all__ = [
     "TauResult",
     "data_seconds",
     "evaluate_runs",
-    "run_checkpoints",
     "summarize_cycles",
 ]

@@ -20,7 +20,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
-from draftopd.registry_client import RegistryClient
+from draftopd.wire.registry_client import RegistryClient
 from services.registry.main import create_app
 from services.registry.migrate import upgrade_head
 from services.registry.settings import RegistrySettings

@@ -1,4 +1,4 @@
-"""``draftopd.registry_client`` against a live registry (uvicorn on a free port, real HTTP)."""
+"""``draftopd.wire.registry_client`` against a live registry (uvicorn on a free port, real HTTP)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from draftopd.registry_client import RegistryClient, RegistryError, pack_checkpoint
+from draftopd.wire.registry_client import RegistryClient, RegistryError, pack_checkpoint
 from services.registry.main import create_app
 from services.registry.settings import RegistrySettings
 from tests.services.registry.helpers import DRAFTER, TOKEN, live_server, write_checkpoint

@@ -38,6 +38,6 @@ def test_registry_app_does_not_import_torch() -> None:
 
 
 def test_registry_client_is_light() -> None:
-    loaded = imported_after("draftopd.registry_client")
+    loaded = imported_after("draftopd.wire.registry_client")
     assert "httpx" in loaded
     assert not loaded & {"torch", "fastapi", "sqlalchemy", "celery", "starlette"}

@@ -23,12 +23,15 @@ from tests.services.registry.helpers import (
     upload,
 )
 
-SFT_SPEC: dict[str, Any] = {"mode": "sft", "out_dir": "/tmp/run-sft", "sft": {"total_steps": 50}}
+SFT_SPEC: dict[str, Any] = {
+    "mode": "sft",
+    "run": {"out_dir": "/tmp/run-sft"},
+    "sft": {"total_steps": 50},
+}
 OPD_SPEC: dict[str, Any] = {
     "mode": "draft_opd",
-    "out_dir": "/tmp/run-opd",
-    "drafter": "/tmp/run-sft/checkpoints/final",
-    "opd": {"total_steps": 20},
+    "run": {"out_dir": "/tmp/run-opd"},
+    "opd": {"drafter": "/tmp/run-sft/checkpoints/final", "total_steps": 20},
 }
 
 
@@ -62,7 +65,8 @@ def test_post_stores_and_enqueues_the_job(client: TestClient, redis_url: str) ->
     assert (job["progress"], job["total_steps"], job["promote_to"]) == (0.0, 50, "candidate")
     assert job["cancel_requested"] is False and job["produced_versions"] == []
     # stored normalised: every field of the spec present, the sft config complete
-    assert job["spec"]["out_dir"] == "/tmp/run-sft" and job["spec"]["target"] == "smollm2"
+    assert job["spec"]["run"]["out_dir"] == "/tmp/run-sft"
+    assert job["spec"]["run"]["target"] == "smollm2"
     assert job["spec"]["sft"]["total_steps"] == 50 and "lr" in job["spec"]["sft"]
 
     messages = broker_messages(redis_url)
@@ -79,8 +83,16 @@ def test_draft_opd_job(client: TestClient, redis_url: str) -> None:
     upload(client, DRAFTER, checkpoint_tar())
     job = submit(client, OPD_SPEC, base_version=1).json()
     assert (job["mode"], job["total_steps"], job["base_version"]) == ("draft_opd", 20, 1)
-    assert job["spec"]["drafter"] == OPD_SPEC["drafter"]
+    assert job["spec"]["opd"]["drafter"] == OPD_SPEC["opd"]["drafter"]
     assert task_of(broker_messages(redis_url)[0])[1][0] == job["id"]
+
+
+def test_the_flat_spec_layout_of_earlier_releases_is_stored_sectioned(client: TestClient) -> None:
+    create_drafter(client)
+    flat = {"mode": "sft", "out_dir": "/tmp/flat", "max_new_tokens": 64, "sft": {"total_steps": 9}}
+    job = submit(client, flat).json()
+    assert job["spec"]["run"]["out_dir"] == "/tmp/flat" and job["total_steps"] == 9
+    assert job["spec"]["sft"]["max_new_tokens"] == 64 and "out_dir" not in job["spec"]
 
 
 @pytest.mark.parametrize(
@@ -88,7 +100,9 @@ def test_draft_opd_job(client: TestClient, redis_url: str) -> None:
     [
         ({**SFT_SPEC, "learning_rate": 1e-4}, ["body", "spec", "sft", "learning_rate"]),
         ({**OPD_SPEC, "sft": {}}, ["body", "spec", "draft_opd", "sft"]),
-        ({"mode": "sft"}, ["body", "spec", "sft", "out_dir"]),
+        ({"mode": "sft"}, ["body", "spec", "sft", "run", "out_dir"]),
+        ({**SFT_SPEC, "run": {}}, ["body", "spec", "sft", "run", "out_dir"]),
+        ({**SFT_SPEC, "sft": {"total_steps": 2.5}}, ["body", "spec", "sft", "sft", "total_steps"]),
         ({**SFT_SPEC, "mode": "rl"}, ["body", "spec"]),
     ],
 )
@@ -108,8 +122,7 @@ def test_bad_nested_config_and_extra_request_field_are_422(client: TestClient) -
     response = submit(client, {**SFT_SPEC, "sft": {"total_steps": 50, "warmup": 3}})
     assert response.status_code == 422
     detail = response.json()["detail"][0]
-    assert detail["loc"] == ["body", "spec", "sft", "sft"]
-    assert "warmup" in detail["msg"]
+    assert detail["loc"] == ["body", "spec", "sft", "sft", "warmup"]
     response = submit(client, SFT_SPEC, priority="high")
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["body", "priority"]

@@ -14,9 +14,10 @@ import redis
 from fastapi.testclient import TestClient
 
 from draftopd.models.target import TargetModel
-from draftopd.registry_client import RegistryClient, parse_registry_ref
-from draftopd.rollout_queue import RolloutRequest, enqueue
 from draftopd.speculative.records import RolloutRecord, stream_key
+from draftopd.wire.formats import RegistryRef, parse_registry_ref
+from draftopd.wire.registry_client import RegistryClient
+from draftopd.wire.rollout_queue import RolloutRequest, enqueue
 from services.rollout_worker.main import create_app
 from services.rollout_worker.settings import RolloutWorkerSettings
 from services.rollout_worker.worker import RolloutWorker
@@ -135,7 +136,7 @@ def test_a_registry_reference_needs_a_registry(
 
 
 def test_parse_registry_ref() -> None:
-    assert parse_registry_ref("registry://smollm2-eagle3/12") == ("smollm2-eagle3", 12)
+    assert parse_registry_ref("registry://smollm2-eagle3/12") == RegistryRef("smollm2-eagle3", 12)
     assert parse_registry_ref("/checkpoints/step-3") is None
     assert parse_registry_ref("runs/registry/v1") is None
     for bad in ("registry://x", "registry://x/latest", "registry:///3", "registry://a/b/3"):

@@ -14,14 +14,14 @@ from fastapi.testclient import TestClient
 
 from draftopd.models.checkpoint import random_drafter_for, save_drafter
 from draftopd.models.target import TargetModel
-from draftopd.rollout_queue import RolloutRequest, enqueue, next_request, publish
 from draftopd.speculative.records import RolloutRecord, stream_key
 from draftopd.training.configs import OPDConfig
-from draftopd.training.opd_job import RedisRollouts
-from draftopd.training.replay import anchor_plan
+from draftopd.training.opd.replay import anchor_plan
+from draftopd.wire.rollout_queue import RolloutRequest, enqueue, next_request, publish
 from services.rollout_worker.main import create_app
 from services.rollout_worker.settings import RolloutWorkerSettings
 from services.rollout_worker.worker import DEAD_LETTER_STREAM, RolloutWorker
+from services.trainer.rollouts import RedisRollouts
 
 JOB = "job-1"
 
@@ -209,8 +209,11 @@ def test_the_trainer_fails_a_step_whose_request_was_dead_lettered(
     """The trainer does not wait out its timeout: a dead-lettered request fails the step with
     the worker's error."""
     client = redis.Redis.from_url(redis_url)
-    cfg = OPDConfig(total_steps=1, prompts_per_step=2, num_draft_tokens=2, max_new_tokens=4)
-    rollouts = RedisRollouts(client, "job-dead", tmp_path, cfg, timeout_s=120, block_ms=20)
+    cfg = OPDConfig(
+        total_steps=1, prompts_per_step=2, num_draft_tokens=2, max_new_tokens=4,
+        rollout_timeout_s=120,
+    )  # fmt: skip
+    rollouts = RedisRollouts(client, "job-dead", tmp_path, cfg, block_ms=20)
     drafter = random_drafter_for(tiny_target, seed=0, draft_vocab_size=200)
     failure: list[BaseException] = []
 

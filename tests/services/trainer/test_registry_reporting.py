@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import redis
 
-from draftopd.registry_client import RegistryClient
-from draftopd.training.jobs import run_train_job
+from draftopd.wire.registry_client import RegistryClient
+from services.trainer.jobs import run_train_job
 from tests.services.registry.helpers import live_registry
 
 DRAFTER = "tiny-eagle3"
@@ -118,7 +118,7 @@ def test_a_bad_registry_reference_fails_the_job_with_its_reason(
 ) -> None:
     spec = _sft_spec(tmp_path, tiny_target_dir, "run", steps=2, init_from="registry://nope")
     job = registry.create_train_job(DRAFTER, spec)
-    with pytest.raises(ValueError, match="expected registry://NAME/VERSION"):
+    with pytest.raises(ValueError, match="expected 'registry://NAME/VERSION'"):
         run_train_job(job["id"], spec, redis.Redis.from_url(redis_url), registry=registry)
     failed = registry.get_train_job(job["id"])
     assert failed["status"] == "failed" and "registry://NAME/VERSION" in failed["error"]

@@ -1,4 +1,4 @@
-"""Correctness check 1 (DRAFT_OPD.md): greedy speculative output == plain greedy output."""
+"""Correctness check 1 (docs/draft_opd.md): greedy speculative output == plain greedy output."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from draftopd.speculative.engine import DecodeEngine
-from draftopd.speculative.proposers import Eagle3Proposer, NgramProposer
+from draftopd.speculative.proposers import NgramProposer
 from draftopd.speculative.sampling import SamplingParams
 from tests.unit.speculative.helpers import NoisyOracleProposer
 
@@ -26,7 +26,7 @@ def _ids(target: Any, text: str) -> list[int]:
 
 def _proposers(target: Any, drafter: Any) -> dict[str, Any]:
     return {
-        "eagle3": lambda: Eagle3Proposer(drafter),
+        "eagle3": lambda: drafter.proposer(),
         "ngram": lambda: NgramProposer(),
         "oracle": lambda: NoisyOracleProposer(target, noise=0.3),
     }
@@ -76,7 +76,7 @@ def test_plain_greedy_equals_hf_generate(tiny_target: Any, tiny_drafter: Any) ->
         )[0, len(ids) :].tolist()
         params = SamplingParams(max_new_tokens=40, ignore_eos=True)
         assert engine.generate(ids, params).token_ids == hf
-        spec = engine.generate(ids, params, proposer=Eagle3Proposer(tiny_drafter))
+        spec = engine.generate(ids, params, proposer=tiny_drafter.proposer())
         assert spec.token_ids == hf
 
 

@@ -1,4 +1,4 @@
-"""Correctness check 2 (DRAFT_OPD.md): speculative sampling preserves the target distribution.
+"""Correctness check 2 (docs/draft_opd.md): speculative sampling preserves the target distribution.
 
 A 2-layer target over a 4-token vocabulary makes 3-token continuations: 64 outcomes whose exact
 probabilities we enumerate from the target. Seeded samples from plain sampling and from speculative
@@ -20,10 +20,9 @@ import torch
 from scipy.stats import chisquare
 
 import draftopd.speculative.engine as engine_module
-from draftopd.models.eagle3 import Eagle3Config, random_drafter
+from draftopd.models.eagle3.model import Eagle3Config, random_drafter
 from draftopd.models.target import TargetModel
 from draftopd.speculative.engine import DecodeEngine
-from draftopd.speculative.proposers import Eagle3Proposer
 from draftopd.speculative.sampling import SamplingParams, probs_from_logits
 from draftopd.speculative.verify import Verdict, one_hot_q
 from tests.unit.speculative.helpers import small_vocab_target
@@ -133,7 +132,7 @@ def test_speculative_sampling_matches_target(
     target: TargetModel, drafter: torch.nn.Module, setting: str, argmax_drafting: bool
 ) -> None:
     params = SETTINGS[setting]
-    counts = draw(target, params, lambda: Eagle3Proposer(drafter, argmax_drafting=argmax_drafting))  # type: ignore[arg-type]
+    counts = draw(target, params, lambda: drafter.proposer(argmax_drafting=argmax_drafting))  # type: ignore[arg-type]
     assert chi_square_p(counts, exact_distribution(target, params)) > P_VALUE_FLOOR
 
 
@@ -146,7 +145,7 @@ def test_bound_catches_injected_residual_bug(
 ) -> None:
     monkeypatch.setattr(engine_module, "verify_sampling", buggy_verify_sampling)
     params = SETTINGS["t1"]
-    counts = draw(target, params, lambda: Eagle3Proposer(drafter, argmax_drafting=argmax_drafting))  # type: ignore[arg-type]
+    counts = draw(target, params, lambda: drafter.proposer(argmax_drafting=argmax_drafting))  # type: ignore[arg-type]
     assert chi_square_p(counts, exact_distribution(target, params)) < P_VALUE_FLOOR
 
 
@@ -158,7 +157,7 @@ def test_drafter_q_really_differs_from_p(target: TargetModel, drafter: torch.nn.
         engine.generate(
             PROMPT,
             replace(params, seed=s),
-            proposer=Eagle3Proposer(drafter),
+            proposer=drafter.proposer(),
             decode_text=False,  # type: ignore[arg-type]
         ).stats
         for s in range(200)

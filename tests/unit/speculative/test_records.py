@@ -1,4 +1,4 @@
-"""Recorded cycles (DESIGN.md §3) are complete and exact: Draft-OPD replays from them."""
+"""Recorded cycles (docs/design.md §3) are complete and exact: Draft-OPD replays from them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from draftopd.speculative.engine import DecodeEngine, GenerationResult
-from draftopd.speculative.proposers import Eagle3Proposer, NgramProposer
+from draftopd.speculative.proposers import NgramProposer
 from draftopd.speculative.records import RolloutRecord, record_size_bound, stream_key
 from draftopd.speculative.sampling import SamplingParams
 from tests.unit.speculative.helpers import NoisyOracleProposer
@@ -21,7 +21,7 @@ SAMPLED = SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=0.9, to
 
 def _run(target: Any, drafter: Any, method: str, params: SamplingParams) -> GenerationResult:
     proposer: Any = {
-        "eagle3": lambda: Eagle3Proposer(drafter),
+        "eagle3": lambda: drafter.proposer(),
         "ngram": NgramProposer,
         "oracle": lambda: NoisyOracleProposer(target, noise=0.35, seed=3),
     }[method]()

@@ -8,25 +8,24 @@ from pathlib import Path
 import torch
 
 from draftopd.models.checkpoint import random_drafter_for
-from draftopd.models.eagle3 import Eagle3Drafter
+from draftopd.models.drafter import Drafter
 from draftopd.models.target import TargetModel
 from draftopd.speculative.engine import DecodeEngine
-from draftopd.speculative.proposers import Eagle3Proposer
 from draftopd.speculative.sampling import SamplingParams
-from draftopd.training.data import Sample
-from draftopd.training.opd import OPDConfig, train_opd
+from draftopd.training.data.regenerate import Sample
+from draftopd.training.opd.train import OPDConfig, train_opd
 from draftopd.training.tau_eval import GreedyTauEvaluator, evaluate_runs
 
 
 def _engine_stats(
-    target: TargetModel, drafter: Eagle3Drafter, prompts: list[list[int]], k: int, max_new: int
+    target: TargetModel, drafter: Drafter, prompts: list[list[int]], k: int, max_new: int
 ) -> tuple[float, list[float]]:
     engine = DecodeEngine(target, num_draft_tokens=k)
     committed = cycles = 0
     accepted, proposed = [0] * k, [0] * k
     for ids in prompts:
         stats = engine.generate(
-            ids, SamplingParams(max_new_tokens=max_new), proposer=Eagle3Proposer(drafter)
+            ids, SamplingParams(max_new_tokens=max_new), proposer=drafter.proposer()
         ).stats
         committed, cycles = committed + stats.committed, cycles + stats.cycles
         for j, (a, p) in enumerate(
@@ -38,7 +37,7 @@ def _engine_stats(
 
 
 def test_tau_equals_the_engine_for_trained_and_random_drafters(
-    sharp_target: TargetModel, half_trained_drafter: Eagle3Drafter
+    sharp_target: TargetModel, half_trained_drafter: Drafter
 ) -> None:
     generator = torch.Generator().manual_seed(21)
     prompts = [torch.randint(4, 300, (n,), generator=generator).tolist() for n in (5, 9, 3, 7)]
@@ -58,7 +57,7 @@ def test_tau_equals_the_engine_for_trained_and_random_drafters(
 
 def test_evaluate_runs_scores_every_checkpoint_for_train_compare(
     sharp_target: TargetModel,
-    half_trained_drafter: Eagle3Drafter,
+    half_trained_drafter: Drafter,
     corpus: tuple[list[Sample], list[list[int]]],
     tmp_path: Path,
 ) -> None:

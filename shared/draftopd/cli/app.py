@@ -1,0 +1,228 @@
+"""The ``draftopd`` command line (docs/design.md §5).
+
+Subcommands:
+- ``bench``: the benchmark protocol (docs/design.md §6, ``draftopd.bench``);
+- ``serve``: the inference service in the foreground (uvicorn, replacing this process);
+- ``up``: the whole local stack as supervised child processes (``draftopd.stack.up``);
+- ``train sft|opd|curve``: training from the command line (``draftopd.cli.train``).
+
+Each subcommand is one ``_add_<name>(subparsers)`` function that declares its flags and sets
+``handler``; add ``jobs`` the same way and list them in ``SUBCOMMANDS``. The library
+never imports a service: services are started as child processes (``python -m uvicorn
+<module>:create_app --factory``, ``python -m celery``).
+Heavy imports (torch, transformers) happen inside the handlers, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from draftopd.cli.args import CommandError, Subparsers, non_negative_int, positive_float
+from draftopd.cli.jobs import add_jobs
+from draftopd.cli.train import add_train
+from draftopd.stack.supervisor import STARTUP_TIMEOUT_S, check_port_free
+from draftopd.stack.up import StackOptions, default_data_dir, run_up, uvicorn_command
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_APP = "services.inference.main:create_app"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+# -- entry point --------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="draftopd", description="Train and serve speculative-decoding drafters (Draft-OPD)."
+    )
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, type=str.upper)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_subcommand in SUBCOMMANDS:
+        add_subcommand(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        return int(args.handler(args))
+    except (ValueError, CommandError) as err:
+        logger.debug("%s failed", args.command, exc_info=True)
+        status = 2 if isinstance(err, ValueError) else 1
+        parser.exit(status, f"draftopd {args.command}: error: {err}\n")
+
+
+def configure_logging(level: str) -> None:
+    """Configure logging once, for the whole process (stderr; stdout is for results)."""
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    logging.getLogger().setLevel(level)
+
+
+# -- bench --------------------------------------------------------------------------------------
+def _drafter_arg(value: str) -> str:
+    """argparse type for --drafter: a checkpoint directory or random:SEED."""
+    from draftopd.bench import parse_drafter_ref
+
+    try:
+        parse_drafter_ref(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return value
+
+
+def _add_bench(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser("bench", help="benchmark plain vs speculative decoding (DESIGN §6)")
+    p.add_argument("--prompts", help="JSONL prompt file (default: MT-Bench question.jsonl)")
+    p.add_argument("--limit", type=int, help="use only the first N prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="M (default 128)")
+    p.add_argument("--method", choices=("eagle3", "ngram", "none"), default="eagle3")
+    p.add_argument(
+        "--drafter",
+        type=_drafter_arg,
+        help="eagle3 drafter: a checkpoint directory or random:SEED (default random:0)",
+    )
+    p.add_argument("--num-draft-tokens", type=int, default=4, help="K (default 4)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--json", help="write the JSON report to this path ('-' = stdout)")
+    p.add_argument("--peers", action="store_true", help="also time Hugging Face generate")
+    p.add_argument("--target", default="smollm2", help="target: smollm2, a directory or a .gguf")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every path N times per prompt (order rotated) and keep the fastest (default 1)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(handler=_run_bench_command)
+
+
+def _run_bench_command(args: argparse.Namespace) -> int:
+    from draftopd.bench import BenchConfig, format_summary, run_bench, write_report
+
+    config = BenchConfig(
+        prompts=args.prompts,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        method=args.method,
+        drafter=args.drafter,
+        num_draft_tokens=args.num_draft_tokens,
+        temperature=args.temperature,
+        peers=args.peers,
+        target=args.target,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        threads=args.threads,
+        repeats=args.repeats,
+        progress=not args.no_progress,
+    )
+    report = run_bench(config)
+    if args.json == "-":
+        import json
+
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    elif args.json:
+        logger.info("wrote %s", write_report(report, args.json))
+    sys.stdout.write(format_summary(report))
+    return 0
+
+
+# -- serve --------------------------------------------------------------------------------------
+def _add_host_port(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"bind address (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+
+
+def _add_serve(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser("serve", help="run the inference service in the foreground")
+    _add_host_port(p)
+    p.set_defaults(handler=_run_serve_command)
+
+
+def _run_serve_command(args: argparse.Namespace) -> int:
+    check_port_free(args.host, args.port)
+    argv = uvicorn_command(INFERENCE_APP, host=args.host, port=args.port, log_level=args.log_level)
+    logger.info("exec %s", " ".join(argv))
+    os.execvp(argv[0], argv)  # replaces this process; returns only on failure (OSError)
+
+
+# -- up -----------------------------------------------------------------------------------------
+def _add_up(subparsers: Subparsers) -> None:
+    defaults = StackOptions(target="smollm2", data_dir=default_data_dir())
+    p = subparsers.add_parser(
+        "up",
+        help="start the whole stack locally: Redis, registry, inference, rollout worker, trainer",
+        description="Embedded Redis (unless REDIS_URL is set) and SQLite (unless DATABASE_URL is "
+        "set) under --data-dir; the services run as child processes with their logs in "
+        "<data-dir>/logs. Ctrl-C stops everything.",
+    )
+    p.add_argument("--target", default=defaults.target, help="smollm2 (default), a dir or a .gguf")
+    p.add_argument("--data-dir", type=Path, default=defaults.data_dir, help="default: %(default)s")
+    p.add_argument("--host", default=defaults.host, help="HTTP bind address (default %(default)s)")
+    for names, default, what in (
+        (["--inference-port", "--port"], defaults.inference_port, "inference (%(default)s)"),
+        (["--rollout-port"], defaults.rollout_port, "the rollout worker (%(default)s)"),
+        (["--registry-port"], defaults.registry_port, "the registry (%(default)s)"),
+        (["--redis-port"], defaults.redis_port, "the embedded Redis (default: a free one)"),
+    ):
+        p.add_argument(*names, type=_port, default=default, help=f"port of {what}")
+    p.add_argument(
+        "--drafter-name",
+        default=defaults.drafter_name,
+        help="registry drafter that inference serves (created if missing; default %(default)s)",
+    )
+    p.add_argument("--alias", default=defaults.drafter_alias, help="alias followed (%(default)s)")
+    p.add_argument(
+        "--startup-timeout",
+        type=positive_float,
+        default=STARTUP_TIMEOUT_S,
+        help="seconds to wait for each start-up stage (default %(default)s)",
+    )
+    p.set_defaults(handler=_run_up_command)
+
+
+def _port(value: str) -> int:
+    port = non_negative_int(value)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {port}")
+    return port
+
+
+def _run_up_command(args: argparse.Namespace) -> int:
+    options = StackOptions(
+        target=args.target,
+        data_dir=args.data_dir.expanduser(),
+        host=args.host,
+        inference_port=args.inference_port,
+        rollout_port=args.rollout_port,
+        registry_port=args.registry_port,
+        redis_port=args.redis_port,
+        drafter_name=args.drafter_name,
+        drafter_alias=args.alias,
+        startup_timeout_s=args.startup_timeout,
+        log_level=args.log_level,
+    )
+    return run_up(options)
+
+
+SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
+    _add_bench,
+    _add_serve,
+    _add_up,
+    add_train,
+    add_jobs,
+)

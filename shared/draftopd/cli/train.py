@@ -1,0 +1,212 @@
+"""``draftopd train``: sft (the SFT bootstrap), opd (Draft-OPD in one process), curve (a plot).
+
+Heavy imports happen inside the handlers, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from draftopd.cli.args import (
+    CommandError,
+    Subparsers,
+    add_config_flags,
+    config_from_args,
+    positive_int,
+)
+from draftopd.training.configs import OPDConfig, RunConfig, SFTConfig
+
+logger = logging.getLogger(__name__)
+
+
+def add_train(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a drafter (sft, opd) or plot a training curve")
+    stages = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    _add_train_sft(stages)
+    _add_train_opd(stages)
+    curve = stages.add_parser("curve", help="plot held-out tau and loss from a metrics.jsonl")
+    curve.add_argument("metrics", metavar="METRICS_JSONL", help="a training run's metrics.jsonl")
+    curve.add_argument("--png", required=True, help="output PNG path")
+    curve.add_argument(
+        "--x", choices=("step", "elapsed_s"), default="step", help="x axis (default step)"
+    )
+    curve.set_defaults(handler=_run_train_curve_command)
+    compare = stages.add_parser(
+        "compare", help="plot held-out tau of several runs against steps and seconds"
+    )
+    compare.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        metavar="LABEL=METRICS_JSONL",
+        help="a run to draw (repeat the flag), e.g. --run opd=runs/opd/metrics.jsonl",
+    )
+    compare.add_argument("--png", required=True, help="output PNG path")
+    compare.set_defaults(handler=_run_train_compare_command)
+    _add_train_tau(stages)
+
+
+def _add_train_tau(stages: Subparsers) -> None:
+    p = stages.add_parser(
+        "tau",
+        help="greedy tau of every checkpoint of training runs, on MT-Bench (the bench's tau)",
+        description="The target's greedy text and features are computed once; each checkpoint "
+        "is scored by replaying the engine's cycles over that text. Writes RUN_DIR/"
+        "tau_eval.jsonl per run (plot them with `draftopd train compare`).",
+    )
+    p.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        metavar="LABEL=RUN_DIR",
+        help="a training run (repeat the flag); every checkpoint in RUN_DIR/checkpoints is scored",
+    )
+    p.add_argument("--init", help="the checkpoint both runs started from, scored as step 0")
+    p.add_argument("--prompts", help="JSONL prompt file (default: MT-Bench question.jsonl)")
+    p.add_argument("--limit", type=positive_int, default=20, help="first N prompts (default 20)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="M (default 128)")
+    p.add_argument("--num-draft-tokens", type=positive_int, default=4, help="K (default 4)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per target pass")
+    p.add_argument("--json", help="also write every run's lines to this JSON file")
+    add_config_flags(p, RunConfig, title="target", only=("target", "device", "dtype", "threads"))
+    p.set_defaults(handler=_run_train_tau_command)
+
+
+def _run_train_tau_command(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from draftopd.models.target import load_target
+    from draftopd.prompts import load_prompts, render_prompt
+    from draftopd.training.tau_eval import GreedyTauEvaluator, evaluate_runs
+
+    runs = [(label, Path(path)) for label, path in _labelled(args.run, "LABEL=RUN_DIR")]
+    where = config_from_args(args, RunConfig, out_dir=".")  # the target, device, dtype, threads
+    if where.threads:
+        torch.set_num_threads(where.threads)
+    target = load_target(where.target, device=where.device or "cpu", dtype=where.dtype)
+    if target.tokenizer is None:
+        raise CommandError(f"target {where.target!r} has no tokenizer")
+    prompts = [render_prompt(target.tokenizer, p) for p in load_prompts(args.prompts, args.limit)]
+    evaluator = GreedyTauEvaluator(
+        target,
+        prompts,
+        num_draft_tokens=args.num_draft_tokens,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
+    results = evaluate_runs(evaluator, runs, init=Path(args.init) if args.init else None)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    for label, lines in results.items():
+        for line in lines:
+            positions = " / ".join(f"{x:.2f}" for x in line["acceptance_by_position"])
+            sys.stdout.write(
+                f"{label}\tstep {line['step']}\t{line['elapsed_s']:.0f} s\t"
+                f"tau {line['tau']:.3f}\tacceptance {positions}\n"
+            )
+    return 0
+
+
+def _labelled(values: list[str], form: str) -> list[tuple[str, str]]:
+    pairs = []
+    for value in values:
+        label, sep, path = value.partition("=")
+        if not sep or not label or not path:
+            raise ValueError(f"--run {value!r}: expected {form}")
+        pairs.append((label, path))
+    return pairs
+
+
+def _add_train_sft(stages: Subparsers) -> None:
+    p = stages.add_parser(
+        "sft",
+        help="SFT bootstrap: regenerate data with the target, train a drafter",
+        description="Prompts in, drafter checkpoint out. Reruns resume both stages; a rerun "
+        "with a larger --steps extends the run. The flags are the fields of the run and SFT "
+        "sections of a train-job spec.",
+    )
+    add_config_flags(p, RunConfig, title="run")
+    add_config_flags(p, SFTConfig, title="sft")
+    _add_call_options(p)
+    p.set_defaults(handler=_run_train_sft_command)
+
+
+def _run_train_sft_command(args: argparse.Namespace) -> int:
+    from draftopd.training.sft.pipeline import sft_pipeline
+
+    run, sft = config_from_args(args, RunConfig), config_from_args(args, SFTConfig)
+    result = sft_pipeline(run, sft, resume=args.resume, progress=not args.no_progress)
+    return _report(result.checkpoint, result.step, result.tau)
+
+
+def _add_train_opd(stages: Subparsers) -> None:
+    p = stages.add_parser(
+        "opd",
+        help="Draft-OPD: on-policy rollouts, replay from the error positions, in one process",
+        description="Drafter checkpoint in, Draft-OPD checkpoint out (the Celery trainer runs "
+        "the same loop). Reruns resume from the newest checkpoint. The flags are the fields of "
+        "the run and OPD sections of a train-job spec.",
+    )
+    add_config_flags(p, RunConfig, title="run")
+    add_config_flags(p, OPDConfig, title="opd", required=("drafter",))
+    _add_call_options(p)
+    p.set_defaults(handler=_run_train_opd_command)
+
+
+def _run_train_opd_command(args: argparse.Namespace) -> int:
+    from draftopd.training.opd.pipeline import opd_pipeline
+
+    run, opd = config_from_args(args, RunConfig), config_from_args(args, OPDConfig)
+    result = opd_pipeline(run, opd, resume=args.resume, progress=not args.no_progress)
+    return _report(result.checkpoint, result.step, result.tau)
+
+
+def _run_train_curve_command(args: argparse.Namespace) -> int:
+    from draftopd.training.curves import plot_training_curve
+
+    try:
+        path = plot_training_curve(args.metrics, args.png, x=args.x)
+    except ImportError as err:
+        raise CommandError(
+            f"plotting needs matplotlib ({err}); install it with `pip install matplotlib`"
+        ) from err
+    logger.info("wrote %s", path)
+    return 0
+
+
+def _run_train_compare_command(args: argparse.Namespace) -> int:
+    from draftopd.training.curves import plot_comparison
+
+    runs = _labelled(args.run, "LABEL=METRICS_JSONL")
+    try:
+        out = plot_comparison(runs, args.png)
+    except ImportError as err:
+        raise CommandError(f"plotting needs matplotlib ({err})") from err
+    logger.info("wrote %s", out)
+    return 0
+
+
+# -- shared by sft and opd -------------------------------------------------------------------------
+
+
+def _add_call_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue the run in --out (default); --no-resume refuses a non-empty run",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _report(checkpoint: Any, step: int, tau: float | None) -> int:
+    text = "none" if tau is None else f"{tau:.3f}"
+    sys.stdout.write(f"checkpoint: {checkpoint}\nstep: {step}\ntau: {text}\n")
+    return 0

@@ -1,0 +1,112 @@
+"""The drafter seam: what every drafter family gives the rest of draftopd.
+
+The decode engine, the bench, the rollouts, SFT and the Draft-OPD replay see a drafter only
+through ``Drafter``. A new family (a block drafter, a tree drafter) is one module that subclasses
+it, plus an entry in ``models.families``; nothing else in the tree changes. docs/design.md §2
+describes the families.
+
+Conventions shared by every family:
+- The drafter reads the target's hidden features (``TargetModel.forward(want_features=True)``),
+  shares the target's token embedding (attached, never saved) and predicts over a draft
+  vocabulary of ``cfg.draft_vocab_size`` target ids: ``d2t`` maps draft ids to target ids, ``t2d``
+  maps target ids to draft ids (-1 where absent).
+- ``cfg`` is a frozen dataclass with ``architecture`` (the checkpoint tag), ``to_dict``, and the
+  fields that tie it to a target (``hidden_size``, ``target_vocab_size``, ``feature_layers``,
+  ``target_model``, ``target_fingerprint``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from draftopd.speculative.proposers import Proposer
+
+
+class DrafterConfig(Protocol):
+    """The fields of a family's config that code outside the family reads."""
+
+    @property
+    def architecture(self) -> str: ...
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def target_vocab_size(self) -> int: ...
+    @property
+    def draft_vocab_size(self) -> int: ...
+    @property
+    def feature_layers(self) -> tuple[int, ...]: ...
+    @property
+    def target_model(self) -> str: ...
+    @property
+    def target_fingerprint(self) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class SFTLossOutput:
+    """What a family's SFT objective returns for one batch."""
+
+    loss: torch.Tensor  # [] differentiable
+    step_loss: torch.Tensor  # [slots] mean loss per draft slot (detached)
+    step_acc: torch.Tensor  # [slots] top-1 agreement with the target per draft slot
+
+
+class Drafter(nn.Module, ABC):
+    """Base class of every drafter family (an ``nn.Module`` with the methods below)."""
+
+    cfg: DrafterConfig
+    d2t: torch.Tensor  # [draft_vocab] target id of each draft id
+    t2d: torch.Tensor  # [target_vocab] draft id of each target id, -1 if absent
+
+    @abstractmethod
+    def attach_embedding(self, embedding: nn.Embedding) -> None:
+        """Share the target's (frozen) token embedding; it is never saved with the drafter."""
+
+    @abstractmethod
+    def set_draft_vocab(self, target_ids: torch.Tensor) -> None:
+        """Use ``target_ids`` (distinct, [draft_vocab]) as the draft vocabulary."""
+
+    @abstractmethod
+    def proposer(self, *, argmax_drafting: bool = False) -> Proposer:
+        """A fresh proposer for one request (the decode engine's side of the seam)."""
+
+    @abstractmethod
+    def sft_loss(
+        self,
+        features: torch.Tensor,  # [batch, T, F] target features of input_ids
+        input_ids: torch.Tensor,  # [batch, T] prompt + response, right-padded
+        target_logits: torch.Tensor,  # [batch, T, V]
+        loss_mask: torch.Tensor,  # [batch, T] 1 on response tokens
+        attention_mask: torch.Tensor,  # [batch, T] 1 on real tokens
+        *,
+        slots: int,  # draft slots trained per position (TTT depth for a chain drafter)
+        decay: float,  # loss weight of slot j is decay ** j
+    ) -> SFTLossOutput:
+        """The family's SFT objective on target-written sequences."""
+
+    @abstractmethod
+    def draft_from_anchors(
+        self,
+        features: torch.Tensor,  # [batch, T, F] target features of input_ids
+        input_ids: torch.Tensor,  # [batch, T]
+        anchors: torch.Tensor,  # [batch, C] absolute anchor positions, 1 <= A <= T-1
+        num_slots: int,  # K
+        chain_inputs: torch.Tensor | None = None,  # [batch, C, K] tokens fed after each slot
+    ) -> torch.Tensor:
+        """Drafter logits [batch, C, K, draft_vocab] of a draft from every anchor, in batch.
+
+        This is the replay of Draft-OPD and the batched drafting of greedy rollouts: it must put
+        the drafter in exactly the state it had at inference when drafting from that anchor.
+        ``chain_inputs`` are the tokens fed after slot k (the recorded proposals); ``None`` drafts
+        freely (the drafter's own argmax), as its proposer does in greedy decoding. A block
+        drafter ignores ``chain_inputs``: its slots are one parallel pass."""
+
+
+__all__ = ["Drafter", "DrafterConfig", "SFTLossOutput"]

@@ -1,0 +1,309 @@
+"""EAGLE-3-style drafter (Li et al., EAGLE-3, 2025), written from the paper's description.
+
+The first family behind the drafter seam (``models/drafter.py``).
+
+- Three target layers (low, mid, high) are concatenated and projected 3H -> H by ``fc``.
+- One decoder layer reads [embedding of the token ; hidden] (2H wide) and writes an H residual.
+- From the second draft step on, the hidden input is the drafter's own previous output.
+- The LM head covers a reduced draft vocabulary; ``d2t`` maps draft ids to target ids and ``t2d``
+  maps target ids to draft ids (-1 where a target token is not in the draft vocabulary).
+- The token embedding is the target's own (shared and frozen, never saved with the drafter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from draftopd.models.drafter import Drafter, SFTLossOutput
+
+if TYPE_CHECKING:
+    from draftopd.models.eagle3.proposer import Eagle3Proposer
+
+
+@dataclass(frozen=True)
+class Eagle3Config:
+    hidden_size: int  # H, equal to the target's hidden size
+    num_attention_heads: int  # query heads of the drafter's attention
+    num_key_value_heads: int  # key/value heads (grouped-query attention)
+    head_dim: int  # per-head width
+    intermediate_size: int  # SwiGLU MLP width
+    rms_norm_eps: float  # RMSNorm epsilon
+    rope_theta: float  # rotary base, copied from the target
+    target_vocab_size: int  # V, size of the target vocabulary
+    draft_vocab_size: int  # Vd <= V, size of the drafter's LM head
+    feature_layers: tuple[int, int, int]  # target layers fused as (low, mid, high)
+    target_model: str = ""  # name of the target the drafter was built for (informational)
+    target_fingerprint: str = ""  # TargetModel.fingerprint of that target (checked on load)
+    architecture: str = "eagle3"  # checkpoint architecture tag
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["feature_layers"] = list(self.feature_layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Eagle3Config:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown Eagle3Config fields: {sorted(unknown)}")
+        values = dict(data)
+        values["feature_layers"] = tuple(values["feature_layers"])
+        return cls(**values)
+
+    @classmethod
+    def for_target(
+        cls,
+        target_config: Any,
+        *,
+        feature_layers: tuple[int, int, int],
+        draft_vocab_size: int,
+        target_model: str = "",
+        target_fingerprint: str = "",
+    ) -> Eagle3Config:
+        hidden = int(target_config.hidden_size)
+        heads = int(target_config.num_attention_heads)
+        rope = getattr(target_config, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(target_config, "rope_theta", 10000.0))
+        vocab = int(target_config.vocab_size)
+        if not 0 < draft_vocab_size <= vocab:
+            raise ValueError(f"draft_vocab_size {draft_vocab_size} must be in [1, {vocab}]")
+        return cls(
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_key_value_heads=int(getattr(target_config, "num_key_value_heads", heads)),
+            head_dim=int(getattr(target_config, "head_dim", None) or hidden // heads),
+            intermediate_size=int(target_config.intermediate_size),
+            rms_norm_eps=float(target_config.rms_norm_eps),
+            rope_theta=float(theta),
+            target_vocab_size=vocab,
+            draft_vocab_size=draft_vocab_size,
+            feature_layers=feature_layers,
+            target_model=target_model,
+            target_fingerprint=target_fingerprint,
+        )
+
+
+@dataclass
+class DrafterCache:
+    """The drafter's own KV cache for its single layer."""
+
+    keys: torch.Tensor | None = None  # [batch, kv_heads, length, head_dim]
+    values: torch.Tensor | None = None  # [batch, kv_heads, length, head_dim]
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else int(self.keys.shape[2])
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys is None or self.values is None:
+            self.keys, self.values = k, v
+        else:
+            self.keys = torch.cat([self.keys, k], dim=2)
+            self.values = torch.cat([self.values, v], dim=2)
+        return self.keys, self.values
+
+    def crop(self, length: int) -> None:
+        if self.keys is not None and self.values is not None:
+            self.keys = self.keys[:, :, :length]
+            self.values = self.values[:, :, :length]
+
+
+@dataclass(frozen=True)
+class DrafterOutput:
+    logits: torch.Tensor  # [batch, seq, draft_vocab]
+    hidden: torch.Tensor  # [batch, seq, H], pre-norm residual stream fed back at the next step
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding (Llama layout). x: [batch, heads, seq, head_dim]."""
+    dim = x.shape[-1]
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim)
+    )
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # [batch, seq, dim/2]
+    emb = torch.cat([angles, angles], dim=-1)[:, None]  # [batch, 1, seq, dim]
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+class DraftAttention(nn.Module):
+    def __init__(self, cfg: Eagle3Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        wide = 2 * cfg.hidden_size
+        self.q_proj = nn.Linear(wide, cfg.num_attention_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(wide, cfg.num_key_value_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(wide, cfg.num_key_value_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DrafterCache | None,
+        attn_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape  # x: [batch, seq, 2H]
+        cfg = self.cfg
+        q = self.q_proj(x).view(batch, seq, cfg.num_attention_heads, cfg.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, cfg.num_key_value_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
+        past = 0 if cache is None else cache.length
+        if cache is not None:
+            k, v = cache.append(k, v)
+        if attn_mask is None and (seq > 1 or past > 0):
+            # causal over [cache ; new]: query i sees keys 0 .. past + i
+            keys = torch.arange(past + seq, device=x.device)
+            attn_mask = keys[None, :] <= (past + torch.arange(seq, device=x.device))[:, None]
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            enable_gqa=cfg.num_key_value_heads != cfg.num_attention_heads,
+        )  # [batch, heads, seq, head_dim]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class Eagle3Drafter(Drafter):
+    def __init__(self, cfg: Eagle3Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        hidden = cfg.hidden_size
+        self.fc = nn.Linear(3 * hidden, hidden, bias=False)
+        self.input_layernorm = RMSNorm(hidden, cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(hidden, cfg.rms_norm_eps)
+        self.self_attn = DraftAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(hidden, cfg.rms_norm_eps)
+        self.gate_proj = nn.Linear(hidden, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, hidden, bias=False)
+        self.norm = RMSNorm(hidden, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(hidden, cfg.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.arange(cfg.draft_vocab_size), persistent=True)
+        t2d = torch.full((cfg.target_vocab_size,), -1, dtype=torch.long)
+        t2d[: cfg.draft_vocab_size] = torch.arange(cfg.draft_vocab_size)
+        self.register_buffer("t2d", t2d, persistent=True)
+        self._embedding: list[nn.Embedding] = []  # the target's, kept out of state_dict
+
+    d2t: torch.Tensor  # [draft_vocab] target id of each draft id
+    t2d: torch.Tensor  # [target_vocab] draft id of each target id, -1 if absent
+
+    def attach_embedding(self, embedding: nn.Embedding) -> None:
+        if embedding.weight.shape != (self.cfg.target_vocab_size, self.cfg.hidden_size):
+            raise ValueError(
+                f"embedding shape {tuple(embedding.weight.shape)} does not match the drafter's "
+                f"target ({self.cfg.target_vocab_size}, {self.cfg.hidden_size})"
+            )
+        self._embedding = [embedding]
+
+    def set_draft_vocab(self, target_ids: torch.Tensor) -> None:
+        """Use ``target_ids`` (distinct, [draft_vocab]) as the draft vocabulary."""
+        if (
+            target_ids.numel() != self.cfg.draft_vocab_size
+            or target_ids.unique().numel() != target_ids.numel()
+        ):
+            raise ValueError(f"draft vocab must be {self.cfg.draft_vocab_size} distinct target ids")
+        self.d2t.copy_(target_ids)
+        self.t2d.fill_(-1)
+        self.t2d[target_ids] = torch.arange(target_ids.numel(), device=self.t2d.device)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self._embedding:
+            raise ValueError("drafter has no embedding: call attach_embedding(target.embed_tokens)")
+        return self._embedding[0](input_ids)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Fuse the target's low/mid/high hidden states: [batch, seq, 3H] -> [batch, seq, H]."""
+        return self.fc(features.to(self.fc.weight.dtype))
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [batch, seq, H]: projected target features or own previous hidden
+        input_ids: torch.Tensor,  # [batch, seq] target ids of the tokens paired with ``hidden``
+        positions: torch.Tensor,  # [batch, seq] absolute positions
+        *,
+        cache: DrafterCache | None = None,
+        attn_mask: torch.Tensor | None = None,  # bool [seq, keys] or [batch, 1, seq, keys]
+    ) -> DrafterOutput:
+        emb = self.embed(input_ids).to(hidden.dtype)
+        x = torch.cat([self.input_layernorm(emb), self.hidden_norm(hidden)], dim=-1)  # [b, s, 2H]
+        h = hidden + self.self_attn(x, positions, cache, attn_mask)
+        normed = self.post_attention_layernorm(h)
+        h = h + self.down_proj(F.silu(self.gate_proj(normed)) * self.up_proj(normed))
+        return DrafterOutput(logits=self.lm_head(self.norm(h)).float(), hidden=h)
+
+    # -- the Drafter seam (models/drafter.py) --------------------------------------------------
+    def proposer(self, *, argmax_drafting: bool = False) -> Eagle3Proposer:
+        from draftopd.models.eagle3.proposer import Eagle3Proposer
+
+        return Eagle3Proposer(self, argmax_drafting=argmax_drafting)
+
+    def sft_loss(
+        self,
+        features: torch.Tensor,
+        input_ids: torch.Tensor,
+        target_logits: torch.Tensor,
+        loss_mask: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        slots: int,
+        decay: float,
+    ) -> SFTLossOutput:
+        """Training-time test over ``slots`` unrolled steps (``ttt.py``)."""
+        from draftopd.models.eagle3.ttt import ttt_unroll
+
+        out = ttt_unroll(
+            self, features, input_ids, target_logits, loss_mask, attention_mask,
+            steps=slots, decay=decay,
+        )  # fmt: skip
+        return SFTLossOutput(loss=out.loss, step_loss=out.step_loss, step_acc=out.step_acc)
+
+    def draft_from_anchors(
+        self,
+        features: torch.Tensor,
+        input_ids: torch.Tensor,
+        anchors: torch.Tensor,
+        num_slots: int,
+        chain_inputs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        from draftopd.models.eagle3.unroll import unroll_from_anchors
+
+        return unroll_from_anchors(self, features, input_ids, anchors, num_slots, chain_inputs)
+
+
+def random_drafter(cfg: Eagle3Config, *, seed: int = 0, std: float = 0.02) -> Eagle3Drafter:
+    """A randomly initialised drafter (reproducible from ``seed``)."""
+    generator = torch.Generator().manual_seed(seed)
+    drafter = Eagle3Drafter(cfg)
+    with torch.no_grad():
+        for name, param in drafter.named_parameters():
+            if name.endswith("weight") and param.ndim == 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return drafter
+
+
+__all__ = ["DrafterCache", "DrafterOutput", "Eagle3Config", "Eagle3Drafter", "random_drafter"]

@@ -1,0 +1,1 @@
+"""Draft-OPD: rollouts, replay from the error positions, the two-stream loss, and the loop."""

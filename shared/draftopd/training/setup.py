@@ -1,0 +1,81 @@
+"""What every training pipeline does first, from its run section (``RunConfig``).
+
+Set the CPU threads, load the prompts and split off the held-out ones, load the target, and write
+the run record (``run.json``: the kind of run, both sections, the prompt split). SFT and Draft-OPD
+share it, so both measure tau on the same held-out prompts when they share a corpus.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from draftopd.models.target import TargetModel, load_target
+from draftopd.prompts import render_prompt
+from draftopd.training.configs import RunConfig
+from draftopd.training.data.corpus import PromptSplit, load_training_prompts, split_prompts
+from draftopd.training.run import write_run_record
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    target: TargetModel
+    split: PromptSplit  # the training prompts and the held-out ones
+    eval_prompts: list[list[int]]  # the held-out prompts, rendered (chat template) to ids
+
+    @property
+    def heldout_ids(self) -> tuple[str, ...]:
+        return tuple(p.id for p in self.split.heldout)
+
+    def train_prompts(self) -> list[list[int]]:
+        """The training prompts, rendered to ids."""
+        return [render_prompt(self.target.tokenizer, p) for p in self.split.train]
+
+
+def resolved_device(run: RunConfig) -> str:
+    """The run's device: as given, else cuda when available, else cpu."""
+    return run.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def prepare_run(run: RunConfig, *, kind: str, stage: dict[str, Any]) -> RunSetup:
+    """Threads, prompts, target and run record for a ``kind`` run ("sft" or "draft_opd") whose
+    stage section is ``stage``."""
+    split = split_prompts(
+        load_training_prompts(run.prompts, seed=run.corpus_seed),
+        heldout=run.heldout,
+        limit=run.limit,
+        skip=run.skip,
+    )
+    if run.threads is not None:
+        torch.set_num_threads(run.threads)  # oversubscribed CPUs slow torch down many times
+    target = load_target(run.target, device=resolved_device(run), dtype=run.dtype)
+    out = Path(run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_record(
+        out,
+        {
+            "kind": kind,
+            "run": run.to_dict(),
+            kind: stage,
+            "num_train_prompts": len(split.train),
+            "heldout_ids": [p.id for p in split.heldout],
+        },
+    )
+    logger.info(
+        "%s on %d prompts (%d held out for tau) with target %s on %s",
+        kind, len(split.train), len(split.heldout), run.target, target.device,
+    )  # fmt: skip
+    return RunSetup(
+        target=target,
+        split=split,
+        eval_prompts=[render_prompt(target.tokenizer, p) for p in split.heldout],
+    )
+
+
+__all__ = ["RunSetup", "prepare_run", "resolved_device"]

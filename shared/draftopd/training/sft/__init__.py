@@ -1,0 +1,1 @@
+"""SFT bootstrap: the training loop (``train``) and the prompts-to-checkpoint ``pipeline``."""

@@ -1,0 +1,195 @@
+"""SFT bootstrap of a drafter (docs/draft_opd.md, "SFT bootstrap").
+
+The drafter learns from target-regenerated samples with its family's SFT objective
+(``Drafter.sft_loss``; for EAGLE-3, training-time test: 7 unrolled draft steps weighted 0.8^j,
+soft cross-entropy to the target distribution over the draft vocabulary). The draft vocabulary is
+the Vd most frequent target ids in the responses. AdamW with linear warmup and a cosine decay,
+global gradient clipping. The target, and with it the shared embedding, stays frozen.
+
+``out_dir`` is a run directory of ``training/run.py``; its metrics lines hold step, loss,
+step_loss, step_acc, tau (eval steps only; step 0 is the initial drafter), lr, grad_norm and
+elapsed_s (cumulative optimizer-step time, evaluation excluded). trainer_state.json also holds a
+sha256 of the training samples.
+
+Everything is safetensors or JSON; nothing is pickled. A rerun with ``resume=True`` continues
+from the newest complete checkpoint: data order and learning rate are pure functions of the step,
+so an interrupted run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from draftopd.models.checkpoint import check_compatible, random_drafter_for
+from draftopd.models.drafter import Drafter
+from draftopd.models.target import TargetModel
+from draftopd.training.configs import SFTConfig
+from draftopd.training.data.batches import batch_indices, collate, target_features
+from draftopd.training.data.regenerate import Sample, iter_samples
+from draftopd.training.run import METRICS_FILE, TrainingRun, check_resume, open_run
+from draftopd.training.schedule import make_adamw, optimizer_step
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SFTResult:
+    drafter: Drafter  # the trained drafter (float32, on the target's device)
+    step: int  # optimizer steps completed
+    checkpoint: Path  # newest checkpoint directory (loadable with ``load_drafter``)
+    metrics_path: Path  # the JSONL metrics log
+    resumed_from: int  # the step this call started from (0 = fresh)
+    tau: float | None  # the latest held-out tau (None without eval prompts)
+    history: list[dict[str, Any]] = field(default_factory=list)  # lines this call logged
+
+
+def choose_draft_vocab(
+    samples: Iterable[Sample], *, vocab_size: int, draft_vocab_size: int
+) -> torch.Tensor:
+    """The ``draft_vocab_size`` target ids most frequent in the responses, sorted by id.
+
+    Ties (including never-seen ids) go to the lower id."""
+    if not 0 < draft_vocab_size <= vocab_size:
+        raise ValueError(f"draft_vocab_size {draft_vocab_size} must be in [1, {vocab_size}]")
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for sample in samples:
+        ids = torch.tensor(sample.response_ids, dtype=torch.long)
+        counts += torch.bincount(ids, minlength=vocab_size)
+    order = torch.sort(counts, descending=True, stable=True).indices
+    return order[:draft_vocab_size].sort().values
+
+
+def _load_samples(data: str | Path | Iterable[Sample]) -> list[Sample]:
+    samples = list(iter_samples(data)) if isinstance(data, (str, Path)) else list(data)
+    samples = [s for s in samples if s.response_ids]
+    if not samples:
+        raise ValueError("no training samples with a non-empty response")
+    return samples
+
+
+def _fingerprint(samples: Sequence[Sample]) -> str:
+    """sha256 of the token ids, in order: a resume must see the same data."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(json.dumps([sample.prompt_ids, sample.response_ids]).encode())
+    return digest.hexdigest()
+
+
+def _initial_drafter(
+    target: TargetModel, samples: list[Sample], cfg: SFTConfig, drafter: Drafter | None
+) -> Drafter:
+    if drafter is not None:  # e.g. continued SFT from a checkpoint: keep its draft vocabulary
+        check_compatible(drafter.cfg, target)
+        return drafter
+    size = min(cfg.draft_vocab_size, target.vocab_size)
+    drafter = random_drafter_for(target, seed=cfg.seed, draft_vocab_size=size)
+    vocab = choose_draft_vocab(samples, vocab_size=target.vocab_size, draft_vocab_size=size)
+    drafter.set_draft_vocab(vocab.to(drafter.d2t.device))
+    return drafter
+
+
+def _train_step(run: TrainingRun, cfg: SFTConfig, samples: list[Sample]) -> dict[str, Any]:
+    """One AdamW update on one batch; returns the step's metrics."""
+    target, lr = run.target, cfg.lr_at(run.step)
+    # pad_id is arbitrary: padded positions are neither attended to by real ones nor supervised
+    batch = collate(samples, pad_id=0, max_length=cfg.max_seq_len).to(target.device)
+    features, logits = target_features(target, batch.input_ids, batch.attention_mask)
+    out = run.drafter.sft_loss(
+        features,
+        batch.input_ids,
+        logits,
+        batch.loss_mask,
+        batch.attention_mask,
+        slots=cfg.ttt_steps,
+        decay=cfg.step_decay,
+    )
+    norm = optimizer_step(run.optimizer, out.loss, lr=lr, grad_clip=cfg.grad_clip)
+    return {
+        "loss": float(out.loss.detach()),
+        "step_loss": [round(float(x), 5) for x in out.step_loss],
+        "step_acc": [round(float(x), 5) for x in out.step_acc],
+        "grad_norm": norm,
+        "lr": lr,
+    }
+
+
+def train_sft(
+    target: TargetModel,
+    data: str | Path | Iterable[Sample],
+    out_dir: str | Path,
+    cfg: SFTConfig | None = None,
+    *,
+    drafter: Drafter | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    eval_prompts: Sequence[Sequence[int]] | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> SFTResult:
+    """Train a drafter on target-written samples; resumable.
+
+    ``data`` is a ``regenerate`` output directory or an iterable of samples. ``drafter`` is the
+    starting point of a fresh run (default: a seeded random EAGLE-3 drafter whose draft vocabulary
+    is chosen from the data); it is converted to float32 in place. ``eval_prompts`` are held-out
+    prompt id lists for tau. ``on_step`` gets each step's metrics line (progress reporting); an
+    exception raised there stops the run, and a rerun resumes from the newest checkpoint.
+    """
+    cfg = cfg or SFTConfig()
+    samples = _load_samples(data)
+    fingerprint = _fingerprint(samples)
+
+    def check_saved(saved: dict[str, Any], where: Path) -> None:
+        check_resume(saved, cfg, where, extendable=True)
+        if saved.get("data_fingerprint") != fingerprint:
+            raise ValueError(f"cannot resume {where}: the training samples differ from that run's")
+        if drafter is not None:
+            logger.info("resuming from %s; the drafter argument is ignored", where)
+
+    run = open_run(
+        Path(out_dir),
+        target,
+        cfg,
+        resume=resume,
+        label="SFT",
+        fresh_drafter=lambda: _initial_drafter(target, samples, cfg, drafter),
+        make_optimizer=lambda d: make_adamw(
+            d, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        ),
+        check_saved=check_saved,
+        eval_prompts=[list(p) for p in eval_prompts or []],
+        on_step=on_step,
+    )
+    run.start()
+    with tqdm(total=cfg.total_steps, initial=run.step, desc="sft", disable=not progress) as bar:
+        while not run.done:
+            chosen = batch_indices(
+                run.step, num_samples=len(samples), batch_size=cfg.batch_size, seed=cfg.seed
+            )
+            t0 = time.perf_counter()
+            stats = _train_step(run, cfg, [samples[i] for i in chosen])
+            run.elapsed_s += time.perf_counter() - t0
+            run.step += 1
+            run.finish_step(stats, kind="sft", extra={"data_fingerprint": fingerprint})
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", tau=run.tau)
+    return SFTResult(
+        drafter=run.drafter,
+        step=run.step,
+        checkpoint=run.checkpoint,
+        metrics_path=run.out_dir / METRICS_FILE,
+        resumed_from=run.resumed_from,
+        tau=run.tau,
+        history=run.history,
+    )
+
+
+__all__ = ["SFTConfig", "SFTResult", "choose_draft_vocab", "train_sft"]
