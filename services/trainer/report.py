@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
-from draftopd.training.run import CHECKPOINT_DIR, METRICS_FILE, STATE_FILE
+from draftopd.training.run import CHECKPOINT_DIR, METRICS_FILE, STATE_FILE, read_metrics
 from draftopd.wire.formats import CONFIG_FILE, WEIGHTS_FILE
 from draftopd.wire.registry_client import RegistryClient
 from services.trainer.rollouts import JobStatus
@@ -134,9 +134,7 @@ class RegistryJobReport:
 
 
 def _taus(metrics: Path) -> dict[int, float | None]:
-    if not metrics.is_file():
-        return {}
-    lines = [json.loads(x) for x in metrics.read_text(encoding="utf-8").splitlines() if x.strip()]
+    lines = read_metrics(metrics) if metrics.is_file() else []
     return {int(x["step"]): x.get("tau") for x in lines}
 
 

@@ -11,7 +11,8 @@ from draftopd.models.tiny import build_tiny_target
 from draftopd.speculative.engine import DecodeEngine
 from draftopd.speculative.sampling import SamplingParams
 from draftopd.training.data.regenerate import Sample
-from draftopd.training.sft.train import SFTConfig, train_sft
+from draftopd.training.sft.train import train_sft
+from tests.unit.training.helpers import TINY_SFT
 
 MAX_NEW = 32
 
@@ -54,17 +55,6 @@ def half_trained_drafter(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Drafter:
     """A drafter after a short SFT: some drafts accepted, many rejected (both replay streams)."""
-    cfg = SFTConfig(
-        lr=1e-2,
-        warmup_steps=3,
-        total_steps=25,
-        batch_size=8,
-        max_seq_len=64,
-        ttt_steps=4,
-        draft_vocab_size=96,
-        eval_every=0,
-        checkpoint_every=0,
-        seed=0,
-    )
+    cfg = TINY_SFT
     out = tmp_path_factory.mktemp("half-sft")
     return train_sft(sharp_target, corpus[0], out, cfg, progress=False).drafter.eval()

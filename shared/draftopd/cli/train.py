@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,8 @@ logger = logging.getLogger(__name__)
 def add_train(subparsers: Subparsers) -> None:
     p = subparsers.add_parser("train", help="train a drafter (sft, opd) or plot a training curve")
     stages = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    _add_train_sft(stages)
-    _add_train_opd(stages)
+    for stage in _STAGES:
+        _add_stage(stages, stage)
     curve = stages.add_parser("curve", help="plot held-out tau and loss from a metrics.jsonl")
     curve.add_argument("metrics", metavar="METRICS_JSONL", help="a training run's metrics.jsonl")
     curve.add_argument("--png", required=True, help="output PNG path")
@@ -124,48 +126,77 @@ def _labelled(values: list[str], form: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _add_train_sft(stages: Subparsers) -> None:
-    p = stages.add_parser(
-        "sft",
-        help="SFT bootstrap: regenerate data with the target, train a drafter",
-        description="Prompts in, drafter checkpoint out. Reruns resume both stages; a rerun "
-        "with a larger --steps extends the run. The flags are the fields of the run and SFT "
-        "sections of a train-job spec.",
-    )
-    add_config_flags(p, RunConfig, title="run")
-    add_config_flags(p, SFTConfig, title="sft")
-    _add_call_options(p)
-    p.set_defaults(handler=_run_train_sft_command)
-
-
-def _run_train_sft_command(args: argparse.Namespace) -> int:
+def _run_sft(run: RunConfig, sft: Any, args: argparse.Namespace) -> Any:
     from draftopd.training.sft.pipeline import sft_pipeline
 
-    run, sft = config_from_args(args, RunConfig), config_from_args(args, SFTConfig)
-    result = sft_pipeline(run, sft, resume=args.resume, progress=not args.no_progress)
-    return _report(result.checkpoint, result.step, result.tau)
+    return sft_pipeline(run, sft, resume=args.resume, progress=not args.no_progress)
 
 
-def _add_train_opd(stages: Subparsers) -> None:
-    p = stages.add_parser(
-        "opd",
-        help="Draft-OPD: on-policy rollouts, replay from the error positions, in one process",
-        description="Drafter checkpoint in, Draft-OPD checkpoint out (the Celery trainer runs "
-        "the same loop). Reruns resume from the newest checkpoint. The flags are the fields of "
-        "the run and OPD sections of a train-job spec.",
-    )
-    add_config_flags(p, RunConfig, title="run")
-    add_config_flags(p, OPDConfig, title="opd", required=("drafter",))
-    _add_call_options(p)
-    p.set_defaults(handler=_run_train_opd_command)
-
-
-def _run_train_opd_command(args: argparse.Namespace) -> int:
+def _run_opd(run: RunConfig, opd: Any, args: argparse.Namespace) -> Any:
     from draftopd.training.opd.pipeline import opd_pipeline
 
-    run, opd = config_from_args(args, RunConfig), config_from_args(args, OPDConfig)
-    result = opd_pipeline(run, opd, resume=args.resume, progress=not args.no_progress)
-    return _report(result.checkpoint, result.step, result.tau)
+    return opd_pipeline(run, opd, resume=args.resume, progress=not args.no_progress)
+
+
+@dataclass(frozen=True)
+class _Stage:
+    name: str  # the subcommand
+    section: type  # the stage section of a job spec (its fields become the flags)
+    run: Callable[
+        [RunConfig, Any, argparse.Namespace], Any
+    ]  # -> a result with checkpoint, step, tau
+    help: str
+    description: str
+    required: tuple[str, ...] = ()
+
+
+_STAGES = (
+    _Stage(
+        "sft",
+        SFTConfig,
+        _run_sft,
+        help="SFT bootstrap: regenerate data with the target, train a drafter",
+        description="Prompts in, drafter checkpoint out. Reruns resume both stages; a rerun "
+        "with a larger --steps extends the run.",
+    ),
+    _Stage(
+        "opd",
+        OPDConfig,
+        _run_opd,
+        help="Draft-OPD: on-policy rollouts, replay from the error positions, in one process",
+        description="Drafter checkpoint in, Draft-OPD checkpoint out (the Celery trainer runs "
+        "the same loop). Reruns resume from the newest checkpoint.",
+        required=("drafter",),
+    ),
+)
+
+
+def _add_stage(stages: Subparsers, stage: _Stage) -> None:
+    p = stages.add_parser(
+        stage.name,
+        help=stage.help,
+        description=f"{stage.description} The flags are the fields of the run section and the "
+        f"{stage.name} section of a train-job spec.",
+    )
+    add_config_flags(p, RunConfig, title="run")
+    add_config_flags(p, stage.section, title=stage.name, required=stage.required)
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue the run in --out (default); --no-resume refuses a non-empty run",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+    def handler(args: argparse.Namespace) -> int:
+        run = config_from_args(args, RunConfig)
+        section: Any = config_from_args(args, stage.section)
+        result = stage.run(run, section, args)
+        tau = "none" if result.tau is None else f"{result.tau:.3f}"
+        sys.stdout.write(f"checkpoint: {result.checkpoint}\nstep: {result.step}\ntau: {tau}\n")
+        return 0
+
+    p.set_defaults(handler=handler)
 
 
 def _run_train_curve_command(args: argparse.Namespace) -> int:
@@ -190,23 +221,4 @@ def _run_train_compare_command(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise CommandError(f"plotting needs matplotlib ({err})") from err
     logger.info("wrote %s", out)
-    return 0
-
-
-# -- shared by sft and opd -------------------------------------------------------------------------
-
-
-def _add_call_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--resume",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="continue the run in --out (default); --no-resume refuses a non-empty run",
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-
-
-def _report(checkpoint: Any, step: int, tau: float | None) -> int:
-    text = "none" if tau is None else f"{tau:.3f}"
-    sys.stdout.write(f"checkpoint: {checkpoint}\nstep: {step}\ntau: {text}\n")
     return 0

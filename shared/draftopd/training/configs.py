@@ -142,64 +142,49 @@ class RunConfig(_JSONConfig):
         _one_of(self.dtype, "dtype", DTYPES)
 
 
-@dataclass(frozen=True)
-class SFTConfig(_JSONConfig):
-    """The SFT stage: the target answers the training prompts, the drafter learns from them."""
+def _total_steps(default: int) -> Any:
+    return setting(default, "optimizer steps; the cosine LR reaches 0 here", flag="--steps")
 
-    # -- data: target regeneration
-    init_from: str | None = setting(
-        None, "start a fresh run from this drafter checkpoint (continued SFT)", resumable=True
-    )
-    max_new_tokens: int = setting(512, "cap on each target-written response", resumable=True)
-    gen_batch_size: int = setting(8, "prompts per batched generate call", resumable=True)
-    temperature: float = setting(0.0, "regeneration temperature; 0 = greedy", resumable=True)
-    top_p: float = setting(1.0, "regeneration nucleus cut-off", resumable=True)
-    # -- optimisation
+
+def _eval_every(default: int) -> Any:
+    return setting(default, "held-out tau every N steps (and 0, end); 0 = end", resumable=True)
+
+
+def _checkpoint_every(default: int) -> Any:
+    return setting(default, "checkpoint every N steps (and end); 0 = end", resumable=True)
+
+
+@dataclass(frozen=True)
+class LoopConfig(_JSONConfig):
+    """The optimisation, evaluation and checkpoint settings SFT and Draft-OPD share. A stage
+    gives ``total_steps``, ``eval_every`` and ``checkpoint_every`` its own defaults through
+    ``_total_steps`` / ``_eval_every`` / ``_checkpoint_every`` (one help text each)."""
+
     lr: float = setting(3e-4, "peak AdamW learning rate")
     warmup_fraction: float = setting(0.05, "share of the steps in linear warmup (if no --warmup)")
     warmup_steps: int | None = setting(
         None, "warmup steps; overrides the fraction", flag="--warmup"
     )
-    total_steps: int = setting(
-        2000, "optimizer steps; the cosine LR reaches 0 here", flag="--steps"
-    )
-    batch_size: int = setting(8, "sequences per optimizer step")
-    max_seq_len: int = setting(1024, "prompt + response tokens kept per sequence (cut right)")
-    ttt_steps: int = setting(7, "training-time-test unroll length (draft slots trained)")
-    step_decay: float = setting(0.8, "loss weight of unroll step j is step_decay ** j")
+    total_steps: int = _total_steps(2000)
     grad_clip: float = setting(1.0, "max global gradient norm; 0 disables clipping")
     weight_decay: float = setting(0.0, "AdamW decoupled weight decay on matrices")
     betas: tuple[float, float] = setting((0.9, 0.95), "AdamW moment decay rates", cli=False)
-    draft_vocab_size: int = setting(32000, "draft vocab Vd: the most frequent response tokens")
-    seed: int = setting(0, "drafter init, data order, sampled regeneration")
-    # -- evaluation and checkpoints
-    eval_every: int = setting(
-        100, "held-out tau every N steps (and 0, end); 0 = end", resumable=True
-    )
+    eval_every: int = _eval_every(100)
     eval_num_draft_tokens: int = setting(
         5, "K drafts per cycle for held-out tau", flag="--eval-draft-tokens", resumable=True
     )
     eval_max_new_tokens: int = setting(64, "tokens per held-out tau prompt", resumable=True)
-    checkpoint_every: int = setting(
-        100, "checkpoint every N steps (and end); 0 = end", resumable=True
-    )
+    checkpoint_every: int = _checkpoint_every(100)
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, ("total_steps", "batch_size", "max_seq_len", "ttt_steps"))
-        _at_least(self, 1, ("draft_vocab_size", "max_new_tokens", "gen_batch_size"))
+        _at_least(self, 1, ("total_steps", "eval_num_draft_tokens", "eval_max_new_tokens"))
         _at_least(self, 0, ("eval_every", "checkpoint_every", "weight_decay", "grad_clip"))
-        _at_least(self, 1, ("eval_num_draft_tokens", "eval_max_new_tokens"))
-        if self.lr <= 0 or not 0 < self.step_decay <= 1 or not 0 <= self.warmup_fraction <= 1:
+        if self.lr <= 0 or not 0 <= self.warmup_fraction <= 1:
             raise ValueError(
-                f"need lr > 0, step_decay in (0, 1], warmup_fraction in [0, 1]; got "
-                f"{self.lr}, {self.step_decay}, {self.warmup_fraction}"
+                f"need lr > 0 and warmup_fraction in [0, 1]; got {self.lr}, {self.warmup_fraction}"
             )
         if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.total_steps:
             raise ValueError(f"warmup_steps must be in [0, {self.total_steps}]")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(
-                f"need temperature >= 0 and top_p in (0, 1]; got {self.temperature}, {self.top_p}"
-            )
 
     @property
     def warmup(self) -> int:
@@ -211,6 +196,38 @@ class SFTConfig(_JSONConfig):
         return warmup_cosine_lr(
             step, peak_lr=self.lr, warmup_steps=self.warmup, total_steps=self.total_steps
         )
+
+
+@dataclass(frozen=True)
+class SFTConfig(LoopConfig):
+    """The SFT stage: the target answers the training prompts, the drafter learns from them."""
+
+    # -- data: target regeneration
+    init_from: str | None = setting(
+        None, "start a fresh run from this drafter checkpoint (continued SFT)", resumable=True
+    )
+    max_new_tokens: int = setting(512, "cap on each target-written response", resumable=True)
+    gen_batch_size: int = setting(8, "prompts per batched generate call", resumable=True)
+    temperature: float = setting(0.0, "regeneration temperature; 0 = greedy", resumable=True)
+    top_p: float = setting(1.0, "regeneration nucleus cut-off", resumable=True)
+    # -- training
+    batch_size: int = setting(8, "sequences per optimizer step")
+    max_seq_len: int = setting(1024, "prompt + response tokens kept per sequence (cut right)")
+    ttt_steps: int = setting(7, "training-time-test unroll length (draft slots trained)")
+    step_decay: float = setting(0.8, "loss weight of unroll step j is step_decay ** j")
+    draft_vocab_size: int = setting(32000, "draft vocab Vd: the most frequent response tokens")
+    seed: int = setting(0, "drafter init, data order, sampled regeneration")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _at_least(self, 1, ("batch_size", "max_seq_len", "ttt_steps", "draft_vocab_size"))
+        _at_least(self, 1, ("max_new_tokens", "gen_batch_size"))
+        if not 0 < self.step_decay <= 1:
+            raise ValueError(f"step_decay must be in (0, 1], got {self.step_decay}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"need temperature >= 0 and top_p in (0, 1]; got {self.temperature}, {self.top_p}"
+            )
 
 
 @dataclass(frozen=True)
@@ -237,7 +254,7 @@ class OPDLossConfig(_JSONConfig):
 
 
 @dataclass(frozen=True)
-class OPDConfig(_JSONConfig):
+class OPDConfig(LoopConfig):
     """Draft-OPD: on-policy rollouts, replay from the error positions, one step, repeat."""
 
     drafter: str = setting("", "starting drafter checkpoint (e.g. the SFT one)", resumable=True)
@@ -256,50 +273,25 @@ class OPDConfig(_JSONConfig):
     rollout_timeout_s: float = setting(
         600.0, "trainer service: seconds to wait for a step's rollouts", cli=False, resumable=True
     )
-    # -- the loss and the optimisation
+    # -- the loss
     loss: OPDLossConfig = field(default_factory=OPDLossConfig)
     random_anchors: bool = setting(False, "ablation: the same number of blocks at random anchors")
-    lr: float = setting(3e-4, "peak AdamW learning rate (the paper's)")
-    warmup_fraction: float = setting(0.05, "share of the steps in linear warmup")
-    total_steps: int = setting(200, "optimizer steps; the cosine LR reaches 0 here", flag="--steps")
-    grad_clip: float = setting(1.0, "max global gradient norm; 0 disables clipping")
-    weight_decay: float = setting(0.0, "AdamW decoupled weight decay on matrices")
-    betas: tuple[float, float] = setting((0.9, 0.95), "AdamW moment decay rates", cli=False)
     seed: int = setting(0, "prompt order, sampled rollouts, random anchors")
-    # -- evaluation and checkpoints
-    eval_every: int = setting(
-        25, "held-out tau every N steps (and 0, end); 0 = end", resumable=True
-    )
-    eval_num_draft_tokens: int = setting(
-        5, "K drafts per cycle for held-out tau", flag="--eval-draft-tokens", resumable=True
-    )
-    eval_max_new_tokens: int = setting(64, "tokens per held-out tau prompt", resumable=True)
-    checkpoint_every: int = setting(
-        25, "checkpoint every N steps (and end); 0 = end", resumable=True
-    )
+    # -- the stage's own schedule defaults
+    total_steps: int = _total_steps(200)
+    eval_every: int = _eval_every(25)
+    checkpoint_every: int = _checkpoint_every(25)
 
     def __post_init__(self) -> None:
         if isinstance(self.loss, dict):  # pydantic and from_dict hand the nested section as-is
             object.__setattr__(self, "loss", OPDLossConfig.from_dict(self.loss))
-        _at_least(self, 1, ("total_steps", "prompts_per_step", "num_draft_tokens"))
-        _at_least(self, 1, ("max_new_tokens", "rollout_batch_size", "requests_per_step"))
-        _at_least(self, 1, ("eval_num_draft_tokens", "eval_max_new_tokens"))
-        _at_least(self, 0, ("eval_every", "checkpoint_every", "max_version_lag", "grad_clip"))
-        _at_least(self, 0, ("weight_decay",))
-        if self.lr <= 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("need lr > 0, temperature >= 0 and top_p in (0, 1]")
-        if not 0 <= self.warmup_fraction <= 1 or not self.rollout_timeout_s > 0:
-            raise ValueError("need warmup_fraction in [0, 1] and rollout_timeout_s > 0")
+        super().__post_init__()
+        _at_least(self, 1, ("prompts_per_step", "num_draft_tokens", "max_new_tokens"))
+        _at_least(self, 1, ("rollout_batch_size", "requests_per_step"))
+        _at_least(self, 0, ("max_version_lag",))
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or not self.rollout_timeout_s > 0:
+            raise ValueError("need temperature >= 0, top_p in (0, 1] and rollout_timeout_s > 0")
         check_rollout_mode(self.rollout_mode, self.temperature)
-
-    def lr_at(self, step: int) -> float:
-        warmup = round(self.warmup_fraction * self.total_steps)
-        return warmup_cosine_lr(
-            step, peak_lr=self.lr, warmup_steps=warmup, total_steps=self.total_steps
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "loss": self.loss.to_dict()}
 
     @classmethod
     def normalise(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -316,6 +308,7 @@ __all__ = [
     "ROLLOUT_MODES",
     "STREAM_A_LOSSES",
     "STREAM_B_LOSSES",
+    "LoopConfig",
     "OPDConfig",
     "OPDLossConfig",
     "RunConfig",

@@ -281,9 +281,12 @@ class TrainingRun:
         if self.step == 0 and (self.eval_prompts or always):
             self.log({"tau": self.evaluate()})
 
-    def finish_step(self, stats: dict[str, Any], *, kind: str, extra: dict[str, Any]) -> bool:
+    def finish_step(
+        self, stats: dict[str, Any], *, extra: dict[str, Any], provenance: dict[str, Any]
+    ) -> bool:
         """After an optimizer step: tau if due, the metrics line, a checkpoint if due (the
-        drafter, the optimizer and ``extra`` in its trainer state). True when checkpointed."""
+        drafter with ``provenance`` and the step in its config.json; the optimizer; ``extra`` in
+        its trainer state). True when checkpointed."""
         cfg, last = self.cfg, self.done
         if last or every(self.step, cfg.eval_every):
             stats = {**stats, "tau": self.evaluate()}
@@ -298,9 +301,8 @@ class TrainingRun:
             step=self.step,
             elapsed_s=self.elapsed_s,
             extra={"config": config, **extra},
-            provenance={"kind": kind, "step": self.step, "target_model": self.target.name,
-                        "config": config},
-        )  # fmt: skip
+            provenance={**provenance, "step": self.step},
+        )
         return True
 
     @property

@@ -186,6 +186,7 @@ def train_opd(
     )
     learner = OPDLearner(target, run.drafter, cfg, optimizer=run.optimizer, step=run.step)
     source = rollouts or LocalRollouts(target, cfg)
+    provenance = {"kind": "draft_opd", "opd": cfg.to_dict()}
     run.start(always=True)
     bar = tqdm(total=cfg.total_steps, initial=run.step, desc="opd", disable=not progress)
     with bar:
@@ -209,7 +210,7 @@ def train_opd(
                 rollout_tau=rollout_tau(records),
             )
             rounded = {k: round(v, 5) if isinstance(v, float) else v for k, v in stats.items()}
-            if run.finish_step(rounded, kind="draft_opd", extra={}):
+            if run.finish_step(rounded, extra={}, provenance=provenance):
                 source.checkpointed(run.step)
             bar.update(1)
             bar.set_postfix(

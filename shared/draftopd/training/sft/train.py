@@ -168,6 +168,7 @@ def train_sft(
         eval_prompts=[list(p) for p in eval_prompts or []],
         on_step=on_step,
     )
+    provenance = {"kind": "sft", "target_model": target.name, "sft_config": cfg.to_dict()}
     run.start()
     with tqdm(total=cfg.total_steps, initial=run.step, desc="sft", disable=not progress) as bar:
         while not run.done:
@@ -178,7 +179,7 @@ def train_sft(
             stats = _train_step(run, cfg, [samples[i] for i in chosen])
             run.elapsed_s += time.perf_counter() - t0
             run.step += 1
-            run.finish_step(stats, kind="sft", extra={"data_fingerprint": fingerprint})
+            run.finish_step(stats, extra={"data_fingerprint": fingerprint}, provenance=provenance)
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", tau=run.tau)
     return SFTResult(

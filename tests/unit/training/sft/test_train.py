@@ -18,24 +18,18 @@ from draftopd.training.run import heldout_tau, latest_checkpoint, read_metrics
 from draftopd.training.schedule import warmup_cosine_lr
 from draftopd.training.sft.pipeline import sft_pipeline
 from draftopd.training.sft.train import choose_draft_vocab, train_sft
+from tests.unit.training.helpers import tiny_sft
 
 MAX_NEW = 32  # the corpus fixture's response length
 
 
 def _config(**changes: object) -> SFTConfig:
-    base = SFTConfig(
-        lr=1e-2,
-        warmup_steps=3,
+    base = tiny_sft(
         total_steps=60,
-        batch_size=8,
-        max_seq_len=64,
-        ttt_steps=4,
-        draft_vocab_size=96,
         eval_every=20,
         eval_num_draft_tokens=4,
         eval_max_new_tokens=MAX_NEW,
         checkpoint_every=30,
-        seed=0,
     )
     return replace(base, **changes)  # type: ignore[arg-type]
 
