@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,7 +188,20 @@ def _convert_gguf(directory: str, gguf_file: str, out: Path) -> None:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
+    publish_directory(tmp, out)
+
+
+def publish_directory(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``. Several services converting the same GGUF at
+    once (``draftopd up`` on a fresh cache) race here: the first rename wins, and a loser whose
+    ``out`` already holds a complete copy (its config.json) drops its own and uses that one."""
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not (out / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("another process cached %s first; using its copy", out)
 
 
 def load_target(
