@@ -27,19 +27,20 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import GenerationConfig
 
+from draftopd.bench_config import (
+    BenchConfig,
+    parse_drafter_ref,
+)
 from draftopd.models.checkpoint import load_drafter, random_drafter_for
 from draftopd.models.drafter import Drafter
-from draftopd.models.target import DEFAULT_TARGET, TargetModel, load_target
+from draftopd.models.target import TargetModel, load_target
 from draftopd.prompts import load_prompts, render_prompt
 from draftopd.speculative.engine import DecodeEngine, GenerationResult
 from draftopd.speculative.proposers import NgramProposer, Proposer
 from draftopd.speculative.sampling import SamplingParams
-from draftopd.wire.formats import parse_random_ref
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("eagle3", "ngram", "none")
-DEFAULT_DRAFTER = "random:0"  # a seeded random-init drafter, until a trained one is given
 HF_PROMPT_LOOKUP_TOKENS = 10  # prompt_lookup_num_tokens for the HF peer
 WARMUP_TOKENS = 16  # new tokens of the untimed warm-up generations
 REPORT_KEYS = (
@@ -54,77 +55,9 @@ REPORT_KEYS = (
 PEER_KEYS = ("hf_generate_tokens_per_s", "hf_prompt_lookup_tokens_per_s")
 
 
-@dataclass(frozen=True)
-class DrafterRef:
-    """Where an EAGLE-3 drafter comes from: a checkpoint directory or a random init."""
-
-    path: Path | None  # checkpoint directory (config.json + model.safetensors); None = random
-    seed: int  # seed of the random-init drafter (unused for a checkpoint)
-
-
-def parse_drafter_ref(ref: str) -> DrafterRef:
-    """``random:SEED`` or an existing checkpoint directory; anything else is a ValueError."""
-    seed = parse_random_ref(ref)
-    if seed is not None:
-        return DrafterRef(path=None, seed=seed)
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return DrafterRef(path=path, seed=0)
-    raise ValueError(
-        f"drafter {ref!r} is neither a checkpoint directory nor random:SEED "
-        "(registry references are not supported yet)"
-    )
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    prompts: str | None = None  # JSONL prompt file; None = MT-Bench question.jsonl
-    limit: int | None = None  # use only the first N prompts; None = all
-    max_new_tokens: int = 128  # M, the cap on generated tokens per prompt
-    method: str = "eagle3"  # proposer of the speculative run: eagle3 | ngram | none
-    drafter: str | None = None  # eagle3 only: checkpoint dir or random:SEED; None = random:0
-    num_draft_tokens: int = 4  # K, drafts proposed per verification cycle
-    temperature: float = 0.0  # 0 = greedy; > 0 samples (HF peers always run greedy)
-    peers: bool = False  # also time Hugging Face generate (greedy and prompt lookup)
-    target: str = DEFAULT_TARGET  # target spec for load_target (name, directory or .gguf)
-    device: str | None = None  # torch device; None = cuda when available, else cpu
-    dtype: str = "float32"  # target dtype: float32 | bfloat16 | float16
-    seed: int = 0  # torch seed; prompt i samples with seed + i when temperature > 0
-    threads: int | None = None  # torch intra-op CPU threads; None = torch's default
-    warmup: bool = True  # one untimed generation per path before timing
-    repeats: int = 1  # runs of every path per prompt (order rotated); the fastest is kept
-    progress: bool = True  # tqdm progress bar on stderr
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r} not supported; choose one of {METHODS}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.num_draft_tokens < 1:
-            raise ValueError(f"num_draft_tokens must be >= 1, got {self.num_draft_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.repeats < 1:
-            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
-        if self.drafter is not None:
-            if self.method != "eagle3":
-                raise ValueError(f"a drafter applies only to method 'eagle3', not {self.method!r}")
-            parse_drafter_ref(self.drafter)
-
-    @property
-    def drafter_ref(self) -> str | None:
-        """The drafter actually used: the given one, random:0 for eagle3, None otherwise."""
-        if self.method != "eagle3":
-            return None
-        return self.drafter or DEFAULT_DRAFTER
-
-    @property
-    def resolved_device(self) -> str:
-        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def resolved_device(config: BenchConfig) -> str:
+    """The bench's device: as given, else cuda when available, else cpu."""
+    return config.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass(frozen=True)
@@ -178,7 +111,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
 
 def _setup(config: BenchConfig) -> _Bench:
     prompts = load_prompts(config.prompts, config.limit)
-    device = config.resolved_device
+    device = resolved_device(config)
     logger.info("loading target %s on %s (%s)", config.target, device, config.dtype)
     target = load_target(config.target, device=device, dtype=config.dtype)
     if target.tokenizer is None:

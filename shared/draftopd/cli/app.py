@@ -22,7 +22,14 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from draftopd.cli.args import CommandError, Subparsers, non_negative_int, positive_float
+from draftopd.cli.args import (
+    CommandError,
+    Subparsers,
+    add_config_flags,
+    config_from_args,
+    non_negative_int,
+    positive_float,
+)
 from draftopd.cli.jobs import add_jobs
 from draftopd.cli.train import add_train
 from draftopd.stack.supervisor import STARTUP_TIMEOUT_S, check_port_free
@@ -69,67 +76,23 @@ def configure_logging(level: str) -> None:
 
 
 # -- bench --------------------------------------------------------------------------------------
-def _drafter_arg(value: str) -> str:
-    """argparse type for --drafter: a checkpoint directory or random:SEED."""
-    from draftopd.bench import parse_drafter_ref
-
-    try:
-        parse_drafter_ref(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
-    return value
-
-
 def _add_bench(subparsers: Subparsers) -> None:
-    p = subparsers.add_parser("bench", help="benchmark plain vs speculative decoding (DESIGN §6)")
-    p.add_argument("--prompts", help="JSONL prompt file (default: MT-Bench question.jsonl)")
-    p.add_argument("--limit", type=int, help="use only the first N prompts")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="M (default 128)")
-    p.add_argument("--method", choices=("eagle3", "ngram", "none"), default="eagle3")
-    p.add_argument(
-        "--drafter",
-        type=_drafter_arg,
-        help="eagle3 drafter: a checkpoint directory or random:SEED (default random:0)",
+    from draftopd.bench_config import BenchConfig  # torch-free: --help stays fast
+
+    p = subparsers.add_parser(
+        "bench", help="benchmark plain vs speculative decoding (docs/design.md §6)"
     )
-    p.add_argument("--num-draft-tokens", type=int, default=4, help="K (default 4)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    add_config_flags(p, BenchConfig, title="bench", defaults=True)
     p.add_argument("--json", help="write the JSON report to this path ('-' = stdout)")
-    p.add_argument("--peers", action="store_true", help="also time Hugging Face generate")
-    p.add_argument("--target", default="smollm2", help="target: smollm2, a directory or a .gguf")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument(
-        "--repeats",
-        type=int,
-        default=1,
-        help="run every path N times per prompt (order rotated) and keep the fastest (default 1)",
-    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(handler=_run_bench_command)
 
 
 def _run_bench_command(args: argparse.Namespace) -> int:
-    from draftopd.bench import BenchConfig, format_summary, run_bench, write_report
+    from draftopd.bench import format_summary, run_bench, write_report
+    from draftopd.bench_config import BenchConfig
 
-    config = BenchConfig(
-        prompts=args.prompts,
-        limit=args.limit,
-        max_new_tokens=args.max_new_tokens,
-        method=args.method,
-        drafter=args.drafter,
-        num_draft_tokens=args.num_draft_tokens,
-        temperature=args.temperature,
-        peers=args.peers,
-        target=args.target,
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-        threads=args.threads,
-        repeats=args.repeats,
-        progress=not args.no_progress,
-    )
+    config = config_from_args(args, BenchConfig, progress=not args.no_progress)
     report = run_bench(config)
     if args.json == "-":
         import json

@@ -76,9 +76,11 @@ def add_config_flags(
     title: str,
     only: tuple[str, ...] | None = None,
     required: tuple[str, ...] = (),
+    defaults: bool = False,
 ) -> None:
     """One flag per field of the config dataclass ``cls`` (nested configs included), with the
-    field's help and default; unset flags keep the class's defaults. The values are checked by the
+    field's help and default; unset flags keep the class's defaults (with ``defaults`` the
+    namespace holds them too). The values are checked by the
     class itself when ``config_from_args`` builds it (a bad one exits 2 naming the field)."""
     group = parser.add_argument_group(title)
     for item in fields(cls):
@@ -90,19 +92,19 @@ def add_config_flags(
             continue
         flag = _flag(item)
         default = None if item.default is MISSING else item.default
-        text = meta["help"] + ("" if default in (None, "") else f" (default {default})")
+        shown = not (default is None or default is False or default == "")
+        text = meta["help"] + (f" (default {default})" if shown else "")
         text = text.replace("%", "%%")
         if item.type == "bool":
-            group.add_argument(
-                flag, dest=item.name, action="store_true", default=SUPPRESS, help=text
-            )
+            kept = default if defaults else SUPPRESS
+            group.add_argument(flag, dest=item.name, action="store_true", default=kept, help=text)
             continue
         group.add_argument(
             flag,
             dest=item.name,
             type=_TYPES[str(item.type)],
             choices=meta["choices"],
-            default=SUPPRESS,
+            default=default if defaults else SUPPRESS,
             required=item.default is MISSING or item.name in required,
             metavar=flag[2:].upper().replace("-", "_"),
             help=text,

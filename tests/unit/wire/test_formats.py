@@ -49,10 +49,13 @@ def test_job_statuses_match_the_registry_schema() -> None:
 
 
 def test_the_wire_package_is_torch_free() -> None:
-    """The registry and light clients import these modules without loading torch."""
+    """The registry and light clients import these modules, and the CLI builds every flag,
+    without loading torch."""
     code = (
         "import sys, draftopd.wire.formats, draftopd.wire.job_specs, "
-        "draftopd.wire.registry_client, draftopd.wire.rollout_queue; "
+        "draftopd.wire.registry_client, draftopd.wire.rollout_queue, "
+        "draftopd.training.configs, draftopd.bench_config, draftopd.cli.app; "
+        "draftopd.cli.app.build_parser(); "
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

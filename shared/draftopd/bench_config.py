@@ -1,0 +1,90 @@
+"""The benchmark's settings (docs/design.md §6), torch-free: the command line builds the
+``draftopd bench`` flags from these fields without importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from draftopd.config_fields import setting
+from draftopd.training.configs import DTYPES
+from draftopd.wire.formats import DEFAULT_TARGET, parse_random_ref
+
+METHODS = ("eagle3", "ngram", "none")
+DEFAULT_DRAFTER = "random:0"  # a seeded random-init drafter, until a trained one is given
+
+
+@dataclass(frozen=True)
+class DrafterRef:
+    """Where an EAGLE-3 drafter comes from: a checkpoint directory or a random init."""
+
+    path: Path | None  # checkpoint directory (config.json + model.safetensors); None = random
+    seed: int  # seed of the random-init drafter (unused for a checkpoint)
+
+
+def parse_drafter_ref(ref: str) -> DrafterRef:
+    """``random:SEED`` or an existing checkpoint directory; anything else is a ValueError."""
+    seed = parse_random_ref(ref)
+    if seed is not None:
+        return DrafterRef(path=None, seed=seed)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return DrafterRef(path=path, seed=0)
+    raise ValueError(
+        f"drafter {ref!r} is neither a checkpoint directory nor random:SEED "
+        "(registry references are not supported yet)"
+    )
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    prompts: str | None = setting(None, "JSONL prompt file; none = MT-Bench question.jsonl")
+    limit: int | None = setting(None, "use only the first N prompts")
+    max_new_tokens: int = setting(128, "M, the cap on generated tokens per prompt")
+    method: str = setting("eagle3", "proposer of the speculative run", choices=METHODS)
+    drafter: str | None = setting(
+        None, "eagle3 only: a checkpoint directory or random:SEED (none = random:0)"
+    )
+    num_draft_tokens: int = setting(4, "K, drafts proposed per verification cycle")
+    temperature: float = setting(0.0, "0 = greedy; > 0 samples (HF peers always run greedy)")
+    peers: bool = setting(False, "also time Hugging Face generate (greedy and prompt lookup)")
+    target: str = setting(DEFAULT_TARGET, "target: smollm2, a directory or a .gguf")
+    device: str | None = setting(None, "torch device; none = cuda when available, else cpu")
+    dtype: str = setting("float32", "target dtype", choices=DTYPES)
+    seed: int = setting(0, "torch seed; prompt i samples with seed + i when temperature > 0")
+    threads: int | None = setting(None, "torch intra-op CPU threads; none = torch's default")
+    warmup: bool = setting(True, "one untimed generation per path before timing", cli=False)
+    repeats: int = setting(
+        1, "run every path N times per prompt (order rotated) and keep the fastest"
+    )
+    progress: bool = setting(True, "tqdm progress bar on stderr", cli=False)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} not supported; choose one of {METHODS}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_draft_tokens < 1:
+            raise ValueError(f"num_draft_tokens must be >= 1, got {self.num_draft_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.drafter is not None:
+            if self.method != "eagle3":
+                raise ValueError(f"a drafter applies only to method 'eagle3', not {self.method!r}")
+            parse_drafter_ref(self.drafter)
+
+    @property
+    def drafter_ref(self) -> str | None:
+        """The drafter actually used: the given one, random:0 for eagle3, None otherwise."""
+        if self.method != "eagle3":
+            return None
+        return self.drafter or DEFAULT_DRAFTER
+
+
+__all__ = ["DEFAULT_DRAFTER", "METHODS", "BenchConfig", "DrafterRef", "parse_drafter_ref"]
