@@ -11,17 +11,22 @@ from typing import Any, TypeVar
 
 Subparsers = Any  # argparse's _SubParsersAction is private; it is only passed through
 C = TypeVar("C")
+T = TypeVar("T")
 
 
 class CommandError(Exception):
     """A command could not do its job (port in use, a child died, ...): exit 1 with the message."""
 
 
-def int_arg(value: str) -> int:
+def _parsed(value: str, kind: Callable[[str], T], what: str) -> T:
     try:
-        return int(value)
+        return kind(value)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from err
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from err
+
+
+def int_arg(value: str) -> int:
+    return _parsed(value, int, "an integer")
 
 
 def non_negative_int(value: str) -> int:
@@ -39,10 +44,7 @@ def positive_int(value: str) -> int:
 
 
 def float_arg(value: str) -> float:
-    try:
-        return float(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from err
+    return _parsed(value, float, "a number")
 
 
 def positive_float(value: str) -> float:
