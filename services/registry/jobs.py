@@ -12,14 +12,15 @@ checkpoint with its job id); there is no separate link table.
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, selectinload
 
 from draftopd.wire.job_specs import total_steps
 from services.registry import repository
 from services.registry.errors import ConflictError, NotFoundError, QueueUnavailableError
-from services.registry.models import Alias, Drafter, TrainJob
+from services.registry.models import Alias, Drafter, TrainJob, utcnow
 from services.registry.queue import TrainQueue
 from services.registry.schemas import TrainJobCreate, TrainJobUpdate
 
@@ -79,38 +80,77 @@ def list_jobs(
     return list(session.scalars(query))
 
 
-def _refuse_if_finished(job: TrainJob) -> None:
+# The job state machine: the statuses a job may move to from each status. A finished job
+# (succeeded, failed, cancelled) moves nowhere. Every change is a compare-and-set UPDATE whose
+# WHERE clause names the statuses the change may start from, so of two concurrent reports only
+# the first that the database applies can finish a job; the other matches no row and gets 409.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "queued": frozenset({"running", "succeeded", "failed", "cancelled"}),
+    "running": frozenset({"running", "succeeded", "failed", "cancelled"}),
+}
+
+
+def _sources(target: str | None) -> list[str]:
+    """The statuses a change to ``target`` may start from (None: a report that keeps it)."""
+    return [s for s, allowed in TRANSITIONS.items() if target is None or target in allowed]
+
+
+def _compare_and_set(
+    session: Session, job_id: str, sources: list[str], values: dict[str, Any]
+) -> bool:
+    """Apply ``values`` if the job's status is one of ``sources``; True if it did. One UPDATE
+    statement: the database decides between concurrent writers."""
+    result = session.execute(
+        update(TrainJob)
+        .where(TrainJob.id == job_id, TrainJob.status.in_(sources))
+        .values(**values, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return bool(getattr(result, "rowcount", 0))
+
+
+def _refused(session: Session, job_id: str, target: str | None) -> ConflictError:
+    session.expire_all()
+    job = get_job(session, job_id)
     if job.finished:
-        raise ConflictError(f"train job {job.id!r} is already {job.status}; it cannot change")
+        return ConflictError(f"train job {job_id!r} is already {job.status}; it cannot change")
+    return ConflictError(f"train job {job_id!r} is {job.status}; it cannot move to {target}")
 
 
 def fail_job(session: Session, job: TrainJob, error: str) -> TrainJob:
-    job.status, job.error = "failed", error
-    session.commit()
+    failed = {"status": "failed", "error": error}
+    if not _compare_and_set(session, job.id, _sources("failed"), failed):
+        raise _refused(session, job.id, "failed")
+    session.expire_all()
     return get_job(session, job.id)
 
 
 def update_job(session: Session, job: TrainJob, update: TrainJobUpdate) -> TrainJob:
-    """Apply the trainer's report; fields left unset keep their values."""
-    _refuse_if_finished(job)
-    for field, value in update.model_dump(exclude_unset=True).items():
-        setattr(job, field, value)
-    if job.status == "succeeded":
-        job.progress = 1.0
-    session.commit()
+    """Apply the trainer's report; fields left unset keep their values. 409 when the job's
+    status does not allow it (a finished job stays finished)."""
+    values = update.model_dump(exclude_unset=True)
+    target = values.get("status")
+    if target == "succeeded":
+        values["progress"] = 1.0
+    if not _compare_and_set(session, job.id, _sources(target), values):
+        raise _refused(session, job.id, target)
+    session.expire_all()
     return get_job(session, job.id)
 
 
 def cancel_job(session: Session, job: TrainJob) -> TrainJob:
     """Ask the trainer to stop; a queued job is cancelled at once. Idempotent on a cancelled
     job; 409 on one that succeeded or failed."""
-    if job.status == "cancelled":
-        return job
-    _refuse_if_finished(job)
-    job.cancel_requested = True
-    if job.status == "queued":
-        job.status = "cancelled"
-    session.commit()
+    cancelled = {"status": "cancelled", "cancel_requested": True}
+    if not (
+        _compare_and_set(session, job.id, ["queued"], cancelled)
+        or _compare_and_set(session, job.id, ["running"], {"cancel_requested": True})
+    ):
+        session.expire_all()
+        if get_job(session, job.id).status != "cancelled":  # idempotent on a cancelled job
+            raise _refused(session, job.id, "cancelled")
+    session.expire_all()
     return get_job(session, job.id)
 
 
