@@ -13,9 +13,14 @@ from contextlib import asynccontextmanager
 import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from draftopd.wire.asgi import AuthFirst
+from draftopd.wire.text import json_safe
 from services.inference.api import generation, router
+from services.inference.deps import auth_first
 from services.inference.errors import ClientGoneError, DrafterUnavailableError, InvalidRequestError
 from services.inference.follower import AliasFollower
 from services.inference.metrics import ServiceMetrics
@@ -61,10 +66,17 @@ def create_app(settings: InferenceSettings | None = None) -> FastAPI:
     app.include_router(generation)
     app.include_router(router)
     _add_error_handlers(app)
+    app.add_middleware(AuthFirst, check=auth_first(settings))  # the api_key before the body
     return app
 
 
 def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422, made safe to encode whatever the input held (NaN, lone surrogates)."""
+        detail = json_safe(jsonable_encoder(exc.errors()))
+        return JSONResponse({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+
     @app.exception_handler(InvalidRequestError)
     async def invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail()}, status.HTTP_422_UNPROCESSABLE_CONTENT)

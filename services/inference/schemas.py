@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from draftopd.wire.text import invalid_text_path
+
 DEFAULT_MAX_NEW_TOKENS = 128  # /generate and chat completions without max_tokens
 OPENAI_COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 16
@@ -25,7 +27,25 @@ ChatRole = Literal["system", "developer", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length"]
 
 
-class SpeculativeOptions(BaseModel):
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit signed seed
+
+
+class _Request(BaseModel):
+    """Every request model: finite numbers only and valid Unicode text (each model keeps its own
+    rule for unknown fields)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        where = invalid_text_path(value)
+        if where is not None:
+            raise ValueError(f"text must be valid Unicode (a lone surrogate at {where})")
+        return value
+
+
+class SpeculativeOptions(_Request):
     """Per-request choice of the proposer. Omitted fields take the server's defaults."""
 
     model_config = ConfigDict(extra="forbid")
@@ -38,12 +58,12 @@ class SpeculativeOptions(BaseModel):
     )
 
 
-class TextPart(BaseModel):
+class TextPart(_Request):
     type: Literal["text"] = "text"
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Request):
     role: ChatRole
     content: str | list[TextPart] = Field(description="A string, or a list of text parts.")
 
@@ -64,14 +84,16 @@ def _stop_list(value: str | list[str] | None) -> list[str]:
     return stops
 
 
-class _Sampling(BaseModel):
+class _Sampling(_Request):
     """Sampling fields shared by every generation request."""
 
     temperature: float = Field(default=0.0, ge=0.0, description="0 means greedy.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus mass in (0, 1].")
-    top_k: int = Field(default=0, ge=0, description="Keep the k most likely tokens; 0 disables.")
+    top_k: int = Field(
+        default=0, ge=0, le=2**31 - 1, description="Keep the k most likely tokens; 0 disables."
+    )
     seed: int | None = Field(
-        default=None, description="Seed of the request's generator (sampling only)."
+        default=None, ge=0, le=MAX_SEED, description="Seed of the request's generator (sampling)."
     )
     stop: str | list[str] | None = Field(
         default=None, description="Stop strings (text ends before)."
@@ -161,7 +183,7 @@ class GenerateStreamFinal(GenerateResponse):
 
 
 # -- OpenAI-compatible ------------------------------------------------------------------------
-class StreamOptions(BaseModel):
+class StreamOptions(_Request):
     include_usage: bool = False
 
 

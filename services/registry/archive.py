@@ -18,10 +18,12 @@ from pathlib import PurePosixPath
 from typing import IO, Any, BinaryIO
 
 from draftopd.wire.formats import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE, is_pickle_name
+from draftopd.wire.text import invalid_text_path
 from services.registry.errors import ArtifactTooLargeError, InvalidArtifactError
 
 CHUNK_BYTES = 1 << 20
 MAX_CONFIG_BYTES = 16 << 20
+MAX_JSON_DEPTH = 64  # config.json and safetensors headers nest a few levels at most
 MAX_SAFETENSORS_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
 GZIP_MAGIC = b"\x1f\x8b"
 ZIP_MAGIC = b"PK\x03\x04"
@@ -81,10 +83,7 @@ def _check_safetensors(stream: IO[bytes], size: int, name: str = WEIGHTS_FILE) -
     length = int.from_bytes(raw, "little") if len(raw) == 8 else -1
     if not 0 < length <= min(size - 8, MAX_SAFETENSORS_HEADER_BYTES):
         raise InvalidArtifactError(f"{name} has no valid safetensors header")
-    try:
-        header = json.loads(stream.read(length))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InvalidArtifactError(f"{name}: unreadable safetensors header ({err})") from err
+    header = parse_json(stream.read(length), f"{name}'s safetensors header")
     if not isinstance(header, dict) or not all(
         isinstance(v, dict) and "dtype" in v and "data_offsets" in v
         for k, v in header.items()
@@ -100,13 +99,47 @@ def _refuse_constant(name: str) -> Any:
 def _read_config(stream: IO[bytes], size: int) -> dict[str, Any]:
     if size > MAX_CONFIG_BYTES:
         raise InvalidArtifactError(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        config = json.loads(stream.read(), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InvalidArtifactError(f"{CONFIG_FILE} is not valid JSON ({err})") from err
+    config = parse_json(stream.read(), CONFIG_FILE)
     if not isinstance(config, dict):
         raise InvalidArtifactError(f"{CONFIG_FILE} must hold a JSON object")
     return config
+
+
+def parse_json(data: bytes, what: str) -> Any:
+    """JSON that the registry can store and serve back: UTF-8, no NaN/Infinity, nesting within
+    ``MAX_JSON_DEPTH``, integers within the interpreter's digit limit, no lone surrogates."""
+    if _depth_exceeds(data, MAX_JSON_DEPTH):
+        raise InvalidArtifactError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        value = json.loads(data, parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as err:
+        raise InvalidArtifactError(f"{what} is not valid JSON ({err})") from err
+    where = invalid_text_path(value)
+    if where is not None:
+        raise InvalidArtifactError(f"{what} holds text that is not valid Unicode at {where}")
+    return value
+
+
+def _depth_exceeds(data: bytes, limit: int) -> bool:
+    """Whether the brackets of a JSON text nest deeper than ``limit`` (strings skipped)."""
+    depth, in_string, escaped = 0, False, False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return False
 
 
 def _check_member(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
+from draftopd.wire.asgi import Check, Refusal, bearer_token
 from services.registry import jobs, repository
 from services.registry.events import AliasEvents
 from services.registry.models import Drafter, TrainJob, Version
@@ -59,26 +60,49 @@ SessionDep = Annotated[Session, Depends(get_session)]
 CredentialsDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def _check_token(
-    settings: RegistrySettings, credentials: HTTPAuthorizationCredentials | None
-) -> None:
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def token_refusal(settings: RegistrySettings, token: str | None) -> Refusal | None:
+    """Why a request with bearer ``token`` may not write (None: it may)."""
     if settings.api_token is None:
         if settings.allow_unauthenticated_writes:
-            return
-        raise HTTPException(
+            return None
+        return Refusal(
             status.HTTP_403_FORBIDDEN,
             "this registry has no api_token: set DRAFTOPD_REGISTRY_API_TOKEN (or "
             "DRAFTOPD_REGISTRY_ALLOW_UNAUTHENTICATED_WRITES=true on a trusted machine)",
         )
-    if credentials is None:
-        raise HTTPException(
+    if token is None:
+        return Refusal(
             status.HTTP_401_UNAUTHORIZED,
             "missing 'Authorization: Bearer <api_token>' header",
-            headers={"WWW-Authenticate": "Bearer"},
+            {"WWW-Authenticate": "Bearer"},
         )
     expected = settings.api_token.get_secret_value().encode()
-    if not secrets.compare_digest(credentials.credentials.encode(), expected):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid API token")
+    if not secrets.compare_digest(token.encode(), expected):
+        return Refusal(status.HTTP_403_FORBIDDEN, "invalid API token")
+    return None
+
+
+def auth_first(settings: RegistrySettings) -> Check:
+    """The check ``AuthFirst`` runs before any body is read: every write needs the token (reads
+    carry no body; ``require_read`` checks them)."""
+
+    def check(method: str, path: str, authorization: str | None) -> Refusal | None:
+        if method in WRITE_METHODS:
+            return token_refusal(settings, bearer_token(authorization))
+        return None
+
+    return check
+
+
+def _check_token(
+    settings: RegistrySettings, credentials: HTTPAuthorizationCredentials | None
+) -> None:
+    refusal = token_refusal(settings, None if credentials is None else credentials.credentials)
+    if refusal is not None:
+        raise HTTPException(refusal.status, refusal.detail, headers=refusal.headers or None)
 
 
 def require_write(settings: SettingsDep, credentials: CredentialsDep) -> None:

@@ -9,10 +9,8 @@ tables. Nothing connects at import time or in ``create_app``; the first request 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request, status
@@ -21,8 +19,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
+from draftopd.wire.asgi import AuthFirst
+from draftopd.wire.text import json_safe
 from services.registry import api, train_api
 from services.registry.db import make_engine, make_session_factory
+from services.registry.deps import auth_first
 from services.registry.errors import (
     ArtifactTooLargeError,
     ConflictError,
@@ -73,6 +74,7 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
     for router in (api.router, api.reads, api.writes, train_api.reads, train_api.writes):
         app.include_router(router)
     _add_error_handlers(app)
+    app.add_middleware(AuthFirst, check=auth_first(settings))  # the token before the body
     return app
 
 
@@ -86,8 +88,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        """FastAPI's 422, made safe for NaN/Infinity inputs (JSON cannot carry them)."""
-        detail = _json_safe(jsonable_encoder(exc.errors()))
+        """FastAPI's 422, made safe to encode whatever the input held (NaN, lone surrogates)."""
+        detail = json_safe(jsonable_encoder(exc.errors()))
         return JSONResponse({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
 
     @app.exception_handler(OperationalError)
@@ -97,17 +99,6 @@ def _add_error_handlers(app: FastAPI) -> None:
             {"detail": f"the registry database is unavailable ({type(exc.orig).__name__})"},
             status.HTTP_503_SERVICE_UNAVAILABLE,
         )
-
-
-def _json_safe(value: Any) -> Any:
-    """Non-finite floats become their string form ('nan', 'inf'); the rest is unchanged."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(item) for item in value]
-    return value
 
 
 def main() -> None:

@@ -8,14 +8,16 @@ from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from draftopd.training import configs
 from draftopd.wire.job_specs import TrainJobSpec
+from draftopd.wire.text import invalid_text_path
 from services.registry.models import Alias, Drafter, Metric, TrainJob, Version
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ALIAS_PATTERN = r"^[A-Za-z][A-Za-z0-9._-]{0,63}$"
 Architecture = Literal["eagle3", "dflash"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-MAX_INT = 2**31 - 1  # integer columns are 32-bit on Postgres
+MAX_INT = configs.MAX_INT  # integer columns are 32-bit on Postgres
 
 
 def artifact_url(base_url: str, drafter: str, version: int) -> str:
@@ -23,7 +25,17 @@ def artifact_url(base_url: str, drafter: str, version: int) -> str:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Every request model: unknown fields refused, finite numbers only, valid Unicode text."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        where = invalid_text_path(value)
+        if where is not None:
+            raise ValueError(f"text must be valid Unicode (a lone surrogate at {where})")
+        return value
 
 
 class DrafterCreate(_Request):

@@ -21,6 +21,7 @@ from services.registry.deps import (
     require_write,
 )
 from services.registry.schemas import (
+    MAX_INT,
     NAME_PATTERN,
     JobStatus,
     TrainJobCreate,
@@ -59,7 +60,7 @@ def list_train_jobs(
     status_: Annotated[JobStatus | None, Query(alias="status")] = None,
     drafter: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
 ) -> list[TrainJobOut]:
     rows = jobs.list_jobs(session, status=status_, drafter=drafter, limit=limit, offset=offset)
     return [TrainJobOut.from_row(row) for row in rows]

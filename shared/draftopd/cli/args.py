@@ -65,9 +65,13 @@ def non_negative_float(value: str) -> float:
 _TYPES: dict[str, Callable[[str], Any]] = {
     "int": int_arg,
     "int | None": int_arg,
+    "Int": int_arg,
+    "Int | None": int_arg,
     "float": float_arg,
     "str": str,
     "str | None": str,
+    "Text": str,
+    "Text | None": str,
 }
 
 

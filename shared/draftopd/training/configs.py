@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import Field, asdict, dataclass, field, fields
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Strict
+from pydantic import Field as Limits
 
 from draftopd.config_fields import setting
 from draftopd.wire.formats import DEFAULT_TARGET
@@ -29,7 +30,13 @@ ROLLOUT_MODES = ("engine", "batched")
 STREAM_A_LOSSES = ("soft_ce", "bernoulli_fkl")
 STREAM_B_LOSSES = ("k3", "bernoulli_fkl")
 
-_STRICT = ConfigDict(extra="forbid")  # job specs validate these classes: unknown keys are errors
+MAX_INT = 2**31 - 1  # integers travel through 32-bit database columns
+# What a job spec may carry (pydantic validates these classes at the registry): unknown keys,
+# NaN and infinities are errors, integers are integers (no "5", 2.5, 2.0 or true) within MAX_INT,
+# and text fields are bounded.
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+Int = Annotated[int, Strict(), Limits(ge=-MAX_INT, le=MAX_INT)]
+Text = Annotated[str, Limits(max_length=4096)]
 
 
 def warmup_cosine_lr(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -62,6 +69,15 @@ def _at_least(cfg: Any, minimum: float, names: tuple[str, ...]) -> None:
         value = getattr(cfg, name)
         if value is not None and value < minimum:
             raise ValueError(f"{name} must be >= {minimum:g}, got {value}")
+
+
+def _finite(cfg: Any) -> None:
+    """Every float of a config is finite (NaN or an infinity is a ValueError naming it)."""
+    for item in fields(cfg):
+        value = getattr(cfg, item.name)
+        values = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ValueError(f"{item.name} must be a finite number, got {value}")
 
 
 def _one_of(value: str, name: str, allowed: tuple[str, ...]) -> None:
@@ -112,16 +128,16 @@ def config_fields(cls: type) -> list[Field[Any]]:
 class RunConfig(_JSONConfig):
     """The run section: where the run lives, what it trains on, where it computes."""
 
-    out_dir: str = setting(help="run directory: data/, checkpoints/, metrics.jsonl", flag="--out")
-    target: str = setting(DEFAULT_TARGET, "target: smollm2, a directory or a .gguf")
-    prompts: str | None = setting(None, "training prompts JSONL; none = the built-in corpus")
-    skip: int = setting(0, "skip the first N non-held-out prompts (fresh data for a next stage)")
-    limit: int | None = setting(None, "then use the next N prompts; none = all the rest")
-    heldout: int = setting(8, "the last N prompts of the list, never trained on: tau in training")
-    corpus_seed: int = setting(0, "seed of the built-in corpus (ignored with --prompts)")
-    device: str | None = setting(None, "torch device; none = cuda when available, else cpu")
-    dtype: str = setting("float32", "target dtype", choices=DTYPES)
-    threads: int | None = setting(None, "torch intra-op CPU threads; none = torch's default")
+    out_dir: Text = setting(help="run directory: data/, checkpoints/, metrics.jsonl", flag="--out")
+    target: Text = setting(DEFAULT_TARGET, "target: smollm2, a directory or a .gguf")
+    prompts: Text | None = setting(None, "training prompts JSONL; none = the built-in corpus")
+    skip: Int = setting(0, "skip the first N non-held-out prompts (fresh data for a next stage)")
+    limit: Int | None = setting(None, "then use the next N prompts; none = all the rest")
+    heldout: Int = setting(8, "the last N prompts of the list, never trained on: tau in training")
+    corpus_seed: Int = setting(0, "seed of the built-in corpus (ignored with --prompts)")
+    device: Text | None = setting(None, "torch device; none = cuda when available, else cpu")
+    dtype: Text = setting("float32", "target dtype", choices=DTYPES)
+    threads: Int | None = setting(None, "torch intra-op CPU threads; none = torch's default")
 
     def __post_init__(self) -> None:
         if not self.out_dir:
@@ -151,21 +167,22 @@ class LoopConfig(_JSONConfig):
 
     lr: float = setting(3e-4, "peak AdamW learning rate")
     warmup_fraction: float = setting(0.05, "share of the steps in linear warmup (if no --warmup)")
-    warmup_steps: int | None = setting(
+    warmup_steps: Int | None = setting(
         None, "warmup steps; overrides the fraction", flag="--warmup"
     )
-    total_steps: int = _total_steps(2000)
+    total_steps: Int = _total_steps(2000)
     grad_clip: float = setting(1.0, "max global gradient norm; 0 disables clipping")
     weight_decay: float = setting(0.0, "AdamW decoupled weight decay on matrices")
     betas: tuple[float, float] = setting((0.9, 0.95), "AdamW moment decay rates", cli=False)
-    eval_every: int = _eval_every(100)
-    eval_num_draft_tokens: int = setting(
+    eval_every: Int = _eval_every(100)
+    eval_num_draft_tokens: Int = setting(
         5, "K drafts per cycle for held-out tau", flag="--eval-draft-tokens", resumable=True
     )
-    eval_max_new_tokens: int = setting(64, "tokens per held-out tau prompt", resumable=True)
-    checkpoint_every: int = _checkpoint_every(100)
+    eval_max_new_tokens: Int = setting(64, "tokens per held-out tau prompt", resumable=True)
+    checkpoint_every: Int = _checkpoint_every(100)
 
     def __post_init__(self) -> None:
+        _finite(self)
         _at_least(self, 1, ("total_steps", "eval_num_draft_tokens", "eval_max_new_tokens"))
         _at_least(self, 0, ("eval_every", "checkpoint_every", "weight_decay", "grad_clip"))
         if self.lr <= 0 or not 0 <= self.warmup_fraction <= 1:
@@ -192,20 +209,20 @@ class SFTConfig(LoopConfig):
     """The SFT stage: the target answers the training prompts, the drafter learns from them."""
 
     # -- data: target regeneration
-    init_from: str | None = setting(
+    init_from: Text | None = setting(
         None, "start a fresh run from this drafter checkpoint (continued SFT)", resumable=True
     )
-    max_new_tokens: int = setting(512, "cap on each target-written response", resumable=True)
-    gen_batch_size: int = setting(8, "prompts per batched generate call", resumable=True)
+    max_new_tokens: Int = setting(512, "cap on each target-written response", resumable=True)
+    gen_batch_size: Int = setting(8, "prompts per batched generate call", resumable=True)
     temperature: float = setting(0.0, "regeneration temperature; 0 = greedy", resumable=True)
     top_p: float = setting(1.0, "regeneration nucleus cut-off", resumable=True)
     # -- training
-    batch_size: int = setting(8, "sequences per optimizer step")
-    max_seq_len: int = setting(1024, "prompt + response tokens kept per sequence (cut right)")
-    ttt_steps: int = setting(7, "training-time-test unroll length (draft slots trained)")
+    batch_size: Int = setting(8, "sequences per optimizer step")
+    max_seq_len: Int = setting(1024, "prompt + response tokens kept per sequence (cut right)")
+    ttt_steps: Int = setting(7, "training-time-test unroll length (draft slots trained)")
     step_decay: float = setting(0.8, "loss weight of unroll step j is step_decay ** j")
-    draft_vocab_size: int = setting(32000, "draft vocab Vd: the most frequent response tokens")
-    seed: int = setting(0, "drafter init, data order, sampled regeneration")
+    draft_vocab_size: Int = setting(32000, "draft vocab Vd: the most frequent response tokens")
+    seed: Int = setting(0, "drafter init, data order, sampled regeneration")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -226,12 +243,13 @@ class OPDLossConfig(_JSONConfig):
     lambda_a: float = setting(1.0, "stream A weight (accepted and correction slots)")
     lambda_b: float = setting(1.0, "stream B weight (rejected slots); 0 = off")
     gamma: float = setting(0.8, "stream B weight decay per slot: gamma ** (k-1)")
-    stream_a_loss: str = setting("soft_ce", "stream A loss", choices=STREAM_A_LOSSES)
-    stream_b_loss: str = setting("k3", "stream B loss", choices=STREAM_B_LOSSES)
+    stream_a_loss: Text = setting("soft_ce", "stream A loss", choices=STREAM_A_LOSSES)
+    stream_b_loss: Text = setting("k3", "stream B loss", choices=STREAM_B_LOSSES)
     clip: float = setting(10.0, "clip each token's loss to [-clip, clip]")
     logprob_floor: float = setting(-10.0, "floor on log-probs inside the loss")
 
     def __post_init__(self) -> None:
+        _finite(self)
         _one_of(self.stream_a_loss, "stream_a_loss", STREAM_A_LOSSES)
         _one_of(self.stream_b_loss, "stream_b_loss", STREAM_B_LOSSES)
         if self.lambda_a < 0 or self.lambda_b < 0 or self.lambda_a + self.lambda_b == 0:
@@ -246,17 +264,19 @@ class OPDLossConfig(_JSONConfig):
 class OPDConfig(LoopConfig):
     """Draft-OPD: on-policy rollouts, replay from the error positions, one step, repeat."""
 
-    drafter: str = setting("", "starting drafter checkpoint (e.g. the SFT one)", resumable=True)
+    drafter: Text = setting("", "starting drafter checkpoint (e.g. the SFT one)", resumable=True)
     # -- rollouts
-    prompts_per_step: int = setting(8, "rollout sequences per optimizer step (paper: ~200)")
-    num_draft_tokens: int = setting(5, "K drafts per cycle in rollouts")
-    max_new_tokens: int = setting(128, "rollout length")
+    prompts_per_step: Int = setting(8, "rollout sequences per optimizer step (paper: ~200)")
+    num_draft_tokens: Int = setting(5, "K drafts per cycle in rollouts")
+    max_new_tokens: Int = setting(128, "rollout length")
     temperature: float = setting(0.0, "rollout temperature; 0 = greedy (the paper's default)")
     top_p: float = setting(1.0, "rollout nucleus cut-off")
-    rollout_mode: str = setting("engine", "engine, or batched (greedy only)", choices=ROLLOUT_MODES)
-    rollout_batch_size: int = setting(8, "sequences per batched rollout pass")
-    max_version_lag: int = setting(0, "records made by older drafter versions are dropped")
-    requests_per_step: int = setting(
+    rollout_mode: Text = setting(
+        "engine", "engine, or batched (greedy only)", choices=ROLLOUT_MODES
+    )
+    rollout_batch_size: Int = setting(8, "sequences per batched rollout pass")
+    max_version_lag: Int = setting(0, "records made by older drafter versions are dropped")
+    requests_per_step: Int = setting(
         2, "trainer service: rollout requests per step", cli=False, resumable=True
     )
     rollout_timeout_s: float = setting(
@@ -265,11 +285,11 @@ class OPDConfig(LoopConfig):
     # -- the loss
     loss: OPDLossConfig = field(default_factory=OPDLossConfig)
     random_anchors: bool = setting(False, "ablation: the same number of blocks at random anchors")
-    seed: int = setting(0, "prompt order, sampled rollouts, random anchors")
+    seed: Int = setting(0, "prompt order, sampled rollouts, random anchors")
     # -- the stage's own schedule defaults
-    total_steps: int = _total_steps(200)
-    eval_every: int = _eval_every(25)
-    checkpoint_every: int = _checkpoint_every(25)
+    total_steps: Int = _total_steps(200)
+    eval_every: Int = _eval_every(25)
+    checkpoint_every: Int = _checkpoint_every(25)
 
     def __post_init__(self) -> None:
         if isinstance(self.loss, dict):  # pydantic and from_dict hand the nested section as-is
