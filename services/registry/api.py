@@ -122,6 +122,7 @@ def upload_version(
         filename=artifact.filename,
         provenance=Provenance(parent_version=parent_version, job_id=job_id, step=step),
         max_bytes=settings.max_artifact_bytes,
+        max_unpacked_bytes=settings.max_unpacked_artifact_bytes,
     )
     return VersionOut.from_row(version, base_url)
 

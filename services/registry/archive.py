@@ -1,11 +1,13 @@
 """Checks on an uploaded drafter artifact: a tar (uncompressed or gzip) of a checkpoint directory.
 
-The archive holds the checkpoint's files at its root (``tar -C CHECKPOINT_DIR -cf out.tar .``):
-at least ``model.safetensors`` and ``config.json`` (a JSON object). Only regular files and
-directories with relative names are allowed (no links, devices, absolute paths or ``..``), and no
-pickle: no ``.bin``/``.pt``/``.pth``/``.pkl``/``.pickle``/``.ckpt``/``.joblib`` member, and no
-member whose bytes start like a pickle or a ``torch.save`` zip. The safetensors header is parsed
-to make sure the weights file is what it says. Loading a registry artifact must never run code.
+The archive holds the checkpoint's files at its root (``tar -C CHECKPOINT_DIR -cf out.tar .``),
+checked against an allow-list: ``config.json`` (UTF-8 JSON within size, depth and digit limits,
+valid Unicode), ``*.safetensors`` files (their headers parsed within the same limits) and the
+optional UTF-8 text files of ``TEXT_FILES``; ``model.safetensors`` and ``config.json`` are
+required. Anything else is refused, so no pickle of any protocol gets in. Only regular files and
+directories with relative names are allowed (no links, devices, absolute paths or ``..``). The
+unpacked size is capped and the archive must end with its end-of-archive marker. Loading a
+registry artifact must never run code.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from services.registry.errors import ArtifactTooLargeError, InvalidArtifactError
 CHUNK_BYTES = 1 << 20
 MAX_CONFIG_BYTES = 16 << 20
 MAX_JSON_DEPTH = 64  # config.json and safetensors headers nest a few levels at most
+MAX_TEXT_BYTES = 1 << 20
+TEXT_FILES = frozenset({"README.md", "LICENSE", "NOTICE", "trainer_state.json"})
+TAR_BLOCK = 512
 MAX_SAFETENSORS_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
 GZIP_MAGIC = b"\x1f\x8b"
 ZIP_MAGIC = b"PK\x03\x04"
@@ -143,26 +148,56 @@ def _depth_exceeds(data: bytes, limit: int) -> bool:
 
 
 def _check_member(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> dict[str, Any]:
-    """Checks one regular file; returns the parsed config for ``config.json``, else {}."""
+    """Checks one regular file against the allow-list; returns the parsed config for
+    ``config.json``, else {}."""
     refuse_pickle_name(name)
+    kind = allowed_kind(name)
     stream = tar.extractfile(member)
     if stream is None:  # only for non-regular members, which the caller has refused
         raise InvalidArtifactError(f"archive member {name!r} cannot be read")
     with stream:
-        if name.endswith(".safetensors"):  # the first 8 bytes are a header length, which may look
-            _check_safetensors(stream, member.size, name)  # like a pickle opcode: parse the header
+        if kind == "safetensors":  # the first 8 bytes are a header length, which may look like
+            _check_safetensors(stream, member.size, name)  # a pickle opcode: parse the header
             return {}
-        _refuse_pickle_bytes(stream.read(4), f"archive member {name!r}")
-        stream.seek(0)
-        if name == CONFIG_FILE:
+        if kind == "config":
             return _read_config(stream, member.size)
+        _check_text(stream, member.size, name)
     return {}
 
 
-def _scan(tar: tarfile.TarFile) -> dict[str, Any]:
+def allowed_kind(name: str) -> str:
+    """What an archive member may be, by its name: ``config`` (config.json), ``safetensors``
+    (``*.safetensors`` at the root) or ``text`` (the optional files of ``TEXT_FILES``). Anything
+    else is refused: the archive is checked against an allow-list, not a deny-list."""
+    if name == CONFIG_FILE:
+        return "config"
+    if "/" not in name and name.endswith(".safetensors") and len(name) > len(".safetensors"):
+        return "safetensors"
+    if name in TEXT_FILES:
+        return "text"
+    raise InvalidArtifactError(
+        f"archive member {name!r} is not allowed: an artifact holds {CONFIG_FILE}, *.safetensors "
+        f"files and optionally {', '.join(sorted(TEXT_FILES))} at its root"
+    )
+
+
+def _check_text(stream: IO[bytes], size: int, name: str) -> None:
+    if size > MAX_TEXT_BYTES:
+        raise InvalidArtifactError(f"{name} is larger than {MAX_TEXT_BYTES} bytes")
+    try:
+        stream.read().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidArtifactError(f"{name} is not UTF-8 text ({err})") from err
+
+
+def _scan(tar: tarfile.TarFile, max_bytes: int) -> dict[str, Any]:
     seen: set[str] = set()
     config: dict[str, Any] | None = None
+    total = 0
     for member in tar:
+        total += member.size
+        if total > max_bytes:
+            raise ArtifactTooLargeError(f"the artifact unpacks to more than {max_bytes} bytes")
         name = member_name(member)
         if member.isdir():
             continue
@@ -186,12 +221,24 @@ def _scan(tar: tarfile.TarFile) -> dict[str, Any]:
     return config
 
 
-def inspect_checkpoint_archive(fileobj: BinaryIO) -> dict[str, Any]:
-    """Validate the archive (see the module docstring); returns its parsed ``config.json``."""
+def inspect_checkpoint_archive(fileobj: BinaryIO, *, max_bytes: int) -> dict[str, Any]:
+    """Validate the archive (see the module docstring); returns its parsed ``config.json``.
+    ``max_bytes`` caps the unpacked size (a gzip bomb is refused while it is read)."""
     try:
         with tarfile.open(fileobj=fileobj, mode="r:*") as tar:
-            return _scan(tar)
+            config = _scan(tar, max_bytes)
+            _check_end_marker(tar)
+            return config
     except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
         raise InvalidArtifactError(
             f"not a readable tar archive (uncompressed or gzip): {err}"
         ) from err
+
+
+def _check_end_marker(tar: tarfile.TarFile) -> None:
+    """A tar ends with two zero blocks; one cut short (a truncated upload) lacks them."""
+    stream = tar.fileobj
+    assert stream is not None
+    stream.seek(tar.offset)
+    if stream.read(2 * TAR_BLOCK) != bytes(2 * TAR_BLOCK):
+        raise InvalidArtifactError("the archive is truncated: it has no end-of-archive marker")

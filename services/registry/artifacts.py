@@ -51,6 +51,7 @@ def register_upload(
     filename: str | None,
     provenance: Provenance,
     max_bytes: int,
+    max_unpacked_bytes: int,
 ) -> Version:
     """Store, check and register the archive as the drafter's next version."""
     if filename:
@@ -70,7 +71,7 @@ def register_upload(
     )
     try:
         with store.open(stored.uri) as fileobj:
-            config = inspect_checkpoint_archive(fileobj)
+            config = inspect_checkpoint_archive(fileobj, max_bytes=max_unpacked_bytes)
         _check_architecture(drafter, config.get("architecture"))
         version = repository.add_version(
             session, drafter, stored, config=config, parent=parent, job=job, step=provenance.step

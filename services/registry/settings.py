@@ -53,6 +53,12 @@ class RegistrySettings(BaseSettings):
     max_artifact_bytes: int = Field(
         default=16 * 1024**3, ge=1, description="Largest artifact upload accepted (413 above)."
     )
+    max_unpacked_artifact_bytes: int = Field(
+        default=32 * 1024**3,
+        ge=1,
+        description="Largest unpacked size of an artifact's files (413 above: a gzip bomb is "
+        "refused while it is read).",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8003, ge=0, le=65535)
 

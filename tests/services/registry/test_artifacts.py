@@ -10,6 +10,7 @@ import tarfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -74,6 +75,15 @@ def _torch_style_zip() -> bytes:
     return buffer.getvalue()
 
 
+def _without_end_marker(data: bytes) -> bytes:
+    """The archive cut right after its last member's data: every file is complete, but the
+    two zero blocks that end a tar are gone (an upload cut short at a block boundary)."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.getmembers()
+        end = tar.offset
+    return data[:end]
+
+
 BAD_ARCHIVES: dict[str, tuple[bytes, str]] = {
     "raw pickle": (PICKLED, "the uploaded file is pickle data"),
     "torch zip": (_torch_style_zip(), "the uploaded file is a zip archive"),
@@ -83,7 +93,23 @@ BAD_ARCHIVES: dict[str, tuple[bytes, str]] = {
     ),
     "pickle member by content": (
         tar_bytes({**checkpoint_files(), "extra.dat": PICKLED}),
-        "archive member 'extra.dat' is pickle data",
+        "archive member 'extra.dat' is not allowed",
+    ),
+    "pickle protocol 0": (
+        tar_bytes({**checkpoint_files(), "state": pickle.dumps({"a": 1}, protocol=0)}),
+        "archive member 'state' is not allowed",
+    ),
+    "pickle protocol 1 as weights": (
+        tar_bytes({**checkpoint_files(), "extra.safetensors": pickle.dumps([1], protocol=1)}),
+        "extra.safetensors has no valid safetensors header",
+    ),
+    "binary README": (
+        tar_bytes({**checkpoint_files(), "README.md": b"\xff\xfe\x00"}),
+        "README.md is not UTF-8 text",
+    ),
+    "truncated archive": (
+        _without_end_marker(tar_bytes(checkpoint_files())),
+        "no end-of-archive marker",
     ),
     "pickle disguised as weights": (
         tar_bytes({**checkpoint_files(), "model.safetensors": PICKLED}),
@@ -96,7 +122,7 @@ BAD_ARCHIVES: dict[str, tuple[bytes, str]] = {
     ),
     "weights in a subdirectory": (
         tar_bytes({f"ckpt/{k}": v for k, v in checkpoint_files().items()}),
-        "lacks model.safetensors, config.json at its root",
+        "is not allowed: an artifact holds config.json",
     ),
     "config not json": (
         tar_bytes({**checkpoint_files(), "config.json": b"{nope"}),
@@ -220,3 +246,25 @@ def test_missing_artifact_file_is_404_not_500(client: TestClient, tmp_path: Path
     assert response.json()["detail"] == (
         f"the artifact of drafter {DRAFTER!r} version 1 is missing from the store"
     )
+
+
+def test_allowed_extras_are_kept(client: TestClient) -> None:
+    create_drafter(client)
+    files = {**checkpoint_files(), "README.md": "a drafter ✓".encode(), "LICENSE": b"MIT"}
+    files["extra.safetensors"] = checkpoint_files()["model.safetensors"]
+    assert upload(client, DRAFTER, tar_bytes(files)).status_code == 201
+
+
+def test_a_gzip_bomb_is_refused_by_its_unpacked_size(make_settings: Any, tmp_path: Path) -> None:
+    """200 KB of gzip that unpacks to 200 MB, against a 50 MB unpacked cap: 413, nothing kept."""
+    files = {**checkpoint_files(), "README.md": b" " * (200 << 20)}
+    bomb = tar_bytes(files, mode="w:gz")
+    assert len(bomb) < 1 << 20
+    settings = make_settings(max_unpacked_artifact_bytes=50 << 20)
+    with TestClient(create_app(settings)) as small:
+        create_drafter(small)
+        response = upload(small, DRAFTER, bomb)
+        assert response.status_code == 413, response.text
+        assert "unpacks to more than" in response.json()["detail"]
+        assert small.get(f"/drafters/{DRAFTER}/versions").json() == []
+    assert stored_files(tmp_path / "artifacts") == []
