@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.background import BackgroundTask
 
 from services.inference import responses, specs
 from services.inference.deps import MetricsDep, ServiceDep, require_api_key
@@ -26,12 +27,14 @@ from services.inference.schemas import (
     ModelCard,
     ModelList,
 )
+from services.inference.serving import PreparedGeneration
 from services.inference.status import InferenceHealth
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing bearer token (only when the server has an api_key)."},
     403: {"description": "Wrong bearer token."},
     409: {"description": "speculative.method 'eagle3' but no drafter is loaded."},
+    429: {"description": "Every slot busy and the wait queue full; retry after Retry-After s."},
     422: {"description": "Invalid field; detail[].loc names it."},
 }
 _SSE_DOC = {"text/event-stream": {"schema": {"type": "string"}}}
@@ -40,9 +43,14 @@ router = APIRouter()
 generation = APIRouter(dependencies=[Depends(require_api_key)], responses=_ERRORS)
 
 
-def _sse(events: Any) -> StreamingResponse:
+def _sse(events: Any, prepared: PreparedGeneration) -> StreamingResponse:
+    """The SSE response; its background task frees the request's admission even when the
+    client left before the stream started (the stream's own ``finally`` then never runs)."""
     return StreamingResponse(
-        events, media_type=responses.SSE_MEDIA_TYPE, headers=responses.SSE_HEADERS
+        events,
+        media_type=responses.SSE_MEDIA_TYPE,
+        headers=responses.SSE_HEADERS,
+        background=BackgroundTask(prepared.admission.release),
     )
 
 
@@ -60,7 +68,7 @@ async def generate(body: GenerateRequest, request: Request, service: ServiceDep)
     prepared = service.prepare(specs.from_generate(body))
     if body.stream:
         events = service.stream(prepared, is_disconnected=request.is_disconnected)
-        return _sse(responses.generate_events(events))
+        return _sse(responses.generate_events(events), prepared)
     outcome = await service.generate(prepared, is_disconnected=request.is_disconnected)
     return responses.generate_response(outcome)
 
@@ -84,7 +92,8 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
                 meta,
                 drafter_version=prepared.drafter_version,
                 include_usage=body.include_usage,
-            )
+            ),
+            prepared,
         )
     outcome = await service.generate(prepared, is_disconnected=request.is_disconnected)
     return responses.completion_response(outcome, meta)
@@ -111,7 +120,8 @@ async def chat_completions(
                 meta,
                 drafter_version=prepared.drafter_version,
                 include_usage=body.include_usage,
-            )
+            ),
+            prepared,
         )
     outcome = await service.generate(prepared, is_disconnected=request.is_disconnected)
     return responses.chat_response(outcome, meta)

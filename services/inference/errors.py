@@ -31,3 +31,11 @@ class DrafterUnavailableError(RuntimeError):
 
 class ClientGoneError(RuntimeError):
     """The client disconnected before its (non-streamed) response was ready (-> 499)."""
+
+
+class OverloadedError(RuntimeError):
+    """Every generation slot is busy and the wait queue is full (-> 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -21,7 +21,12 @@ from draftopd.wire.asgi import AuthFirst
 from draftopd.wire.text import json_safe
 from services.inference.api import generation, router
 from services.inference.deps import auth_first
-from services.inference.errors import ClientGoneError, DrafterUnavailableError, InvalidRequestError
+from services.inference.errors import (
+    ClientGoneError,
+    DrafterUnavailableError,
+    InvalidRequestError,
+    OverloadedError,
+)
 from services.inference.follower import AliasFollower
 from services.inference.metrics import ServiceMetrics
 from services.inference.serving import InferenceService, set_torch_threads
@@ -80,6 +85,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidRequestError)
     async def invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail()}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+    @app.exception_handler(OverloadedError)
+    async def overloaded(request: Request, exc: OverloadedError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after_s)}
+        return JSONResponse({"detail": str(exc)}, status.HTTP_429_TOO_MANY_REQUESTS, headers)
 
     @app.exception_handler(DrafterUnavailableError)
     async def no_drafter(request: Request, exc: DrafterUnavailableError) -> JSONResponse:

@@ -76,6 +76,14 @@ class ServiceMetrics:
         self.in_flight = Gauge(
             "draftopd_requests_in_flight", "Generation requests admitted or waiting.", registry=r
         )
+        self.queue_depth = Gauge(
+            "draftopd_queue_depth", "Admitted requests waiting for a generation slot.", registry=r
+        )
+        self.rejected = Counter(
+            "draftopd_requests_rejected_total",
+            "Generation requests refused with 429 because the wait queue was full.",
+            registry=r,
+        )
 
     def record_run(self, endpoint: str, record: RunRecord, seconds: float) -> None:
         version, stats = record.drafter_label, record.stats

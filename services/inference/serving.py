@@ -30,7 +30,12 @@ from draftopd.speculative.engine import DecodeEngine, DecodeRun, Delta
 from draftopd.speculative.proposers import NgramProposer, Proposer
 from draftopd.speculative.sampling import SamplingParams
 from services.inference.drafters import ServedDrafter, load_served_drafter
-from services.inference.errors import ClientGoneError, DrafterUnavailableError, InvalidRequestError
+from services.inference.errors import (
+    ClientGoneError,
+    DrafterUnavailableError,
+    InvalidRequestError,
+    OverloadedError,
+)
 from services.inference.metrics import RunRecord, ServiceMetrics
 from services.inference.responses import Outcome
 from services.inference.schemas import (
@@ -48,6 +53,20 @@ logger = logging.getLogger(__name__)
 IsDisconnected = Callable[[], Awaitable[bool]]
 
 
+class Admission:
+    """A request's place among the admitted ones (running or waiting for a slot). ``release``
+    is idempotent: the stream's end and the response's background task both call it, so a
+    stream that never started (its client left before the first byte) frees its place too."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
+
+
 @dataclass(frozen=True)
 class PreparedGeneration:
     spec: GenerationSpec
@@ -57,6 +76,7 @@ class PreparedGeneration:
     num_draft_tokens: int  # 0 for method "none"
     drafter: ServedDrafter | None  # the holder this request keeps (eagle3 only)
     received_at: float  # perf_counter() when the request was prepared
+    admission: Admission  # its place among the admitted requests; released when it ends
 
     @property
     def drafter_version(self) -> str | None:
@@ -85,6 +105,8 @@ class InferenceService:
         self.started_at = int(time.time())
         self._drafter = drafter
         self._slots = asyncio.Semaphore(settings.max_concurrency)
+        self._admitted = 0  # requests running or waiting for a slot
+        self._running = 0
         self.follower: FollowStatusSource | None = None  # set when following a registry alias
 
     @classmethod
@@ -177,7 +199,30 @@ class InferenceService:
             num_draft_tokens=0 if method == "none" else k,
             drafter=drafter if method == "eagle3" else None,
             received_at=time.perf_counter(),
+            admission=self._admit(),
         )
+
+    def _admit(self) -> Admission:
+        """Admit a request, or refuse it (429) when every slot is busy and ``max_queued``
+        requests already wait. Runs on the event loop: no lock is needed."""
+        settings = self.settings
+        if self._admitted >= settings.max_concurrency + settings.max_queued:
+            self.metrics.rejected.inc()
+            raise OverloadedError(
+                f"all {settings.max_concurrency} generation slots are busy and "
+                f"{settings.max_queued} requests are waiting; retry later",
+                retry_after_s=settings.retry_after_s,
+            )
+        self._admitted += 1
+        self._update_queue_metric()
+        return Admission(self._leave)
+
+    def _leave(self) -> None:
+        self._admitted -= 1
+        self._update_queue_metric()
+
+    def _update_queue_metric(self) -> None:
+        self.metrics.queue_depth.set(max(self._admitted - self._running, 0))
 
     async def generate(
         self, prepared: PreparedGeneration, *, is_disconnected: IsDisconnected
@@ -202,15 +247,21 @@ class InferenceService:
         self.metrics.in_flight.inc()
         try:
             async with self._slots:
-                run = self._start(prepared)
-                cycles = iter(run)
-                while not await is_disconnected():  # a gone client stops decoding here
-                    delta = await anyio.to_thread.run_sync(self._next_cycle, cycles)
-                    if delta is None:
-                        break
-                    yield delta
+                self._running += 1
+                self._update_queue_metric()
+                try:
+                    run = self._start(prepared)
+                    cycles = iter(run)
+                    while not await is_disconnected():  # a gone client stops decoding here
+                        delta = await anyio.to_thread.run_sync(self._next_cycle, cycles)
+                        if delta is None:
+                            break
+                        yield delta
+                finally:
+                    self._running -= 1
         finally:
             self.metrics.in_flight.dec()
+            prepared.admission.release()
             if run is not None:
                 self._record(prepared, run)
         if run.finish_reason is not None:

@@ -31,6 +31,15 @@ class InferenceSettings(BaseSettings):
         default=2048, ge=1, description="Largest max_new_tokens accepted."
     )
     max_concurrency: int = Field(default=1, ge=1, description="Generations running at once.")
+    max_queued: int = Field(
+        default=16,
+        ge=0,
+        description="Requests that may wait for a slot; one more gets 429 (Retry-After) at once "
+        "instead of waiting without bound.",
+    )
+    retry_after_s: int = Field(
+        default=1, ge=1, description="The Retry-After (seconds) of a 429 when the queue is full."
+    )
     api_key: SecretStr | None = Field(
         default=None, description="If set, generation needs 'Authorization: Bearer <key>'."
     )
