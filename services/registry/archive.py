@@ -29,6 +29,8 @@ MAX_JSON_DEPTH = 64  # config.json and safetensors headers nest a few levels at 
 MAX_TEXT_BYTES = 1 << 20
 TEXT_FILES = frozenset({"README.md", "LICENSE", "NOTICE", "trainer_state.json"})
 TAR_BLOCK = 512
+MAX_UNPACK_RATIO = 20
+MIN_UNPACKED_BYTES = 64 << 20
 MAX_SAFETENSORS_HEADER_BYTES = 100 << 20  # the safetensors format's own limit
 GZIP_MAGIC = b"\x1f\x8b"
 ZIP_MAGIC = b"PK\x03\x04"
@@ -219,6 +221,14 @@ def _scan(tar: tarfile.TarFile, max_bytes: int) -> dict[str, Any]:
             "directory's contents (tar -C CHECKPOINT_DIR -cf out.tar .)"
         )
     return config
+
+
+def unpacked_limit(archive_bytes: int, max_bytes: int) -> int:
+    """How large an archive of ``archive_bytes`` may unpack: at most ``MAX_UNPACK_RATIO`` times
+    its size (safetensors weights barely compress; a bomb of zeros compresses a thousandfold),
+    never under ``MIN_UNPACKED_BYTES`` (small configs compress well too), and never over the
+    ``max_bytes`` setting."""
+    return min(max(archive_bytes * MAX_UNPACK_RATIO, MIN_UNPACKED_BYTES), max_bytes)
 
 
 def inspect_checkpoint_archive(fileobj: BinaryIO, *, max_bytes: int) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from services.registry.archive import (
     inspect_checkpoint_archive,
     media_type,
     refuse_pickle_name,
+    unpacked_limit,
     upload_chunks,
 )
 from services.registry.errors import InvalidArtifactError, NotFoundError
@@ -71,7 +72,9 @@ def register_upload(
     )
     try:
         with store.open(stored.uri) as fileobj:
-            config = inspect_checkpoint_archive(fileobj, max_bytes=max_unpacked_bytes)
+            config = inspect_checkpoint_archive(
+                fileobj, max_bytes=unpacked_limit(stored.size_bytes, max_unpacked_bytes)
+            )
         _check_architecture(drafter, config.get("architecture"))
         version = repository.add_version(
             session, drafter, stored, config=config, parent=parent, job=job, step=provenance.step

@@ -268,3 +268,21 @@ def test_a_gzip_bomb_is_refused_by_its_unpacked_size(make_settings: Any, tmp_pat
         assert "unpacks to more than" in response.json()["detail"]
         assert small.get(f"/drafters/{DRAFTER}/versions").json() == []
     assert stored_files(tmp_path / "artifacts") == []
+
+
+def test_a_gzip_bomb_of_weights_is_refused_by_its_compression_ratio(
+    client: TestClient, tmp_path: Path
+) -> None:
+    """With the default settings: a 200 MB "weights" file of zeros (a valid safetensors header)
+    gzips to a few hundred KB; it unpacks to far more than 20 times its size: 413."""
+    header = json.dumps(
+        {"w": {"dtype": "U8", "shape": [200 << 20], "data_offsets": [0, 200 << 20]}}
+    )
+    weights = len(header).to_bytes(8, "little") + header.encode() + bytes(200 << 20)
+    bomb = tar_bytes({**checkpoint_files(), "model.safetensors": weights}, mode="w:gz")
+    assert len(bomb) < 1 << 20
+    create_drafter(client)
+    response = upload(client, DRAFTER, bomb)
+    assert response.status_code == 413, response.text
+    assert client.get(f"/drafters/{DRAFTER}/versions").json() == []
+    assert stored_files(tmp_path / "artifacts") == []
