@@ -37,7 +37,21 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     429: {"description": "Every slot busy and the wait queue full; retry after Retry-After s."},
     422: {"description": "Invalid field; detail[].loc names it."},
 }
-_SSE_DOC = {"text/event-stream": {"schema": {"type": "string"}}}
+# With stream=true: server-sent events. The schema describes one event as an SSE parser reads it
+# (Open API before 3.2: a text/event-stream schema describes each event): its data is the JSON of
+# one chunk, and the stream's last data is [DONE].
+_SSE_DOC = {
+    "text/event-stream": {
+        "schema": {
+            "type": "object",
+            "properties": {
+                "event": {"type": "string"},
+                "data": {"type": "string", "description": "One chunk as JSON, or [DONE]."},
+            },
+            "required": ["data"],
+        }
+    }
+}
 
 router = APIRouter()
 generation = APIRouter(dependencies=[Depends(require_api_key)], responses=_ERRORS)
