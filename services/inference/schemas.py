@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from draftopd.wire.text import invalid_text_path
+from draftopd.wire.text import valid_text
 
 DEFAULT_MAX_NEW_TOKENS = 128  # /generate and chat completions without max_tokens
 OPENAI_COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -39,10 +39,7 @@ class _Request(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _valid_unicode(cls, value: Any) -> Any:
-        where = invalid_text_path(value)
-        if where is not None:
-            raise ValueError(f"text must be valid Unicode (a lone surrogate at {where})")
-        return value
+        return valid_text(value)
 
 
 class SpeculativeOptions(_Request):

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from draftopd.training import configs
 from draftopd.wire.job_specs import TrainJobSpec
-from draftopd.wire.text import invalid_text_path
+from draftopd.wire.text import valid_text
 from services.registry.models import Alias, Drafter, Metric, TrainJob, Version
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -32,10 +32,7 @@ class _Request(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _valid_unicode(cls, value: Any) -> Any:
-        where = invalid_text_path(value)
-        if where is not None:
-            raise ValueError(f"text must be valid Unicode (a lone surrogate at {where})")
-        return value
+        return valid_text(value)
 
 
 class DrafterCreate(_Request):

@@ -42,6 +42,15 @@ def invalid_text_path(value: Any, where: str = "") -> str | None:
     return None
 
 
+def valid_text(value: Any) -> Any:
+    """``value`` unchanged, or a ValueError naming where it holds a lone surrogate (for the
+    services' request models, as a pydantic "before" validator of every field)."""
+    where = invalid_text_path(value)
+    if where is not None:
+        raise ValueError(f"text must be valid Unicode (a lone surrogate at {where})")
+    return value
+
+
 def json_safe(value: Any) -> Any:
     """``value`` with non-finite floats as strings ('nan', 'inf') and lone surrogates escaped
     (backslash form), so that ``json.dumps(...).encode('utf-8')`` cannot fail."""
@@ -58,4 +67,4 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-__all__ = ["invalid_text_path", "is_valid_unicode", "json_safe"]
+__all__ = ["invalid_text_path", "is_valid_unicode", "json_safe", "valid_text"]
