@@ -115,38 +115,30 @@ def _read_config(stream: IO[bytes], size: int) -> dict[str, Any]:
 def parse_json(data: bytes, what: str) -> Any:
     """JSON that the registry can store and serve back: UTF-8, no NaN/Infinity, nesting within
     ``MAX_JSON_DEPTH``, integers within the interpreter's digit limit, no lone surrogates."""
-    if _depth_exceeds(data, MAX_JSON_DEPTH):
-        raise InvalidArtifactError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         value = json.loads(data, parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as err:
+    except RecursionError as err:
+        raise InvalidArtifactError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels") from err
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as err:
         raise InvalidArtifactError(f"{what} is not valid JSON ({err})") from err
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise InvalidArtifactError(f"{what} is nested deeper than {MAX_JSON_DEPTH} levels")
     where = invalid_text_path(value)
     if where is not None:
         raise InvalidArtifactError(f"{what} holds text that is not valid Unicode at {where}")
     return value
 
 
-def _depth_exceeds(data: bytes, limit: int) -> bool:
-    """Whether the brackets of a JSON text nest deeper than ``limit`` (strings skipped)."""
-    depth, in_string, escaped = 0, False, False
-    for byte in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            if depth > limit:
-                return True
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return False
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (iterative: no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _check_member(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> dict[str, Any]:
