@@ -17,12 +17,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
+from draftopd.models.lean_llama import KERNELS, LeanLlama, StaticKVCache, lean_unsupported_reason
 from draftopd.wire.formats import DEFAULT_TARGET
 
 logger = logging.getLogger(__name__)
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STEPS = ("auto", "lean", "hf")  # the decode step: lean where supported, or Hugging Face's forward
+DecodeCache = StaticKVCache | DynamicCache
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,13 @@ class TargetModel:
         *,
         name: str,
         feature_layers: tuple[int, int, int] | None = None,
+        step: str = "auto",
+        kernel: str = "auto",
     ) -> None:
+        if step not in STEPS:
+            raise ValueError(f"step {step!r} not supported; choose one of {STEPS}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel {kernel!r} not supported; choose one of {KERNELS}")
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name
@@ -58,6 +67,12 @@ class TargetModel:
         for layer in self.feature_layers:
             if not 0 <= layer < self.num_layers:
                 raise ValueError(f"feature layer {layer} outside [0, {self.num_layers})")
+        reason = lean_unsupported_reason(model)
+        if step == "lean" and reason is not None:
+            raise ValueError(f"step 'lean' does not support this target: {reason}")
+        self.step = "lean" if step == "auto" and reason is None else step
+        self.kernel = kernel
+        self._lean: LeanLlama | None = None
 
     @property
     def device(self) -> torch.device:
@@ -109,17 +124,37 @@ class TargetModel:
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     def new_cache(self) -> DynamicCache:
+        """A Hugging Face cache, for calling ``self.model`` directly (batched training passes)."""
         return DynamicCache(config=self.config)
+
+    @property
+    def lean(self) -> LeanLlama:
+        """The lean single-sequence forward (built on first use: it packs the weights once)."""
+        if self._lean is None:
+            self._lean = LeanLlama(self.model, kernel=self.kernel)
+        return self._lean
+
+    def new_decode_cache(self, step: str | None = None) -> DecodeCache:
+        """A cache for one decoded sequence; ``forward`` runs the step that matches its type:
+        the lean forward for a ``StaticKVCache``, Hugging Face's for a ``DynamicCache``."""
+        step = step or self.step
+        if step == "lean":
+            return self.lean.new_cache()
+        if step == "hf":
+            return self.new_cache()
+        raise ValueError(f"step {step!r} not supported; choose 'lean' or 'hf'")
 
     @torch.inference_mode()
     def forward(
         self,
         input_ids: torch.Tensor,  # [batch, seq]
-        cache: DynamicCache | None = None,
+        cache: DecodeCache | None = None,
         *,
         want_features: bool = False,
         last_logits_only: bool = False,
     ) -> TargetOutput:
+        if isinstance(cache, StaticKVCache):
+            return self._lean_forward(input_ids, cache, want_features, last_logits_only)
         out = self.model(
             input_ids=input_ids.to(self.device),
             past_key_values=cache,
@@ -133,9 +168,24 @@ class TargetModel:
             features = torch.cat([out.hidden_states[i + 1] for i in self.feature_layers], dim=-1)
         return TargetOutput(logits=out.logits.float(), features=features)
 
+    def _lean_forward(
+        self, input_ids: torch.Tensor, cache: StaticKVCache, want_features: bool, last_only: bool
+    ) -> TargetOutput:
+        if input_ids.shape[0] != 1:
+            raise ValueError("the lean step runs one sequence; use an HF cache for a batch")
+        layers = self.feature_layers if want_features else ()
+        logits, hidden = self.lean.forward(
+            input_ids[0].to(self.device), cache, feature_layers=layers, last_logits_only=last_only
+        )  # [T or 1, vocab], {layer: [T, hidden]}
+        features = torch.cat([hidden[i] for i in layers], dim=-1)[None] if layers else None
+        return TargetOutput(logits=logits.float()[None], features=features)
 
-def crop_cache(cache: DynamicCache, length: int) -> None:
+
+def crop_cache(cache: DecodeCache, length: int) -> None:
     """Drop every cached position at index >= length (after a rejected draft)."""
+    if isinstance(cache, StaticKVCache):
+        cache.crop(length)
+        return
     surplus = cache.get_seq_length() - length
     if surplus > 0:
         cache.crop(-surplus)  # a negative argument removes that many positions
@@ -211,8 +261,13 @@ def load_target(
     device: str = "cpu",
     dtype: str = "float32",
     cache_dir: Path | None = None,
+    step: str = "auto",
+    kernel: str = "auto",
 ) -> TargetModel:
-    """Load a target from a hub id (local files only), a local directory or a GGUF file."""
+    """Load a target from a hub id (local files only), a local directory or a GGUF file.
+
+    ``step`` picks the decode step (``STEPS``) and ``kernel`` its matrix products (``KERNELS``
+    in ``models/lean_llama.py``); docs/engine.md explains both."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} not supported; choose one of {sorted(_DTYPES)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -229,4 +284,4 @@ def load_target(
         directory, dtype=_DTYPES[dtype], local_files_only=True
     )
     model.to(device)  # type: ignore[arg-type]
-    return TargetModel(model, tokenizer, name=target)
+    return TargetModel(model, tokenizer, name=target, step=step, kernel=kernel)

@@ -167,7 +167,7 @@ class DecodeRun:
                 params.seed if params.seed is not None else secrets.randbits(63)
             )
         self.want_features = proposer is not None and proposer.needs_features
-        self.cache = target.new_cache()
+        self.cache = target.new_decode_cache()
         self._result: GenerationResult | None = None
 
     # -- the loop ---------------------------------------------------------------------------

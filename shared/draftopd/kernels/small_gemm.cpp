@@ -1,0 +1,213 @@
+// y[M, N] = x[M, K] @ W[N, K]^T for the few rows of a decode or verification step.
+//
+// BLAS libraries tune GEMM for large M; for M = 1..16 they run at 2-3x the cost of streaming the
+// weights once (docs/engine.md). Here each weight element is read from memory exactly once and
+// used for every row of x:
+// - W is packed once into panels of NR output columns, [panels, K, NR], so a panel streams
+//   sequentially;
+// - a register-blocked micro-kernel keeps MR rows x NR columns of accumulators in vector
+//   registers; a panel stays in L2 while the MR-row chunks of x pass over it;
+// - panels are split across torch's intra-op threads (at::parallel_for).
+// Each output is a fused multiply-add chain over k (two interleaved chains for a single row): only
+// the summation order differs from BLAS (floating-point reassociation).
+//
+// Compiled at first use for the machine it runs on (-march=native): AVX-512 or AVX2 + FMA.
+// Built with -fopenmp: torch's header-only at::parallel_for is serial without it.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+
+#if defined(__AVX512F__)
+using vec = __m512;
+constexpr int VL = 16;
+constexpr int MR_MAX = 12;  // 24 accumulators + 2 weight vectors + 1 broadcast of 32 registers
+static inline vec vzero() { return _mm512_setzero_ps(); }
+static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+static inline vec vbroadcast(float f) { return _mm512_set1_ps(f); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+#define DRAFTOPD_ISA "avx512"
+#elif defined(__AVX2__) && defined(__FMA__)
+using vec = __m256;
+constexpr int VL = 8;
+constexpr int MR_MAX = 6;  // 12 accumulators + 2 weight vectors + 1 broadcast of 16 registers
+static inline vec vzero() { return _mm256_setzero_ps(); }
+static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+static inline vec vbroadcast(float f) { return _mm256_set1_ps(f); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+#define DRAFTOPD_ISA "avx2"
+#else
+#error "small_gemm needs AVX2 with FMA, or AVX-512"
+#endif
+
+constexpr int NR = 2 * VL;  // output columns per panel: two vectors
+constexpr int64_t PREFETCH = 32;  // k rows ahead
+
+template <int MR>
+static void micro_kernel(const float* __restrict x, int64_t ldx, const float* __restrict panel,
+                         int64_t K, float* __restrict y, int64_t ldy, int64_t cols,
+                         const float* __restrict residual) {
+  vec lo[MR], hi[MR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    lo[i] = vzero();
+    hi[i] = vzero();
+  }
+  int64_t k = 0;
+  if constexpr (MR == 1) {
+    // one row: two more accumulator chains hide the FMA latency (a GEMV is otherwise
+    // latency-bound, not bandwidth-bound); they are added at the end
+    vec lo2 = vzero(), hi2 = vzero();
+    for (; k + 1 < K; k += 2) {
+      const vec b0 = vbroadcast(x[k]), b1 = vbroadcast(x[k + 1]);
+      lo[0] = vfma(b0, vload(panel + k * NR), lo[0]);
+      hi[0] = vfma(b0, vload(panel + k * NR + VL), hi[0]);
+      lo2 = vfma(b1, vload(panel + (k + 1) * NR), lo2);
+      hi2 = vfma(b1, vload(panel + (k + 1) * NR + VL), hi2);
+    }
+    lo[0] = lo[0] + lo2;
+    hi[0] = hi[0] + hi2;
+  }
+  for (; k < K; ++k) {
+    _mm_prefetch(reinterpret_cast<const char*>(panel + (k + PREFETCH) * NR), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(panel + (k + PREFETCH) * NR + VL), _MM_HINT_T0);
+    const vec w0 = vload(panel + k * NR);
+    const vec w1 = vload(panel + k * NR + VL);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const vec b = vbroadcast(x[i * ldx + k]);
+      lo[i] = vfma(b, w0, lo[i]);
+      hi[i] = vfma(b, w1, hi[i]);
+    }
+  }
+  if (cols == NR) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      if (residual != nullptr) {  // residual + x W^T, added once the dot product is complete
+        lo[i] = vload(residual + i * ldy) + lo[i];
+        hi[i] = vload(residual + i * ldy + VL) + hi[i];
+      }
+      vstore(y + i * ldy, lo[i]);
+      vstore(y + i * ldy + VL, hi[i]);
+    }
+    return;
+  }
+  alignas(64) float tmp[NR];
+  for (int i = 0; i < MR; ++i) {
+    vstore(tmp, lo[i]);
+    vstore(tmp + VL, hi[i]);
+    for (int64_t j = 0; j < cols; ++j) {
+      y[i * ldy + j] = residual != nullptr ? residual[i * ldy + j] + tmp[j] : tmp[j];
+    }
+  }
+}
+
+using Kernel = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
+                       const float*);
+
+template <int... R>
+struct KernelTable {
+  static constexpr Kernel table[sizeof...(R)] = {&micro_kernel<R + 1>...};
+};
+
+template <int... R>
+static const Kernel* kernels(std::integer_sequence<int, R...>) {
+  return KernelTable<R...>::table;
+}
+
+static const Kernel* kernel_table() { return kernels(std::make_integer_sequence<int, MR_MAX>{}); }
+
+int64_t panel_width() { return NR; }
+
+std::string isa() { return DRAFTOPD_ISA; }
+
+// W [N, K] -> panels [ceil(N / NR), K, NR], zero-padded past N.
+torch::Tensor pack(const torch::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat32,
+              "pack expects a 2-D float32 weight");
+  auto w = weight.contiguous();
+  const int64_t N = w.size(0), K = w.size(1), panels = (N + NR - 1) / NR;
+  auto padded = torch::zeros({panels * NR, K}, w.options());
+  padded.narrow(0, 0, N).copy_(w);
+  return padded.view({panels, NR, K}).transpose(1, 2).contiguous();
+}
+
+// RMSNorm of each row, as the Llama reference computes it in float32:
+// weight * (x * rsqrt(mean(x^2) + eps)).
+static torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(weight.numel() == K && weight.scalar_type() == torch::kFloat32,
+              "norm weight must be float32 of the input width");
+  auto w = weight.contiguous();
+  auto out = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = xp + m * K;
+    float squares = 0.f;
+    for (int64_t k = 0; k < K; ++k) squares += row[k] * row[k];
+    const float r = 1.f / std::sqrt(squares / static_cast<float>(K) + static_cast<float>(eps));
+    for (int64_t k = 0; k < K; ++k) op[m * K + k] = wp[k] * (row[k] * r);
+  }
+  return out;
+}
+
+// y = [residual +] norm?(x) @ W^T, W packed by pack(); n is W's row count.
+torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& packed, int64_t n,
+                     const std::optional<torch::Tensor>& norm_weight, double eps,
+                     const std::optional<torch::Tensor>& residual) {
+  TORCH_CHECK(input.scalar_type() == torch::kFloat32 && packed.scalar_type() == torch::kFloat32,
+              "linear expects float32 tensors");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == NR && packed.is_contiguous(),
+              "linear expects a weight from pack()");
+  const int64_t K = packed.size(1), panels = packed.size(0);
+  TORCH_CHECK(input.size(-1) == K, "input width ", input.size(-1), " != weight width ", K);
+  TORCH_CHECK(n > (panels - 1) * NR && n <= panels * NR, "n does not match the packed weight");
+  auto x = input.reshape({-1, K}).contiguous();
+  if (norm_weight.has_value()) x = rms_norm(x, *norm_weight, eps);
+  const int64_t M = x.size(0);
+  auto sizes = input.sizes().vec();
+  sizes.back() = n;
+  torch::Tensor res;
+  const float* rp = nullptr;
+  if (residual.has_value()) {
+    res = residual->reshape({-1, n}).contiguous();
+    TORCH_CHECK(res.size(0) == M && res.scalar_type() == torch::kFloat32,
+                "residual must be float32 of shape [rows, n]");
+    rp = res.data_ptr<float>();
+  }
+  auto y = torch::empty({M, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = packed.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const Kernel* table = kernel_table();
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t cols = std::min<int64_t>(NR, n - p * NR);
+      const float* panel = wp + p * K * NR;
+      for (int64_t m = 0; m < M; m += MR_MAX) {
+        const int64_t rows = std::min<int64_t>(MR_MAX, M - m);
+        const int64_t offset = m * n + p * NR;
+        table[rows - 1](xp + m * K, K, panel, K, yp + offset, n, cols,
+                        rp != nullptr ? rp + offset : nullptr);
+      }
+    }
+  });
+  return y.view(sizes);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pack", &pack, "pack a [N, K] weight into [panels, K, NR]");
+  m.def("linear", &linear, "[residual +] norm?(x) @ W^T with a packed W", py::arg("input"),
+        py::arg("packed"), py::arg("n"), py::arg("norm_weight") = py::none(),
+        py::arg("eps") = 1e-6, py::arg("residual") = py::none());
+  m.def("panel_width", &panel_width, "NR, the output columns per panel");
+  m.def("isa", &isa, "the instruction set the kernel was compiled for");
+}

@@ -1,0 +1,288 @@
+"""A lean single-sequence forward for Llama-family targets, with a preallocated KV cache.
+
+The decode loop runs one sequence and feeds 1 token (plain) or K + 1 tokens (verification) per
+step. Hugging Face's forward spends most of such a step outside the matrix products: module calls,
+mask and RoPE construction, cache concatenation (docs/engine.md measures it). This forward computes
+the same function with the same weights:
+- q/k/v and gate/up are fused into one matrix each, so a layer makes four matrix products;
+- RoPE cos/sin come from a table built once by the model's own rotary module;
+- K/V go into a preallocated (static) cache; a rejection crops it by moving ``length``;
+- grouped-query attention folds the query heads of a group into one SDPA call per KV head group,
+  so the cache is never repeated;
+- on CPU in float32 the matrix products go through a native small-M GEMM (``draftopd/kernels``)
+  that streams each weight once for all rows, so verifying K + 1 tokens costs little more than
+  one token; elsewhere (GPU, bf16, no compiler) they go through ``F.linear``.
+
+Only floating-point reassociation separates it from the reference: tests/unit/models/
+test_lean_llama.py compares logits and greedy tokens against Hugging Face's forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from draftopd.kernels import small_gemm
+
+_SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
+KERNELS = ("auto", "native", "torch")
+
+
+def lean_unsupported_reason(model: PreTrainedModel) -> str | None:
+    """Why ``LeanLlama`` cannot run this model (None: it can)."""
+    config = model.config
+    if getattr(config, "model_type", None) != "llama":
+        return f"model_type {getattr(config, 'model_type', None)!r} is not 'llama'"
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        return "biased attention or MLP projections"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act {config.hidden_act!r} is not silu"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return "pretraining_tp != 1"
+    rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
+    if rope_type not in _SUPPORTED_ROPE:
+        return f"rope type {rope_type!r} depends on the sequence length"
+    return None
+
+
+def select_kernel(kernel: str, weight: torch.Tensor) -> ModuleType | None:
+    """The native small-M GEMM for ``kernel`` "native" (required) or "auto" (where it applies:
+    float32 on a CPU that can build it); None means ``F.linear``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel {kernel!r} not supported; choose one of {KERNELS}")
+    if kernel == "torch":
+        return None
+    applies = weight.device.type == "cpu" and weight.dtype == torch.float32
+    module = small_gemm() if applies else None
+    if module is None and kernel == "native":
+        raise ValueError(
+            "kernel 'native' needs a float32 target on an x86-64 CPU with AVX2/FMA and a C++ "
+            "compiler (see draftopd/kernels); use 'auto' or 'torch'"
+        )
+    return module
+
+
+class StaticKVCache:
+    """K and V of one sequence, preallocated: ``[kv_heads, capacity, head_dim]`` per layer.
+
+    Positions ``[0, length)`` are valid. ``crop`` only moves ``length``; the next step overwrites
+    the dropped slots. The capacity doubles when a step would overflow it."""
+
+    def __init__(self, *, layers: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
+        self.length = 0
+        shape = (layers, kv_heads, max(capacity, 1), head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.k.shape[2])
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def crop(self, length: int) -> None:
+        if not 0 <= length:
+            raise ValueError(f"cannot crop a KV cache to a negative length ({length})")
+        self.length = min(self.length, length)
+
+    def reserve(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        capacity = max(needed, 2 * self.capacity)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_empty((old.shape[0], old.shape[1], capacity, old.shape[3]))
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, hidden] (or its packing)
+    o: torch.Tensor  # [hidden, heads * head_dim]
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    down: torch.Tensor  # [hidden, intermediate]
+
+
+class _Linear:
+    """``[residual +] rms_norm?(x) @ w.T`` through torch ops or the native small-M kernel, which
+    fuses the norm and the residual add into the product (weights packed once)."""
+
+    def __init__(self, kernel: ModuleType | None, eps: float) -> None:
+        self.kernel = kernel
+        self.eps = eps
+        self.widths: dict[int, int] = {}  # id(packed weight) -> output width N
+
+    def prepare(self, weight: torch.Tensor) -> torch.Tensor:
+        weight = weight.detach().contiguous()
+        if self.kernel is None:
+            return weight
+        packed = self.kernel.pack(weight)
+        self.widths[id(packed)] = int(weight.shape[0])
+        return packed
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # [T, in]
+        weight: torch.Tensor,
+        *,
+        norm: torch.Tensor | None = None,  # RMSNorm weight applied to x first
+        residual: torch.Tensor | None = None,  # [T, out] added to the product
+    ) -> torch.Tensor:
+        if self.kernel is not None:
+            n = self.widths[id(weight)]
+            return self.kernel.linear(x, weight, n, norm, self.eps, residual)
+        if norm is not None:  # as Llama's RMSNorm: in float32, the weight applied after the cast
+            h = x.float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+            x = norm * h.to(x.dtype)
+        out = F.linear(x, weight)
+        return out if residual is None else residual + out
+
+
+class LeanLlama:
+    """The Llama forward for one sequence against a ``StaticKVCache``."""
+
+    def __init__(self, model: PreTrainedModel, *, kernel: str = "auto") -> None:
+        reason = lean_unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the lean forward does not support this model: {reason}")
+        weight = model.lm_head.weight
+        config = model.config
+        self.model = model
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(config.num_key_value_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        self.hidden = int(config.hidden_size)
+        self.intermediate = int(config.intermediate_size)
+        self.eps = float(config.rms_norm_eps)
+        self.scale = self.head_dim**-0.5
+        self.linear = _Linear(select_kernel(kernel, weight), self.eps)
+        self.layers = [self._fuse(layer) for layer in model.model.layers]
+        self.embed = model.model.embed_tokens.weight.detach()
+        self.final_norm = model.model.norm.weight.detach()
+        self.lm_head = self.linear.prepare(weight)
+        self._cos = self._sin = torch.empty(0)
+        self._rope_table(max(2048, 1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def _fuse(self, layer: torch.nn.Module) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        prepare = self.linear.prepare
+        return _Layer(
+            input_norm=layer.input_layernorm.weight.detach(),
+            qkv=prepare(qkv),
+            o=prepare(attn.o_proj.weight),
+            post_norm=layer.post_attention_layernorm.weight.detach(),
+            gate_up=prepare(gate_up),
+            down=prepare(mlp.down_proj.weight),
+        )
+
+    def _rope_table(self, positions: int) -> None:
+        """cos and sign-folded sin for positions [0, positions), from the model's rotary module
+        (so every RoPE variant it implements gives the same values here)."""
+        rotary = self.model.model.rotary_emb
+        position_ids = torch.arange(positions, device=self.device)[None]  # [1, P]
+        probe = self.embed[:1][None]  # [1, 1, hidden]: only its dtype and device are read
+        cos, sin = rotary(probe, position_ids)  # [1, P, head_dim] each
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == roll(x, half) * [-sin_low, sin_high]
+        sign = torch.ones(self.head_dim, dtype=sin.dtype, device=sin.device)
+        sign[:half] = -1
+        self._cos, self._sin = cos[0], sin[0] * sign  # [P, head_dim]
+
+    def new_cache(self, capacity: int = 1024) -> StaticKVCache:
+        return StaticKVCache(
+            layers=len(self.layers),
+            kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            capacity=capacity,
+            dtype=self.embed.dtype,
+            device=self.device,
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        ids: torch.Tensor,  # [T]
+        cache: StaticKVCache,
+        *,
+        feature_layers: tuple[int, ...] = (),
+        last_logits_only: bool = False,
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Logits ``[T or 1, vocab]`` and the outputs ``[T, hidden]`` of ``feature_layers``."""
+        steps, start = int(ids.shape[0]), cache.length
+        end = start + steps
+        cache.reserve(end)
+        if end > self._cos.shape[0]:
+            self._rope_table(max(end, 2 * self._cos.shape[0]))
+        cos = self._cos[start:end, None]  # [T, 1, head_dim]
+        sin = self._sin[start:end, None]
+        mask = self._mask(start, steps)
+        x = F.embedding(ids, self.embed)  # [T, hidden]
+        features: dict[int, torch.Tensor] = {}
+        linear = self.linear
+        for index, layer in enumerate(self.layers):
+            x = self._attention(index, layer, x, cache, cos=cos, sin=sin, mask=mask)
+            gate_up = linear(x, layer.gate_up, norm=layer.post_norm)  # [T, 2 * intermediate]
+            act = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
+            x = linear(act, layer.down, residual=x)
+            if index in feature_layers:
+                features[index] = x
+        cache.length = end
+        last = x[-1:] if last_logits_only else x
+        return linear(last, self.lm_head, norm=self.final_norm), features
+
+    def _mask(self, start: int, steps: int) -> torch.Tensor | None:
+        """Additive [group * T, start + T] causal mask for the new tokens (None for one token)."""
+        if steps == 1:
+            return None
+        keys = torch.arange(start + steps, device=self.device)  # [S]
+        queries = torch.arange(start, start + steps, device=self.device)  # [T]
+        mask = torch.zeros((steps, start + steps), dtype=self.embed.dtype, device=self.device)
+        mask.masked_fill_(keys[None, :] > queries[:, None], float("-inf"))
+        return mask.repeat(self.heads // self.kv_heads, 1)
+
+    def _attention(
+        self,
+        index: int,
+        layer: _Layer,
+        x: torch.Tensor,  # [T, hidden]
+        cache: StaticKVCache,
+        *,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        steps, start = x.shape[0], cache.length
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        qkv = self.linear(x, layer.qkv, norm=layer.input_norm)  # [T, (heads + 2 * kv) * dim]
+        qk = qkv[:, : (heads + kv_heads) * dim].view(steps, heads + kv_heads, dim)
+        qk = qk * cos + qk.roll(dim // 2, dims=-1) * sin  # RoPE on q and k at once
+        end = start + steps
+        keys, values = cache.k[index], cache.v[index]  # [kv_heads, capacity, dim]
+        keys[:, start:end] = qk[:, heads:].transpose(0, 1)
+        v = qkv[:, (heads + kv_heads) * dim :].view(steps, kv_heads, dim)
+        values[:, start:end] = v.transpose(0, 1)
+        group = heads // kv_heads
+        # query head h reads KV head h // group: fold each group's heads into the query axis
+        q = qk[:, :heads].view(steps, kv_heads, group, dim).permute(1, 2, 0, 3)  # [kv, g, T, dim]
+        q = q.reshape(1, kv_heads, group * steps, dim)  # 4-D: SDPA's fused CPU kernel
+        out = F.scaled_dot_product_attention(
+            q, keys[None, :, :end], values[None, :, :end], attn_mask=mask, scale=self.scale
+        )  # [1, kv_heads, group * T, dim]
+        out = out.view(kv_heads, group, steps, dim).permute(2, 0, 1, 3).reshape(steps, heads * dim)
+        return self.linear(out, layer.o, residual=x)
