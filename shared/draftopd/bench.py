@@ -28,9 +28,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import GenerationConfig
 
 from draftopd.bench_config import (
+    DEFAULT_DRAFTER,
     BenchConfig,
     parse_drafter_ref,
 )
+from draftopd.costs import CostPlan, measure_costs
 from draftopd.models.checkpoint import load_drafter, random_drafter_for
 from draftopd.models.drafter import Drafter
 from draftopd.models.target import TargetModel, load_target
@@ -109,11 +111,34 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     return build_report(config, runs, machine=machine_info(bench.target.device))
 
 
+def run_costs(config: BenchConfig) -> dict[str, Any]:
+    """The per-step cost table (``draftopd bench --costs``, draftopd/costs.py) with the machine.
+    Both decode steps are timed where the target supports the lean one."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    device = resolved_device(config)
+    target = load_target(
+        config.target, device=device, dtype=config.dtype, step=config.step, kernel=config.kernel
+    )
+    drafter = _load_drafter(config.drafter or DEFAULT_DRAFTER, target)
+    steps = ("hf", "lean") if target.step == "lean" else ("hf",)
+    table = measure_costs(
+        target, drafter, CostPlan(steps=steps, repeats=max(config.repeats, 5), seed=config.seed)
+    )
+    table["target"] = config.target
+    table["dtype"] = config.dtype
+    table["kernel"] = target.lean.kernel_name if target.step == "lean" else None
+    table["machine"] = machine_info(target.device)
+    return table
+
+
 def _setup(config: BenchConfig) -> _Bench:
     prompts = load_prompts(config.prompts, config.limit)
     device = resolved_device(config)
     logger.info("loading target %s on %s (%s)", config.target, device, config.dtype)
-    target = load_target(config.target, device=device, dtype=config.dtype)
+    target = load_target(
+        config.target, device=device, dtype=config.dtype, step=config.step, kernel=config.kernel
+    )
     if target.tokenizer is None:
         raise ValueError(f"target {config.target!r} has no tokenizer; the benchmark needs one")
     rendered = [(p.id, render_prompt(target.tokenizer, p)) for p in prompts]

@@ -11,6 +11,8 @@ from draftopd.training.configs import DTYPES
 from draftopd.wire.formats import DEFAULT_TARGET, parse_random_ref
 
 METHODS = ("eagle3", "ngram", "none")
+STEPS = ("auto", "lean", "hf")  # mirrors models/target.py (this module stays torch-free)
+KERNELS = ("auto", "native", "torch")  # mirrors models/lean_llama.py
 DEFAULT_DRAFTER = "random:0"  # a seeded random-init drafter, until a trained one is given
 
 
@@ -58,6 +60,16 @@ class BenchConfig:
         1, "run every path N times per prompt (order rotated) and keep the fastest"
     )
     progress: bool = setting(True, "tqdm progress bar on stderr", cli=False)
+    step: str = setting(
+        "auto", "decode step: lean (Llama family) or hf; auto = lean where supported",
+        choices=STEPS,
+    )
+    kernel: str = setting(
+        "auto", "lean step's matrix products: native small-M GEMM or torch", choices=KERNELS
+    )
+    costs: bool = setting(
+        False, "print the per-step cost table (target forwards, drafting, cycle/plain) instead"
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -70,6 +82,10 @@ class BenchConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.step not in STEPS:
+            raise ValueError(f"step {self.step!r} not supported; choose one of {STEPS}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel {self.kernel!r} not supported; choose one of {KERNELS}")
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
         if self.limit is not None and self.limit < 1:

@@ -89,10 +89,18 @@ def _add_bench(subparsers: Subparsers) -> None:
 
 
 def _run_bench_command(args: argparse.Namespace) -> int:
-    from draftopd.bench import format_summary, run_bench, write_report
+    from draftopd.bench import format_summary, run_bench, run_costs, write_report
     from draftopd.bench_config import BenchConfig
 
     config = config_from_args(args, BenchConfig, progress=not args.no_progress)
+    if config.costs:
+        from draftopd.costs import format_costs
+
+        table = run_costs(config)
+        if args.json:
+            logger.info("wrote %s", write_report(table, args.json))
+        sys.stdout.write(format_costs(table))
+        return 0
     report = run_bench(config)
     if args.json == "-":
         import json

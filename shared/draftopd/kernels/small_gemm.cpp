@@ -31,6 +31,10 @@ static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 static inline vec vbroadcast(float f) { return _mm512_set1_ps(f); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vec vload_bf16(const uint16_t* p) {  // bfloat16 is the top half of a float32
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 #define DRAFTOPD_ISA "avx512"
 #elif defined(__AVX2__) && defined(__FMA__)
 using vec = __m256;
@@ -41,16 +45,24 @@ static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
 static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 static inline vec vbroadcast(float f) { return _mm256_set1_ps(f); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec vload_bf16(const uint16_t* p) {  // bfloat16 is the top half of a float32
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
 #define DRAFTOPD_ISA "avx2"
 #else
 #error "small_gemm needs AVX2 with FMA, or AVX-512"
 #endif
 
 constexpr int NR = 2 * VL;  // output columns per panel: two vectors
+
+// weights are float32, or bfloat16 (uint16 bits) widened exactly to float32 on load
+static inline vec wload(const float* p) { return vload(p); }
+static inline vec wload(const uint16_t* p) { return vload_bf16(p); }
 constexpr int64_t PREFETCH = 32;  // k rows ahead
 
-template <int MR>
-static void micro_kernel(const float* __restrict x, int64_t ldx, const float* __restrict panel,
+template <int MR, typename W>
+static void micro_kernel(const float* __restrict x, int64_t ldx, const W* __restrict panel,
                          int64_t K, float* __restrict y, int64_t ldy, int64_t cols,
                          const float* __restrict residual) {
   vec lo[MR], hi[MR];
@@ -65,11 +77,15 @@ static void micro_kernel(const float* __restrict x, int64_t ldx, const float* __
     // latency-bound, not bandwidth-bound); they are added at the end
     vec lo2 = vzero(), hi2 = vzero();
     for (; k + 1 < K; k += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(panel + (k + PREFETCH) * NR), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(panel + (k + PREFETCH) * NR + VL), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(panel + (k + 1 + PREFETCH) * NR), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(panel + (k + 1 + PREFETCH) * NR + VL), _MM_HINT_T0);
       const vec b0 = vbroadcast(x[k]), b1 = vbroadcast(x[k + 1]);
-      lo[0] = vfma(b0, vload(panel + k * NR), lo[0]);
-      hi[0] = vfma(b0, vload(panel + k * NR + VL), hi[0]);
-      lo2 = vfma(b1, vload(panel + (k + 1) * NR), lo2);
-      hi2 = vfma(b1, vload(panel + (k + 1) * NR + VL), hi2);
+      lo[0] = vfma(b0, wload(panel + k * NR), lo[0]);
+      hi[0] = vfma(b0, wload(panel + k * NR + VL), hi[0]);
+      lo2 = vfma(b1, wload(panel + (k + 1) * NR), lo2);
+      hi2 = vfma(b1, wload(panel + (k + 1) * NR + VL), hi2);
     }
     lo[0] = lo[0] + lo2;
     hi[0] = hi[0] + hi2;
@@ -77,8 +93,8 @@ static void micro_kernel(const float* __restrict x, int64_t ldx, const float* __
   for (; k < K; ++k) {
     _mm_prefetch(reinterpret_cast<const char*>(panel + (k + PREFETCH) * NR), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(panel + (k + PREFETCH) * NR + VL), _MM_HINT_T0);
-    const vec w0 = vload(panel + k * NR);
-    const vec w1 = vload(panel + k * NR + VL);
+    const vec w0 = wload(panel + k * NR);
+    const vec w1 = wload(panel + k * NR + VL);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const vec b = vbroadcast(x[i * ldx + k]);
@@ -108,34 +124,53 @@ static void micro_kernel(const float* __restrict x, int64_t ldx, const float* __
   }
 }
 
-using Kernel = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
-                       const float*);
+template <typename W>
+using Kernel = void (*)(const float*, int64_t, const W*, int64_t, float*, int64_t, int64_t,
+                        const float*);
 
-template <int... R>
-struct KernelTable {
-  static constexpr Kernel table[sizeof...(R)] = {&micro_kernel<R + 1>...};
-};
-
-template <int... R>
-static const Kernel* kernels(std::integer_sequence<int, R...>) {
-  return KernelTable<R...>::table;
+template <typename W, int... R>
+static const Kernel<W>* kernels(std::integer_sequence<int, R...>) {
+  static const Kernel<W> table[] = {&micro_kernel<R + 1, W>...};
+  return table;
 }
 
-static const Kernel* kernel_table() { return kernels(std::make_integer_sequence<int, MR_MAX>{}); }
+template <typename W>
+static const Kernel<W>* kernel_table() {
+  return kernels<W>(std::make_integer_sequence<int, MR_MAX>{});
+}
 
 int64_t panel_width() { return NR; }
 
 std::string isa() { return DRAFTOPD_ISA; }
 
-// W [N, K] -> panels [ceil(N / NR), K, NR], zero-padded past N.
-torch::Tensor pack(const torch::Tensor& weight) {
+// W [N, K] -> panels [ceil(N / NR), K, NR], zero-padded past N; float32, or bfloat16 (rounded
+// to nearest even by torch) when ``bf16`` is set.
+torch::Tensor pack(const torch::Tensor& weight, bool bf16) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat32,
               "pack expects a 2-D float32 weight");
-  auto w = weight.contiguous();
+  auto w = bf16 ? weight.to(torch::kBFloat16).contiguous() : weight.contiguous();
   const int64_t N = w.size(0), K = w.size(1), panels = (N + NR - 1) / NR;
   auto padded = torch::zeros({panels * NR, K}, w.options());
   padded.narrow(0, 0, N).copy_(w);
   return padded.view({panels, NR, K}).transpose(1, 2).contiguous();
+}
+
+template <typename W>
+static void run(const float* xp, const W* wp, float* yp, const float* rp, int64_t M, int64_t K,
+                int64_t n, int64_t panels) {
+  const Kernel<W>* table = kernel_table<W>();
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t cols = std::min<int64_t>(NR, n - p * NR);
+      const W* panel = wp + p * K * NR;
+      for (int64_t m = 0; m < M; m += MR_MAX) {
+        const int64_t rows = std::min<int64_t>(MR_MAX, M - m);
+        const int64_t offset = m * n + p * NR;
+        table[rows - 1](xp + m * K, K, panel, K, yp + offset, n, cols,
+                        rp != nullptr ? rp + offset : nullptr);
+      }
+    }
+  });
 }
 
 // RMSNorm of each row, as the Llama reference computes it in float32:
@@ -163,8 +198,10 @@ static torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weigh
 torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& packed, int64_t n,
                      const std::optional<torch::Tensor>& norm_weight, double eps,
                      const std::optional<torch::Tensor>& residual) {
-  TORCH_CHECK(input.scalar_type() == torch::kFloat32 && packed.scalar_type() == torch::kFloat32,
-              "linear expects float32 tensors");
+  const bool bf16 = packed.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(input.scalar_type() == torch::kFloat32 &&
+                  (bf16 || packed.scalar_type() == torch::kFloat32),
+              "linear expects a float32 input and a float32 or bfloat16 packed weight");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == NR && packed.is_contiguous(),
               "linear expects a weight from pack()");
   const int64_t K = packed.size(1), panels = packed.size(0);
@@ -185,26 +222,18 @@ torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& packed, in
   }
   auto y = torch::empty({M, n}, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* wp = packed.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const Kernel* table = kernel_table();
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t cols = std::min<int64_t>(NR, n - p * NR);
-      const float* panel = wp + p * K * NR;
-      for (int64_t m = 0; m < M; m += MR_MAX) {
-        const int64_t rows = std::min<int64_t>(MR_MAX, M - m);
-        const int64_t offset = m * n + p * NR;
-        table[rows - 1](xp + m * K, K, panel, K, yp + offset, n, cols,
-                        rp != nullptr ? rp + offset : nullptr);
-      }
-    }
-  });
+  if (bf16) {
+    run(xp, reinterpret_cast<const uint16_t*>(packed.data_ptr()), yp, rp, M, K, n, panels);
+  } else {
+    run(xp, packed.data_ptr<float>(), yp, rp, M, K, n, panels);
+  }
   return y.view(sizes);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack", &pack, "pack a [N, K] weight into [panels, K, NR]");
+  m.def("pack", &pack, "pack a [N, K] float32 weight into [panels, K, NR]", py::arg("weight"),
+        py::arg("bf16") = false);
   m.def("linear", &linear, "[residual +] norm?(x) @ W^T with a packed W", py::arg("input"),
         py::arg("packed"), py::arg("n"), py::arg("norm_weight") = py::none(),
         py::arg("eps") = 1e-6, py::arg("residual") = py::none());

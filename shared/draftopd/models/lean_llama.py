@@ -112,6 +112,13 @@ class _Layer:
     down: torch.Tensor  # [hidden, intermediate]
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm: in float32, the weight applied after the cast back."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
 class _Linear:
     """``[residual +] rms_norm?(x) @ w.T`` through torch ops or the native small-M kernel, which
     fuses the norm and the residual add into the product (weights packed once)."""
@@ -140,10 +147,8 @@ class _Linear:
         if self.kernel is not None:
             n = self.widths[id(weight)]
             return self.kernel.linear(x, weight, n, norm, self.eps, residual)
-        if norm is not None:  # as Llama's RMSNorm: in float32, the weight applied after the cast
-            h = x.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-            x = norm * h.to(x.dtype)
+        if norm is not None:
+            x = rms_norm(x, norm, self.eps)
         out = F.linear(x, weight)
         return out if residual is None else residual + out
 
@@ -176,6 +181,12 @@ class LeanLlama:
     @property
     def device(self) -> torch.device:
         return self.embed.device
+
+    @property
+    def kernel_name(self) -> str:
+        """``native-avx512`` / ``native-avx2`` (the small-M GEMM) or ``torch`` (F.linear)."""
+        kernel = self.linear.kernel
+        return "torch" if kernel is None else f"native-{kernel.isa()}"
 
     def _fuse(self, layer: torch.nn.Module) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -243,6 +254,9 @@ class LeanLlama:
             if index in feature_layers:
                 features[index] = x
         cache.length = end
+        last_layer = len(self.layers) - 1
+        if last_layer in features:  # Hugging Face reports the last layer after the final norm
+            features[last_layer] = rms_norm(x, self.final_norm, self.eps)
         last = x[-1:] if last_logits_only else x
         return linear(last, self.lm_head, norm=self.final_norm), features
 

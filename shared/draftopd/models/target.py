@@ -70,7 +70,9 @@ class TargetModel:
         reason = lean_unsupported_reason(model)
         if step == "lean" and reason is not None:
             raise ValueError(f"step 'lean' does not support this target: {reason}")
-        self.step = "lean" if step == "auto" and reason is None else step
+        if step == "auto":
+            step = "lean" if reason is None else "hf"
+        self.step = step
         self.kernel = kernel
         self._lean: LeanLlama | None = None
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from draftopd.models.target import TargetModel, crop_cache
+from draftopd.speculative.detokenize import IncrementalDetokenizer
 from draftopd.speculative.proposers import Proposal, Proposer
 from draftopd.speculative.records import Cycle
 from draftopd.speculative.sampling import SamplingParams, probs_from_logits
@@ -168,6 +169,7 @@ class DecodeRun:
             )
         self.want_features = proposer is not None and proposer.needs_features
         self.cache = target.new_decode_cache()
+        self.detokenizer = IncrementalDetokenizer(self._decode)
         self._result: GenerationResult | None = None
 
     # -- the loop ---------------------------------------------------------------------------
@@ -261,14 +263,14 @@ class DecodeRun:
             self._update_text()
         return Delta(token_ids=self.response[before : self.visible], text=self._text_delta())
 
-    def _decode(self, ids: list[int]) -> str:
+    def _decode(self, ids: Sequence[int]) -> str:
         tokenizer = self.target.tokenizer
         if tokenizer is None:
             return ""
         return str(tokenizer.decode(ids, skip_special_tokens=True))  # type: ignore[attr-defined]
 
     def _update_text(self) -> None:
-        self.text = self._decode(self.response[: self.visible])
+        self.text = self.detokenizer.text(self.response[: self.visible])
         hits = [(self.text.find(s), s) for s in self.params.stop if s and s in self.text]
         if not hits:
             return

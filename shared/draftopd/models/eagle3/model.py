@@ -22,6 +22,7 @@ from torch import nn
 from draftopd.models.drafter import Drafter, SFTLossOutput
 
 if TYPE_CHECKING:
+    from draftopd.models.eagle3.lean import LeanEagle3
     from draftopd.models.eagle3.proposer import Eagle3Proposer
 
 
@@ -256,11 +257,38 @@ class Eagle3Drafter(Drafter):
         h = h + self.down_proj(F.silu(self.gate_proj(normed)) * self.up_proj(normed))
         return DrafterOutput(logits=self.lm_head(self.norm(h)).float(), hidden=h)
 
+    def lean_step(self, weights: str = "auto") -> LeanEagle3 | None:
+        """The lean decode-time forward with ``weights`` ("float32", "bfloat16", "auto" =
+        bfloat16 where it applies), or None for "module" or where the native kernel does not
+        apply (not a float32 CPU drafter, no kernel). Built once per weight version: an
+        optimizer step bumps the parameters' versions, so training never drafts with stale
+        packed weights."""
+        from draftopd.models.eagle3.lean import DRAFT_WEIGHTS, LeanEagle3
+        from draftopd.models.lean_llama import select_kernel
+
+        choices = ("auto", "module", *DRAFT_WEIGHTS)
+        if weights not in choices:
+            raise ValueError(f"draft weights {weights!r} not supported; choose one of {choices}")
+        if weights == "module":
+            return None
+        kernel = select_kernel("auto", self.fc.weight)
+        if kernel is None:
+            if weights != "auto":
+                raise ValueError(f"draft weights {weights!r} need the native CPU kernel")
+            return None
+        precision = "bfloat16" if weights == "auto" else weights
+        key = (precision, tuple(p._version for p in self.parameters()))
+        cached = self.__dict__.get("_lean")
+        if cached is None or cached[0] != key:
+            cached = (key, LeanEagle3(self, kernel, weights=precision))
+            self.__dict__["_lean"] = cached
+        return cached[1]
+
     # -- the Drafter seam (models/drafter.py) --------------------------------------------------
-    def proposer(self, *, argmax_drafting: bool = False) -> Eagle3Proposer:
+    def proposer(self, *, argmax_drafting: bool = False, weights: str = "auto") -> Eagle3Proposer:
         from draftopd.models.eagle3.proposer import Eagle3Proposer
 
-        return Eagle3Proposer(self, argmax_drafting=argmax_drafting)
+        return Eagle3Proposer(self, argmax_drafting=argmax_drafting, weights=weights)
 
     def sft_loss(
         self,

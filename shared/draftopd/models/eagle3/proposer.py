@@ -1,10 +1,19 @@
-"""Drafting with an EAGLE-3 drafter: autoregressive, with the drafter's own KV cache."""
+"""Drafting with an EAGLE-3 drafter: autoregressive, with the drafter's own KV cache.
+
+Two forwards compute the same drafter: the module's (any device and dtype) and the lean one
+(``models/eagle3/lean.py``: CPU, native kernel, float32 or bfloat16 weights). ``weights`` picks:
+"module", "float32", "bfloat16", or "auto" (bfloat16 where the native kernel runs, else module).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from draftopd.models.eagle3.lean import LeanEagle3
 from draftopd.models.eagle3.model import DrafterCache, Eagle3Drafter
+from draftopd.models.lean_llama import StaticKVCache
 from draftopd.speculative.proposers import Proposal
 from draftopd.speculative.sampling import SamplingParams, probs_from_logits
 
@@ -18,15 +27,40 @@ class Eagle3Proposer:
 
     needs_features = True
 
-    def __init__(self, drafter: Eagle3Drafter, *, argmax_drafting: bool = False) -> None:
+    def __init__(
+        self, drafter: Eagle3Drafter, *, argmax_drafting: bool = False, weights: str = "auto"
+    ) -> None:
         self.drafter = drafter
         self.argmax_drafting = argmax_drafting
-        self.cache = DrafterCache()
+        self.lean = drafter.lean_step(weights)
+        self.cache = self._new_cache()
         self.pending_features: torch.Tensor | None = None  # [n, 3H] not yet in the cache
         self.pending_tokens: list[int] = []
 
+    def _new_cache(self) -> DrafterCache | StaticKVCache:
+        return self.lean.new_cache() if self.lean is not None else DrafterCache()
+
+    def _forward(self, hidden: torch.Tensor, ids: list[int], start: int) -> _Step:
+        """hidden [n, H] paired with ``ids`` at positions start.. -> last logits, hidden [n, H]."""
+        device = self.drafter.fc.weight.device
+        if self.lean is not None:
+            assert isinstance(self.cache, StaticKVCache)
+            logits, out = self.lean.forward(hidden, torch.tensor(ids), self.cache)
+            return _Step(logits, out)
+        assert isinstance(self.cache, DrafterCache)
+        positions = torch.arange(start, start + len(ids), device=device)[None]
+        result = self.drafter(
+            hidden[None], torch.tensor([ids], device=device), positions, cache=self.cache
+        )
+        return _Step(result.logits[0, -1], result.hidden[0])
+
+    def _project(self, features: torch.Tensor) -> torch.Tensor:
+        if self.lean is not None:
+            return self.lean.project(features)
+        return self.drafter.project(features.to(self.drafter.fc.weight.device)[None])[0]
+
     def start(self, prompt_ids: list[int], features: torch.Tensor | None) -> None:
-        self.cache = DrafterCache()
+        self.cache = self._new_cache()
         self.pending_features = features
         self.pending_tokens = list(prompt_ids[1:])
 
@@ -54,33 +88,29 @@ class Eagle3Proposer:
     ) -> Proposal:
         if k <= 0 or self.pending_features is None or not self.pending_tokens:
             return Proposal(tokens=[], q=None)
-        device = self.drafter.fc.weight.device
         start = self.cache.length
-        n = len(self.pending_tokens)
-        hidden = self.drafter.project(self.pending_features.to(device)[None])  # [1, n, H]
-        ids = torch.tensor([self.pending_tokens], device=device)
-        positions = torch.arange(start, start + n, device=device)[None]
-        out = self.drafter(hidden, ids, positions, cache=self.cache)
+        step = self._forward(self._project(self.pending_features), self.pending_tokens, start)
         real_length = self.cache.length
         self.pending_features, self.pending_tokens = None, []
         tokens: list[int] = []
         qs: list[torch.Tensor | None] = []
-        logits, hidden = out.logits[0, -1], out.hidden[:, -1:]
-        for step in range(k):
-            token, q = self._draft_token(logits, params, generator)
+        for index in range(k):
+            token, q = self._draft_token(step.logits, params, generator)
             tokens.append(token)
             qs.append(q)
-            if step == k - 1:
+            if index == k - 1:
                 break
-            position = torch.tensor([[real_length + step]], device=device)
-            out = self.drafter(
-                hidden, torch.tensor([[token]], device=device), position, cache=self.cache
-            )
-            logits, hidden = out.logits[0, -1], out.hidden
+            step = self._forward(step.hidden[-1:], [token], real_length + index)
         self.cache.crop(real_length)
         if any(q is None for q in qs):
             return Proposal(tokens=tokens, q=None)
         return Proposal(tokens=tokens, q=torch.stack([q for q in qs if q is not None]))
+
+
+@dataclass(frozen=True)
+class _Step:
+    logits: torch.Tensor  # [draft_vocab] at the last position
+    hidden: torch.Tensor  # [n, H] pre-norm hidden states, fed back at the next step
 
 
 __all__ = ["Eagle3Proposer"]

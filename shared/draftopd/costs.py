@@ -1,0 +1,178 @@
+"""The per-step cost table (``draftopd bench --costs``): what one cycle of each path costs.
+
+Speculative decoding pays when a cycle (drafting K tokens, then one target forward of K + 1)
+costs little more than a plain step (a target forward of 1). This measures, in one run:
+- the target forward of T = 1..16 new tokens at a few context lengths, for each decode step
+  (``hf``: Hugging Face's forward and DynamicCache; ``lean``: models/lean_llama.py), with the
+  ratio to the same step's 1-token forward;
+- one EAGLE-3 drafting call of k tokens (the proposer's whole ``propose``);
+- per K: the cycle cost (drafting K + target forward of K + 1) over the plain step, which is
+  also the tau a drafter needs to break even.
+
+Cells are timed interleaved (every step kind and block size once per round, for ``repeats``
+rounds) and reported as medians, so machine drift hits them alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from draftopd.models.drafter import Drafter
+from draftopd.models.target import TargetModel, crop_cache
+from draftopd.speculative.sampling import SamplingParams
+
+COST_BLOCKS = (1, 2, 3, 4, 5, 6, 8, 12, 16)  # T, new tokens per target forward
+COST_CONTEXTS = (200, 1000)  # tokens already in the KV cache
+DRAFT_LENGTHS = (1, 4, 7)  # k of the timed drafting calls
+CYCLE_KS = (2, 4, 7)  # K of the predicted cycle costs
+
+
+@dataclass(frozen=True)
+class CostPlan:
+    steps: tuple[str, ...] = ("hf", "lean")
+    contexts: tuple[int, ...] = COST_CONTEXTS
+    blocks: tuple[int, ...] = COST_BLOCKS
+    repeats: int = 15
+    seed: int = 0
+
+
+def _median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e3
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _target_cells(
+    target: TargetModel, ids: torch.Tensor, plan: CostPlan, context: int
+) -> dict[str, dict[int, float]]:
+    """{step: {T: median ms}} of forwards of T tokens after ``context`` cached tokens."""
+    caches = {}
+    for step in plan.steps:
+        cache = target.new_decode_cache(step)
+        target.forward(ids[:, :context], cache, last_logits_only=True)
+        caches[step] = cache
+    samples: dict[str, dict[int, list[float]]] = {s: {t: [] for t in plan.blocks} for s in caches}
+
+    def forward(step: str, block: int) -> None:
+        target.forward(ids[:, context : context + block], caches[step], want_features=True)
+        crop_cache(caches[step], context)
+
+    for step in caches:  # one untimed pass: lazy allocation and kernel warm-up
+        for block in plan.blocks:
+            forward(step, block)
+    for _ in range(plan.repeats):
+        for step in caches:
+            for block in plan.blocks:
+                samples[step][block].append(
+                    _timed(lambda s=step, b=block: forward(s, b), target.device)
+                )
+    return {s: {t: _median_ms(v) for t, v in cells.items()} for s, cells in samples.items()}
+
+
+def _drafter_cells(
+    target: TargetModel, drafter: Drafter, ids: torch.Tensor, plan: CostPlan, context: int
+) -> dict[int, float]:
+    """{k: median ms} of one ``propose(k)`` after a 1-token commit (one cycle's drafting)."""
+    prompt = ids[0, :context].tolist()
+    cache = target.new_decode_cache()
+    out = target.forward(ids[:, : context - 1], cache, want_features=True, last_logits_only=True)
+    assert out.features is not None
+    proposer = drafter.proposer()
+    proposer.start(prompt, out.features[0])
+    params = SamplingParams(max_new_tokens=max(DRAFT_LENGTHS) + 1)
+    proposer.propose(prompt, 1, params, None)  # consumes the prompt's features
+    last = out.features[0, -1:]  # [1, 3H]: stands in for the committed token's feature
+    samples: dict[int, list[float]] = {k: [] for k in DRAFT_LENGTHS}
+
+    def propose(k: int) -> None:
+        proposer.commit([prompt[-1]], last)
+        proposer.propose(prompt, k, params, None)
+
+    for k in DRAFT_LENGTHS:
+        propose(k)
+    for _ in range(plan.repeats):
+        for k in DRAFT_LENGTHS:
+            samples[k].append(_timed(lambda k=k: propose(k), target.device))
+    return {k: _median_ms(v) for k, v in samples.items()}
+
+
+@torch.inference_mode()
+def measure_costs(
+    target: TargetModel, drafter: Drafter | None, plan: CostPlan | None = None
+) -> dict[str, Any]:
+    """The cost table as a JSON-ready dict (see ``format_costs``)."""
+    plan = plan or CostPlan()
+    generator = torch.Generator().manual_seed(plan.seed)
+    width = max(plan.contexts) + max(plan.blocks)
+    ids = torch.randint(0, target.vocab_size, (1, width), generator=generator)
+    ids = ids.to(target.device)  # [1, width]
+    table: dict[str, Any] = {"steps": list(plan.steps), "repeats": plan.repeats, "contexts": {}}
+    for context in plan.contexts:
+        forwards = _target_cells(target, ids, plan, context)
+        entry: dict[str, Any] = {
+            "target_ms": {s: {str(t): ms for t, ms in c.items()} for s, c in forwards.items()},
+            "verify_ratio": {
+                s: {str(t): ms / c[1] for t, ms in c.items()} for s, c in forwards.items()
+            },
+        }
+        if drafter is not None:
+            drafting = _drafter_cells(target, drafter, ids, plan, context)
+            entry["draft_ms"] = {str(k): ms for k, ms in drafting.items()}
+            entry["cycle_ratio"] = _cycle_ratios(forwards, drafting, plan)
+        table["contexts"][str(context)] = entry
+    return table
+
+
+def _cycle_ratios(
+    forwards: dict[str, dict[int, float]], drafting: dict[int, float], plan: CostPlan
+) -> dict[str, dict[str, float]]:
+    """(drafting K + target forward of K + 1) / target forward of 1, per step and K: the tau at
+    which a drafter breaks even, and 1 / (a tau = 1 drafter's speed ratio)."""
+    ratios: dict[str, dict[str, float]] = {}
+    for step, cells in forwards.items():
+        ratios[step] = {}
+        for k in CYCLE_KS:
+            if k + 1 in cells and k in drafting:
+                ratios[step][str(k)] = (drafting[k] + cells[k + 1]) / cells[1]
+    return ratios
+
+
+def format_costs(table: dict[str, Any]) -> str:
+    """A fixed-width rendering of ``measure_costs``'s table."""
+    lines = []
+    for context, entry in table["contexts"].items():
+        lines.append(f"context {context} tokens (median ms of {table['repeats']} rounds)")
+        blocks = list(next(iter(entry["target_ms"].values())))
+        lines.append(f"{'target forward of T':<22}" + "".join(f"{'T=' + b:>8}" for b in blocks))
+        for step, cells in entry["target_ms"].items():
+            lines.append(f"{step:<22}" + "".join(f"{cells[b]:>8.1f}" for b in blocks))
+            ratio = entry["verify_ratio"][step]
+            lines.append(f"{'  / T=1':<22}" + "".join(f"{ratio[b]:>8.2f}" for b in blocks))
+        if "draft_ms" in entry:
+            drafts = ", ".join(f"k={k}: {ms:.1f}" for k, ms in entry["draft_ms"].items())
+            lines.append(f"EAGLE-3 drafting (ms)  {drafts}")
+            for step, ratios in entry["cycle_ratio"].items():
+                cycles = ", ".join(f"K={k}: {r:.2f}" for k, r in ratios.items())
+                lines.append(f"cycle / plain step ({step})  {cycles}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+__all__ = ["COST_BLOCKS", "COST_CONTEXTS", "CostPlan", "format_costs", "measure_costs"]
