@@ -81,6 +81,7 @@ def load_served_drafter(spec: str, target: TargetModel) -> ServedDrafter:
     seed = parse_random_ref(spec)
     if seed is not None:
         drafter = random_drafter_for(target, seed=seed)
+        drafter.proposer()  # packs the decode-time weights now, off the request path
         logger.info("serving a random EAGLE-3 drafter (seed %d)", seed)
         return ServedDrafter(drafter=drafter, version=spec, path=None, provenance={})
     directory = Path(spec).expanduser()
@@ -101,6 +102,8 @@ def load_checkpoint_drafter(
     was built for another target."""
     meta = read_checkpoint_meta(directory)
     drafter = load_drafter(directory, target)
+    drafter.proposer()  # packs the decode-time weights now (loads and hot swaps run off the
+    # request path), so the first request after a swap does not pay for it
     provenance = meta.get("provenance")
     logger.info("loaded EAGLE-3 drafter %s from %s", version, directory)
     return ServedDrafter(

@@ -114,6 +114,8 @@ class InferenceService:
         """Load the target and the configured local drafter (blocking: call it off the event
         loop). A registry drafter is loaded afterwards by the alias follower."""
         target = load_target(settings.target, device=settings.device, dtype=settings.dtype)
+        target.new_decode_cache()  # builds the decode step now (kernel, packed weights), not in
+        # the first request: /health says ready only once this is done
         drafter = load_served_drafter(settings.drafter, target) if settings.drafter else None
         source = f"registry alias {settings.drafter_name}/{settings.drafter_alias}"
         logger.info(

@@ -122,9 +122,13 @@ def run_costs(config: BenchConfig) -> dict[str, Any]:
     )
     drafter = _load_drafter(config.drafter or DEFAULT_DRAFTER, target)
     steps = ("hf", "lean") if target.step == "lean" else ("hf",)
-    table = measure_costs(
-        target, drafter, CostPlan(steps=steps, repeats=max(config.repeats, 5), seed=config.seed)
+    plan = CostPlan(
+        steps=steps,
+        repeats=max(config.repeats, 5),
+        seed=config.seed,
+        draft_weights=config.draft_weights,
     )
+    table = measure_costs(target, drafter, plan)
     table["target"] = config.target
     table["dtype"] = config.dtype
     table["kernel"] = target.lean.kernel_name if target.step == "lean" else None
@@ -160,7 +164,7 @@ def _new_proposer(bench: _Bench) -> Proposer | None:
     """A fresh proposer for one request (proposers hold per-request state)."""
     if bench.config.method == "eagle3":
         assert bench.drafter is not None
-        return bench.drafter.proposer()
+        return bench.drafter.proposer(weights=bench.config.draft_weights)
     if bench.config.method == "ngram":
         return NgramProposer()
     return None
@@ -358,6 +362,9 @@ def _context(
         "dtype": config.dtype,
         "peers": config.peers,
         "repeats": config.repeats,
+        "step": config.step,
+        "kernel": config.kernel,
+        "draft_weights": config.draft_weights if config.method == "eagle3" else None,
         "hf_prompt_lookup_num_tokens": HF_PROMPT_LOOKUP_TOKENS if config.peers else None,
         "accepted_by_position": accepted,
         "proposed_by_position": proposed,

@@ -13,6 +13,7 @@ from draftopd.wire.formats import DEFAULT_TARGET, parse_random_ref
 METHODS = ("eagle3", "ngram", "none")
 STEPS = ("auto", "lean", "hf")  # mirrors models/target.py (this module stays torch-free)
 KERNELS = ("auto", "native", "torch")  # mirrors models/lean_llama.py
+DRAFT_WEIGHTS = ("auto", "bfloat16", "float32", "module")  # mirrors Eagle3Drafter.lean_step
 DEFAULT_DRAFTER = "random:0"  # a seeded random-init drafter, until a trained one is given
 
 
@@ -61,11 +62,18 @@ class BenchConfig:
     )
     progress: bool = setting(True, "tqdm progress bar on stderr", cli=False)
     step: str = setting(
-        "auto", "decode step: lean (Llama family) or hf; auto = lean where supported",
+        "auto",
+        "decode step: lean (Llama family) or hf; auto = lean where supported",
         choices=STEPS,
     )
     kernel: str = setting(
         "auto", "lean step's matrix products: native small-M GEMM or torch", choices=KERNELS
+    )
+    draft_weights: str = setting(
+        "auto",
+        "drafter's decode-time weights: bfloat16 or float32 (native kernel) or module; "
+        "auto = float32 where the kernel runs",
+        choices=DRAFT_WEIGHTS,
     )
     costs: bool = setting(
         False, "print the per-step cost table (target forwards, drafting, cycle/plain) instead"
@@ -86,6 +94,10 @@ class BenchConfig:
             raise ValueError(f"step {self.step!r} not supported; choose one of {STEPS}")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel {self.kernel!r} not supported; choose one of {KERNELS}")
+        if self.draft_weights not in DRAFT_WEIGHTS:
+            raise ValueError(
+                f"draft_weights {self.draft_weights!r} not supported; choose one of {DRAFT_WEIGHTS}"
+            )
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
         if self.limit is not None and self.limit < 1:

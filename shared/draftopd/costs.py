@@ -6,6 +6,7 @@ costs little more than a plain step (a target forward of 1). This measures, in o
   (``hf``: Hugging Face's forward and DynamicCache; ``lean``: models/lean_llama.py), with the
   ratio to the same step's 1-token forward;
 - one EAGLE-3 drafting call of k tokens (the proposer's whole ``propose``);
+- the memory floor: how long reading the target's weight bytes once takes here;
 - per K: the cycle cost (drafting K + target forward of K + 1) over the plain step, which is
   also the tau a drafter needs to break even.
 
@@ -19,6 +20,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -40,6 +42,7 @@ class CostPlan:
     blocks: tuple[int, ...] = COST_BLOCKS
     repeats: int = 15
     seed: int = 0
+    draft_weights: str = "auto"  # the drafter's decode-time weights (Drafter.proposer)
 
 
 def _median_ms(samples: list[float]) -> float:
@@ -80,9 +83,7 @@ def _target_cells(
     for _ in range(plan.repeats):
         for step in caches:
             for block in plan.blocks:
-                samples[step][block].append(
-                    _timed(lambda s=step, b=block: forward(s, b), target.device)
-                )
+                samples[step][block].append(_timed(partial(forward, step, block), target.device))
     return {s: {t: _median_ms(v) for t, v in cells.items()} for s, cells in samples.items()}
 
 
@@ -94,7 +95,7 @@ def _drafter_cells(
     cache = target.new_decode_cache()
     out = target.forward(ids[:, : context - 1], cache, want_features=True, last_logits_only=True)
     assert out.features is not None
-    proposer = drafter.proposer()
+    proposer = drafter.proposer(weights=plan.draft_weights)
     proposer.start(prompt, out.features[0])
     params = SamplingParams(max_new_tokens=max(DRAFT_LENGTHS) + 1)
     proposer.propose(prompt, 1, params, None)  # consumes the prompt's features
@@ -109,7 +110,7 @@ def _drafter_cells(
         propose(k)
     for _ in range(plan.repeats):
         for k in DRAFT_LENGTHS:
-            samples[k].append(_timed(lambda k=k: propose(k), target.device))
+            samples[k].append(_timed(partial(propose, k), target.device))
     return {k: _median_ms(v) for k, v in samples.items()}
 
 
@@ -123,7 +124,14 @@ def measure_costs(
     width = max(plan.contexts) + max(plan.blocks)
     ids = torch.randint(0, target.vocab_size, (1, width), generator=generator)
     ids = ids.to(target.device)  # [1, width]
-    table: dict[str, Any] = {"steps": list(plan.steps), "repeats": plan.repeats, "contexts": {}}
+    table: dict[str, Any] = {
+        "steps": list(plan.steps),
+        "repeats": plan.repeats,
+        "draft_weights": plan.draft_weights,
+        "contexts": {},
+    }
+    table["weights_mb"] = sum(p.numel() * p.element_size() for p in target.model.parameters()) / 1e6
+    table["weight_stream_ms"] = weight_stream_ms(target, plan.repeats)
     for context in plan.contexts:
         forwards = _target_cells(target, ids, plan, context)
         entry: dict[str, Any] = {
@@ -138,6 +146,16 @@ def measure_costs(
             entry["cycle_ratio"] = _cycle_ratios(forwards, drafting, plan)
         table["contexts"][str(context)] = entry
     return table
+
+
+def weight_stream_ms(target: TargetModel, repeats: int) -> float:
+    """The memory floor of a 1-token step: median ms to read as many bytes as the target's
+    weights (a sum over a buffer of that size, with torch's threads)."""
+    numel = sum(p.numel() * p.element_size() for p in target.model.parameters()) // 4
+    buffer = torch.ones(numel, dtype=torch.float32, device=target.device)
+    buffer.sum()
+    samples = [_timed(buffer.sum, target.device) for _ in range(repeats)]
+    return _median_ms(samples)
 
 
 def _cycle_ratios(
@@ -156,7 +174,11 @@ def _cycle_ratios(
 
 def format_costs(table: dict[str, Any]) -> str:
     """A fixed-width rendering of ``measure_costs``'s table."""
-    lines = []
+    lines = [
+        f"memory floor: reading the {table['weights_mb']:.0f} MB of weights once takes "
+        f"{table['weight_stream_ms']:.1f} ms",
+        "",
+    ]
     for context, entry in table["contexts"].items():
         lines.append(f"context {context} tokens (median ms of {table['repeats']} rounds)")
         blocks = list(next(iter(entry["target_ms"].values())))

@@ -12,8 +12,8 @@ import torch
 from draftopd.models.checkpoint import load_drafter, random_drafter_for, save_drafter
 from draftopd.models.target import (
     TargetModel,
-    crop_cache,
     _gguf_cache_path,
+    crop_cache,
     default_cache_dir,
     load_target,
     resolve_target,

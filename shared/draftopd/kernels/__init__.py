@@ -68,7 +68,9 @@ def small_gemm() -> ModuleType | None:
     except (OSError, RuntimeError, ImportError) as err:  # no compiler or ninja, or a failed build
         logger.warning("small-M GEMM kernel could not be built (%s); using F.linear", err)
         return None
-    logger.info("small-M GEMM kernel ready (%s, panel width %d)", module.isa(), module.panel_width())
+    logger.info(
+        "small-M GEMM kernel ready (%s, panel width %d)", module.isa(), module.panel_width()
+    )
     return module
 
 

@@ -74,8 +74,11 @@ class Drafter(nn.Module, ABC):
         """Use ``target_ids`` (distinct, [draft_vocab]) as the draft vocabulary."""
 
     @abstractmethod
-    def proposer(self, *, argmax_drafting: bool = False) -> Proposer:
-        """A fresh proposer for one request (the decode engine's side of the seam)."""
+    def proposer(self, *, argmax_drafting: bool = False, weights: str = "auto") -> Proposer:
+        """A fresh proposer for one request (the decode engine's side of the seam).
+
+        ``weights`` is the decode-time precision of the drafter's weights (``DRAFT_WEIGHTS`` in
+        bench_config.py); it moves acceptance at near-ties only, never the output."""
 
     @abstractmethod
     def sft_loss(

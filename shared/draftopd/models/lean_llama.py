@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +88,7 @@ class StaticKVCache:
         return self.length
 
     def crop(self, length: int) -> None:
-        if not 0 <= length:
+        if not length >= 0:
             raise ValueError(f"cannot crop a KV cache to a negative length ({length})")
         self.length = min(self.length, length)
 
@@ -188,7 +189,7 @@ class LeanLlama:
         kernel = self.linear.kernel
         return "torch" if kernel is None else f"native-{kernel.isa()}"
 
-    def _fuse(self, layer: torch.nn.Module) -> _Layer:
+    def _fuse(self, layer: Any) -> _Layer:  # a Hugging Face LlamaDecoderLayer
         attn, mlp = layer.self_attn, layer.mlp
         qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
         gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])

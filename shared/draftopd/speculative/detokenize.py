@@ -29,9 +29,10 @@ class IncrementalDetokenizer:
         if len(tail) >= 2 * WINDOW:
             split = len(tail) - WINDOW
             head = self.decode(tail[:split])
-            if not head.endswith("\ufffd") and self.frozen_text + head + self.decode(
-                tail[split:]
-            ) == text:
+            if (
+                not head.endswith("\ufffd")
+                and self.frozen_text + head + self.decode(tail[split:]) == text
+            ):
                 self.frozen += split
                 self.frozen_text += head
         return text

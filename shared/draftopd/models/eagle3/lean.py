@@ -17,7 +17,7 @@ tests/unit/models/eagle3/test_lean.py compares it with the module forward.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from draftopd.models.lean_llama import StaticKVCache
 
 if TYPE_CHECKING:
-    from draftopd.models.eagle3.model import Eagle3Drafter
+    from draftopd.models.eagle3.model import Eagle3Config, Eagle3Drafter
 
 DRAFT_WEIGHTS = ("float32", "bfloat16")
 
@@ -34,7 +34,7 @@ class LeanEagle3:
     def __init__(self, drafter: Eagle3Drafter, kernel: ModuleType, *, weights: str) -> None:
         if weights not in DRAFT_WEIGHTS:
             raise ValueError(f"weights {weights!r} not supported; choose one of {DRAFT_WEIGHTS}")
-        cfg = drafter.cfg
+        cfg = cast("Eagle3Config", drafter.cfg)
         self.cfg = cfg
         self.kernel = kernel
         self.weights = weights
@@ -46,7 +46,9 @@ class LeanEagle3:
         self.widths: dict[int, int] = {}
         attn = drafter.self_attn
         self.fc = self._pack(drafter.fc.weight)
-        self.qkv = self._pack(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+        self.qkv = self._pack(
+            torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        )
         self.o = self._pack(attn.o_proj.weight)
         self.gate_up = self._pack(torch.cat([drafter.gate_proj.weight, drafter.up_proj.weight]))
         self.down = self._pack(drafter.down_proj.weight)

@@ -2,7 +2,7 @@
 
 Two forwards compute the same drafter: the module's (any device and dtype) and the lean one
 (``models/eagle3/lean.py``: CPU, native kernel, float32 or bfloat16 weights). ``weights`` picks:
-"module", "float32", "bfloat16", or "auto" (bfloat16 where the native kernel runs, else module).
+"module", "float32", "bfloat16", or "auto" (float32 where the native kernel runs, else module).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from draftopd.models.eagle3.lean import LeanEagle3
 from draftopd.models.eagle3.model import DrafterCache, Eagle3Drafter
 from draftopd.models.lean_llama import StaticKVCache
 from draftopd.speculative.proposers import Proposal
