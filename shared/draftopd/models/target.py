@@ -75,6 +75,7 @@ class TargetModel:
         self.step = step
         self.kernel = kernel
         self._lean: LeanLlama | None = None
+        self._lean_versions: tuple[int, ...] = ()
 
     @property
     def device(self) -> torch.device:
@@ -131,9 +132,13 @@ class TargetModel:
 
     @property
     def lean(self) -> LeanLlama:
-        """The lean single-sequence forward (built on first use: it packs the weights once)."""
-        if self._lean is None:
+        """The lean single-sequence forward. It packs the weights on first use, and again when
+        they changed since (parameter versions: any in-place update bumps them), which
+        ``new_decode_cache`` checks once per sequence."""
+        versions = tuple(p._version for p in self.model.parameters())
+        if self._lean is None or self._lean_versions != versions:
             self._lean = LeanLlama(self.model, kernel=self.kernel)
+            self._lean_versions = versions
         return self._lean
 
     def new_decode_cache(self, step: str | None = None) -> DecodeCache:
@@ -176,7 +181,8 @@ class TargetModel:
         if input_ids.shape[0] != 1:
             raise ValueError("the lean step runs one sequence; use an HF cache for a batch")
         layers = self.feature_layers if want_features else ()
-        logits, hidden = self.lean.forward(
+        assert self._lean is not None  # built by new_decode_cache
+        logits, hidden = self._lean.forward(
             input_ids[0].to(self.device), cache, feature_layers=layers, last_logits_only=last_only
         )  # [T or 1, vocab], {layer: [T, hidden]}
         features = torch.cat([hidden[i] for i in layers], dim=-1)[None] if layers else None

@@ -42,7 +42,9 @@ class LeanEagle3:
             cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
         )  # fmt: skip
         self.eps = float(cfg.rms_norm_eps)
-        self.drafter = drafter
+        if not drafter._embedding:
+            raise ValueError("drafter has no embedding: call attach_embedding(target.embed_tokens)")
+        self.embedding = drafter._embedding[0]  # the target's; no reference back to the drafter
         self.widths: dict[int, int] = {}
         attn = drafter.self_attn
         self.fc = self._pack(drafter.fc.weight)
@@ -108,7 +110,7 @@ class LeanEagle3:
         cache.reserve(end)
         if end > self._cos.shape[0]:
             self._rope_table(max(end, 2 * self._cos.shape[0]))
-        emb = self.drafter.embed(ids).float()  # [n, H]
+        emb = self.embedding(ids).float()  # [n, H]
         x = torch.cat(
             [self._norm(emb, "input_layernorm"), self._norm(hidden, "hidden_norm")], dim=-1
         )  # [n, 2H]

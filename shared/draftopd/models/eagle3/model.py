@@ -12,6 +12,7 @@ The first family behind the drafter seam (``models/drafter.py``).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -277,11 +278,12 @@ class Eagle3Drafter(Drafter):
                 raise ValueError(f"draft weights {weights!r} need the native CPU kernel")
             return None
         precision = "float32" if weights == "auto" else weights
-        key = (precision, tuple(p._version for p in self.parameters()))
-        cached = self.__dict__.get("_lean")
+        embedding = self._embedding[0] if self._embedding else None
+        key = (precision, id(embedding), tuple(p._version for p in self.parameters()))
+        cached = _LEAN_STEPS.get(self)
         if cached is None or cached[0] != key:
             cached = (key, LeanEagle3(self, kernel, weights=precision))
-            self.__dict__["_lean"] = cached
+            _LEAN_STEPS[self] = cached  # held beside the module: copies and pickles skip it
         return cached[1]
 
     # -- the Drafter seam (models/drafter.py) --------------------------------------------------
@@ -321,6 +323,12 @@ class Eagle3Drafter(Drafter):
         from draftopd.models.eagle3.unroll import unroll_from_anchors
 
         return unroll_from_anchors(self, features, input_ids, anchors, num_slots, chain_inputs)
+
+
+# drafter -> ((precision, embedding, parameter versions), its lean decode-time forward)
+_LEAN_STEPS: weakref.WeakKeyDictionary[Eagle3Drafter, tuple[tuple[Any, ...], LeanEagle3]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def random_drafter(cfg: Eagle3Config, *, seed: int = 0, std: float = 0.02) -> Eagle3Drafter:
