@@ -72,7 +72,7 @@ class BenchConfig:
     draft_weights: str = setting(
         "auto",
         "drafter's decode-time weights: bfloat16 or float32 (native kernel) or module; "
-        "auto = float32 where the kernel runs",
+        "auto = bfloat16 where the kernel runs",
         choices=DRAFT_WEIGHTS,
     )
     costs: bool = setting(

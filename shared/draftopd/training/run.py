@@ -155,7 +155,7 @@ def heldout_tau(
     try:
         for ids in prompts:
             result = engine.generate(
-                list(ids), params, proposer=drafter.proposer(), decode_text=False
+                list(ids), params, proposer=drafter.proposer(weights="float32"), decode_text=False
             )
             committed += result.stats.committed
             cycles += result.stats.cycles

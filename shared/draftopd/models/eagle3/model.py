@@ -260,7 +260,7 @@ class Eagle3Drafter(Drafter):
 
     def lean_step(self, weights: str = "auto") -> LeanEagle3 | None:
         """The lean decode-time forward with ``weights`` ("float32", "bfloat16", "auto" =
-        float32 where it applies), or None for "module" or where the native kernel does not
+        bfloat16 where it applies), or None for "module" or where the native kernel does not
         apply (not a float32 CPU drafter, no kernel). Built once per weight version: an
         optimizer step bumps the parameters' versions, so training never drafts with stale
         packed weights."""
@@ -277,7 +277,7 @@ class Eagle3Drafter(Drafter):
             if weights != "auto":
                 raise ValueError(f"draft weights {weights!r} need the native CPU kernel")
             return None
-        precision = "float32" if weights == "auto" else weights
+        precision = "bfloat16" if weights == "auto" else weights
         embedding = self._embedding[0] if self._embedding else None
         key = (precision, id(embedding), tuple(p._version for p in self.parameters()))
         cached = _LEAN_STEPS.get(self)

@@ -2,7 +2,9 @@
 
 Two forwards compute the same drafter: the module's (any device and dtype) and the lean one
 (``models/eagle3/lean.py``: CPU, native kernel, float32 or bfloat16 weights). ``weights`` picks:
-"module", "float32", "bfloat16", or "auto" (float32 where the native kernel runs, else module).
+"module", "float32", "bfloat16", or "auto" (bfloat16 where the native kernel runs, else module).
+Serving takes "auto"; whatever records rollouts or measures tau for training asks for "float32",
+so that its drafts are the float32 training drafter's (docs/engine.md).
 """
 
 from __future__ import annotations

@@ -62,8 +62,10 @@ def make_rollouts(
                 top_p=top_p,
                 seed=None if seeds is None else int(seeds[index]),
             )
+            # float32 drafting: the records must be what the float32 training drafter proposes
+            proposer = drafter.proposer(weights="float32")
             result = engine.generate(
-                list(ids), params, proposer=drafter.proposer(), record=True, decode_text=False
+                list(ids), params, proposer=proposer, record=True, decode_text=False
             )
             records.append(
                 RolloutRecord.from_result(
