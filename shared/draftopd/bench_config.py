@@ -13,7 +13,7 @@ from draftopd.wire.formats import DEFAULT_TARGET, parse_random_ref
 METHODS = ("eagle3", "ngram", "none")
 STEPS = ("auto", "lean", "hf")  # mirrors models/target.py (this module stays torch-free)
 KERNELS = ("auto", "native", "torch")  # mirrors models/lean_llama.py
-DRAFT_WEIGHTS = ("auto", "bfloat16", "float32", "module")  # mirrors Eagle3Drafter.lean_step
+DRAFT_WEIGHTS = ("auto", "bfloat16", "int8", "float32", "module")  # mirrors Eagle3Drafter.lean_step
 DEFAULT_DRAFTER = "random:0"  # a seeded random-init drafter, until a trained one is given
 
 
@@ -71,7 +71,7 @@ class BenchConfig:
     )
     draft_weights: str = setting(
         "auto",
-        "drafter's decode-time weights: bfloat16 or float32 (native kernel) or module; "
+        "drafter's decode-time weights: bfloat16, int8 or float32 (native kernel) or module; "
         "auto = bfloat16 where the kernel runs",
         choices=DRAFT_WEIGHTS,
     )

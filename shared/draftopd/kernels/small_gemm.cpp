@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <vector>
 
 #if defined(__AVX512F__)
 using vec = __m512;
@@ -34,6 +35,10 @@ static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vec vload_bf16(const uint16_t* p) {  // bfloat16 is the top half of a float32
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+static inline vec vload_i8(const int8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
 }
 #define DRAFTOPD_ISA "avx512"
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -49,6 +54,10 @@ static inline vec vload_bf16(const uint16_t* p) {  // bfloat16 is the top half o
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+static inline vec vload_i8(const int8_t* p) {
+  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
 #define DRAFTOPD_ISA "avx2"
 #else
 #error "small_gemm needs AVX2 with FMA, or AVX-512"
@@ -56,15 +65,17 @@ static inline vec vload_bf16(const uint16_t* p) {  // bfloat16 is the top half o
 
 constexpr int NR = 2 * VL;  // output columns per panel: two vectors
 
-// weights are float32, or bfloat16 (uint16 bits) widened exactly to float32 on load
+// weights are float32, bfloat16 (uint16 bits) widened exactly to float32 on load, or int8 with
+// one float32 scale per output column, applied once the dot product is complete
 static inline vec wload(const float* p) { return vload(p); }
 static inline vec wload(const uint16_t* p) { return vload_bf16(p); }
+static inline vec wload(const int8_t* p) { return vload_i8(p); }
 constexpr int64_t PREFETCH = 32;  // k rows ahead
 
 template <int MR, typename W>
 static void micro_kernel(const float* __restrict x, int64_t ldx, const W* __restrict panel,
                          int64_t K, float* __restrict y, int64_t ldy, int64_t cols,
-                         const float* __restrict residual) {
+                         const float* __restrict residual, const float* __restrict scale) {
   vec lo[MR], hi[MR];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
@@ -102,6 +113,14 @@ static void micro_kernel(const float* __restrict x, int64_t ldx, const W* __rest
       hi[i] = vfma(b, w1, hi[i]);
     }
   }
+  if (scale != nullptr) {
+    const vec s0 = vload(scale), s1 = vload(scale + VL);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      lo[i] = lo[i] * s0;
+      hi[i] = hi[i] * s1;
+    }
+  }
   if (cols == NR) {
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
@@ -126,7 +145,7 @@ static void micro_kernel(const float* __restrict x, int64_t ldx, const W* __rest
 
 template <typename W>
 using Kernel = void (*)(const float*, int64_t, const W*, int64_t, float*, int64_t, int64_t,
-                        const float*);
+                        const float*, const float*);
 
 template <typename W, int... R>
 static const Kernel<W>* kernels(std::integer_sequence<int, R...>) {
@@ -155,9 +174,24 @@ torch::Tensor pack(const torch::Tensor& weight, bool bf16) {
   return padded.view({panels, NR, K}).transpose(1, 2).contiguous();
 }
 
+// W [N, K] -> (int8 panels [ceil(N / NR), K, NR], float32 scales [ceil(N / NR) * NR]): each
+// output row is rounded to 127 steps of max|W[n]| / 127 (symmetric, per row).
+std::vector<torch::Tensor> pack_int8(const torch::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat32,
+              "pack_int8 expects a 2-D float32 weight");
+  const int64_t N = weight.size(0), K = weight.size(1), panels = (N + NR - 1) / NR;
+  auto scale = weight.abs().amax(1).clamp_min(1e-12) / 127.0;  // [N]
+  auto q = torch::round(weight / scale.unsqueeze(1)).clamp(-127, 127).to(torch::kInt8);
+  auto padded = torch::zeros({panels * NR, K}, q.options());
+  padded.narrow(0, 0, N).copy_(q);
+  auto scales = torch::zeros({panels * NR}, weight.options());
+  scales.narrow(0, 0, N).copy_(scale);
+  return {padded.view({panels, NR, K}).transpose(1, 2).contiguous(), scales};
+}
+
 template <typename W>
-static void run(const float* xp, const W* wp, float* yp, const float* rp, int64_t M, int64_t K,
-                int64_t n, int64_t panels) {
+static void run(const float* xp, const W* wp, float* yp, const float* rp, const float* sp,
+                int64_t M, int64_t K, int64_t n, int64_t panels) {
   const Kernel<W>* table = kernel_table<W>();
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
@@ -167,7 +201,8 @@ static void run(const float* xp, const W* wp, float* yp, const float* rp, int64_
         const int64_t rows = std::min<int64_t>(MR_MAX, M - m);
         const int64_t offset = m * n + p * NR;
         table[rows - 1](xp + m * K, K, panel, K, yp + offset, n, cols,
-                        rp != nullptr ? rp + offset : nullptr);
+                        rp != nullptr ? rp + offset : nullptr,
+                        sp != nullptr ? sp + p * NR : nullptr);
       }
     }
   });
@@ -197,11 +232,14 @@ static torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weigh
 // y = [residual +] norm?(x) @ W^T, W packed by pack(); n is W's row count.
 torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& packed, int64_t n,
                      const std::optional<torch::Tensor>& norm_weight, double eps,
-                     const std::optional<torch::Tensor>& residual) {
-  const bool bf16 = packed.scalar_type() == torch::kBFloat16;
+                     const std::optional<torch::Tensor>& residual,
+                     const std::optional<torch::Tensor>& scales) {
+  const auto wtype = packed.scalar_type();
   TORCH_CHECK(input.scalar_type() == torch::kFloat32 &&
-                  (bf16 || packed.scalar_type() == torch::kFloat32),
-              "linear expects a float32 input and a float32 or bfloat16 packed weight");
+                  (wtype == torch::kFloat32 || wtype == torch::kBFloat16 || wtype == torch::kChar),
+              "linear expects a float32 input and a float32, bfloat16 or int8 packed weight");
+  TORCH_CHECK((wtype == torch::kChar) == scales.has_value(),
+              "an int8 packed weight needs its scales, and only it takes scales");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == NR && packed.is_contiguous(),
               "linear expects a weight from pack()");
   const int64_t K = packed.size(1), panels = packed.size(0);
@@ -223,10 +261,16 @@ torch::Tensor linear(const torch::Tensor& input, const torch::Tensor& packed, in
   auto y = torch::empty({M, n}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (bf16) {
-    run(xp, reinterpret_cast<const uint16_t*>(packed.data_ptr()), yp, rp, M, K, n, panels);
+  if (wtype == torch::kBFloat16) {
+    run(xp, reinterpret_cast<const uint16_t*>(packed.data_ptr()), yp, rp, nullptr, M, K, n,
+        panels);
+  } else if (wtype == torch::kChar) {
+    TORCH_CHECK(scales->numel() == panels * NR && scales->scalar_type() == torch::kFloat32,
+                "scales must come from pack_int8");
+    run(xp, packed.data_ptr<int8_t>(), yp, rp, scales->contiguous().data_ptr<float>(), M, K, n,
+        panels);
   } else {
-    run(xp, packed.data_ptr<float>(), yp, rp, M, K, n, panels);
+    run(xp, packed.data_ptr<float>(), yp, rp, nullptr, M, K, n, panels);
   }
   return y.view(sizes);
 }
@@ -236,7 +280,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bf16") = false);
   m.def("linear", &linear, "[residual +] norm?(x) @ W^T with a packed W", py::arg("input"),
         py::arg("packed"), py::arg("n"), py::arg("norm_weight") = py::none(),
-        py::arg("eps") = 1e-6, py::arg("residual") = py::none());
+        py::arg("eps") = 1e-6, py::arg("residual") = py::none(),
+        py::arg("scales") = py::none());
+  m.def("pack_int8", &pack_int8, "pack a [N, K] float32 weight as int8 panels and row scales");
   m.def("panel_width", &panel_width, "NR, the output columns per panel");
   m.def("isa", &isa, "the instruction set the kernel was compiled for");
 }

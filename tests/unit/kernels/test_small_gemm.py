@@ -78,3 +78,23 @@ def test_bfloat16_weights_widen_exactly(kernel: object, rows: int) -> None:
     rounded = weight.to(torch.bfloat16).float()
     torch.testing.assert_close(got, F.linear(x, rounded), rtol=1e-5, atol=1e-4)
     assert (got - F.linear(x, weight)).abs().max() > 1e-4  # the rounding is real
+
+
+@needs_avx2
+@pytest.mark.parametrize("rows", [1, 7])
+def test_int8_weights_with_row_scales(kernel: object, rows: int) -> None:
+    """int8 panels: each output row rounded to 127 steps of max|W[n]| / 127, scaled after the
+    dot product; the residual is added after the scale."""
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(90, 40, generator=generator)
+    weight[3] = 0.0  # an all-zero row keeps a finite scale
+    x = torch.randn(rows, 40, generator=generator)
+    residual = torch.randn(rows, 90, generator=generator)
+    packed, scales = kernel.pack_int8(weight)  # type: ignore[attr-defined]
+    assert packed.dtype == torch.int8 and scales.shape[0] >= 90
+    step = weight.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+    rounded = torch.round(weight / step).clamp(-127, 127) * step
+    got = kernel.linear(x, packed, 90, None, 1e-6, residual, scales)  # type: ignore[attr-defined]
+    torch.testing.assert_close(got, residual + F.linear(x, rounded), rtol=1e-5, atol=1e-4)
+    with pytest.raises(RuntimeError, match="scales"):
+        kernel.linear(x, packed, 90)  # type: ignore[attr-defined]

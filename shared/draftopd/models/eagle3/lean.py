@@ -6,8 +6,8 @@ This forward computes ``Eagle3Drafter.forward`` with:
 - a preallocated KV cache (``StaticKVCache``, one layer) instead of ``torch.cat`` per step;
 - a RoPE table built once with the drafter's own formula;
 - fused q/k/v and gate/up matrices, the RMSNorms and residual adds fused into the products;
-- weights packed once, in float32 or in bfloat16 (``DRAFT_WEIGHTS``). bfloat16 halves the bytes
-  each drafting step reads. The drafter's precision never touches the output, which the target's
+- weights packed once, in float32, bfloat16 or int8 with a scale per output row
+  (``DRAFT_WEIGHTS``). bfloat16 halves the bytes each drafting step reads, int8 quarters them. The drafter's precision never touches the output, which the target's
   verification decides (greedy: token-identical; sampling: q is what the drafts were drawn from);
   it only moves acceptance, and only where two draft tokens are nearly tied.
 
@@ -27,7 +27,7 @@ from draftopd.models.lean_llama import StaticKVCache
 if TYPE_CHECKING:
     from draftopd.models.eagle3.model import Eagle3Config, Eagle3Drafter
 
-DRAFT_WEIGHTS = ("float32", "bfloat16")
+DRAFT_WEIGHTS = ("float32", "bfloat16", "int8")
 
 
 class LeanEagle3:
@@ -46,6 +46,7 @@ class LeanEagle3:
             raise ValueError("drafter has no embedding: call attach_embedding(target.embed_tokens)")
         self.embedding = drafter._embedding[0]  # the target's; no reference back to the drafter
         self.widths: dict[int, int] = {}
+        self.scales: dict[int, torch.Tensor] = {}  # int8 only: per-output-row scales
         attn = drafter.self_attn
         self.fc = self._pack(drafter.fc.weight)
         self.qkv = self._pack(
@@ -63,7 +64,12 @@ class LeanEagle3:
         self._rope_table(1024)
 
     def _pack(self, weight: torch.Tensor) -> torch.Tensor:
-        packed = self.kernel.pack(weight.detach().float(), self.weights == "bfloat16")
+        weight = weight.detach().float()
+        if self.weights == "int8":
+            packed, scales = self.kernel.pack_int8(weight)
+            self.scales[id(packed)] = scales
+        else:
+            packed = self.kernel.pack(weight, self.weights == "bfloat16")
         self.widths[id(packed)] = int(weight.shape[0])
         return packed
 
@@ -76,7 +82,8 @@ class LeanEagle3:
         residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         scale = self.norms[norm] if norm is not None else None
-        return self.kernel.linear(x, weight, self.widths[id(weight)], scale, self.eps, residual)
+        n, scales = self.widths[id(weight)], self.scales.get(id(weight))
+        return self.kernel.linear(x, weight, n, scale, self.eps, residual, scales)
 
     def _rope_table(self, positions: int) -> None:
         """apply_rope's cos and sin (models/eagle3/model.py), sign-folded for the roll form."""

@@ -37,7 +37,9 @@ def _lean_steps(lean: Any, feats: torch.Tensor, ids: list[int], chain: list[int]
     return torch.stack(all_logits), torch.cat(hiddens)
 
 
-@pytest.mark.parametrize(("weights", "tol"), [("float32", 1e-4), ("bfloat16", 3e-2)])
+@pytest.mark.parametrize(
+    ("weights", "tol"), [("float32", 1e-4), ("bfloat16", 3e-2), ("int8", 5e-2)]
+)
 def test_lean_forward_matches_the_module(tiny_drafter: Any, weights: str, tol: float) -> None:
     generator = torch.Generator().manual_seed(0)
     hidden = tiny_drafter.cfg.hidden_size
