@@ -7,9 +7,10 @@ This forward computes ``Eagle3Drafter.forward`` with:
 - a RoPE table built once with the drafter's own formula;
 - fused q/k/v and gate/up matrices, the RMSNorms and residual adds fused into the products;
 - weights packed once, in float32, bfloat16 or int8 with a scale per output row
-  (``DRAFT_WEIGHTS``). bfloat16 halves the bytes each drafting step reads, int8 quarters them. The drafter's precision never touches the output, which the target's
-  verification decides (greedy: token-identical; sampling: q is what the drafts were drawn from);
-  it only moves acceptance, and only where two draft tokens are nearly tied.
+  (``DRAFT_WEIGHTS``). bfloat16 halves the bytes each drafting step reads, int8 quarters them.
+  The drafter's precision never touches the output, which the target's verification decides
+  (greedy: token-identical; sampling: q is what the drafts were drawn from); it only moves
+  acceptance, where two draft tokens are nearly tied (bfloat16) or close (int8).
 
 tests/unit/models/eagle3/test_lean.py compares it with the module forward.
 """
