@@ -40,16 +40,25 @@ def native_kernels_enabled() -> bool:
 
 
 @functools.cache
-def small_gemm() -> ModuleType | None:
-    """The compiled kernel module, or None (logged once) where it cannot be used here."""
+def small_gemm(target: str = "native") -> ModuleType | None:
+    """The compiled kernel module, or None (logged once) where it cannot be used here.
+
+    ``target="avx2"`` builds the AVX2 + FMA variant even on an AVX-512 CPU (the tests run both
+    code paths on one machine); "native" takes the best the CPU has."""
     if not native_kernels_enabled():
         return None
     flags = _cpu_flags()
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= flags:
         logger.info("small-M GEMM kernel unavailable: needs an x86-64 CPU with AVX2 and FMA")
         return None
+    if target not in ("native", "avx2"):
+        raise ValueError(f"kernel target {target!r} not supported; choose 'native' or 'avx2'")
     from draftopd.models.target import default_cache_dir  # torch is loaded by then
 
+    cflags = ["-O3", "-march=native", "-fopenmp"]
+    if target == "avx2":
+        flags = flags - {"avx512f"}
+        cflags.append("-mno-avx512f")
     isa = ",".join(f for f in _ISA_FLAGS if f in flags)
     key = hashlib.sha256(_SOURCE.read_bytes() + isa.encode()).hexdigest()[:12]
     build_dir = default_cache_dir() / "kernels" / f"small_gemm_{key}"
@@ -60,7 +69,7 @@ def small_gemm() -> ModuleType | None:
         module = load(
             name=f"draftopd_small_gemm_{key}",
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=cflags,
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
             verbose=False,

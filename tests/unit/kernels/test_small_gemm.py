@@ -13,10 +13,13 @@ needs_avx2 = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def kernel() -> object:
-    module = small_gemm()
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def kernel(request: pytest.FixtureRequest) -> object:
+    """Both code paths: the best this CPU has (AVX-512 here) and the AVX2 + FMA one."""
+    module = small_gemm(request.param)
     assert module is not None, "the kernel must build on a machine with AVX2, g++ and ninja"
+    if request.param == "avx2":
+        assert module.isa() == "avx2"
     return module
 
 

@@ -1,10 +1,11 @@
 """Drafting with an EAGLE-3 drafter: autoregressive, with the drafter's own KV cache.
 
 Two forwards compute the same drafter: the module's (any device and dtype) and the lean one
-(``models/eagle3/lean.py``: CPU, native kernel, float32 or bfloat16 weights). ``weights`` picks:
-"module", "float32", "bfloat16", or "auto" (bfloat16 where the native kernel runs, else module).
-Serving takes "auto"; whatever records rollouts or measures tau for training asks for "float32",
-so that its drafts are the float32 training drafter's (docs/engine.md).
+(``models/eagle3/lean.py``: CPU, native kernel, float32, bfloat16 or int8 weights). ``weights``
+picks: "module", "float32", "bfloat16", "int8", or "auto" (bfloat16 where the native kernel
+runs, else module). Serving takes "auto"; whatever records rollouts or measures tau for
+training asks for "float32", so that its drafts are the float32 training drafter's
+(docs/engine.md).
 """
 
 from __future__ import annotations
