@@ -338,7 +338,8 @@ class InferenceService:
         proposer: Proposer | None = None
         if prepared.method == "eagle3":
             assert prepared.drafter is not None  # checked in prepare
-            proposer = prepared.drafter.drafter.proposer()  # per-request drafting state
+            drafter = prepared.drafter.drafter
+            proposer = drafter.proposer(weights=self.settings.draft_weights)  # per-request state
         elif prepared.method == "ngram":
             proposer = NgramProposer()
         return self.engine.start(

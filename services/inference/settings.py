@@ -27,6 +27,11 @@ class InferenceSettings(BaseSettings):
         default=None, description="None: 'eagle3' while a drafter is loaded, else 'ngram'."
     )
     num_draft_tokens: int = Field(default=4, ge=1, le=32, description="Default K per cycle.")
+    draft_weights: Literal["auto", "bfloat16", "int8", "float32", "module"] = Field(
+        default="auto",
+        description="EAGLE-3 decode-time weights (docs/engine.md); auto = bfloat16 where the "
+        "native kernel runs. Never changes the output, only acceptance.",
+    )
     max_new_tokens_limit: int = Field(
         default=2048, ge=1, description="Largest max_new_tokens accepted."
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -9,6 +10,8 @@ from fastapi.testclient import TestClient
 
 from draftopd.models.checkpoint import random_drafter_for
 from services.inference.drafters import ServedDrafter
+from services.inference.main import create_app
+from services.inference.settings import InferenceSettings
 from tests.services.inference.conftest import PROMPTS, Reference, sse_events
 
 MAX_NEW = 24
@@ -177,3 +180,19 @@ def test_a_running_request_keeps_its_drafter_across_a_swap(
         assert after["token_ids"] == reference.greedy(reference.prompt_ids(PROMPTS[4]), 30)
     finally:
         service.swap_drafter(original)
+
+
+@pytest.mark.parametrize("weights", ["int8", "module"])
+def test_draft_weights_setting_keeps_the_output(
+    make_settings: Callable[..., InferenceSettings], reference: Reference, weights: str
+) -> None:
+    """DRAFT_WEIGHTS picks the drafter's decode-time precision; greedy output stays the
+    target's (the default, bfloat16, is what the other tests here serve)."""
+    settings = make_settings(drafter="random:0", draft_weights=weights)
+    with TestClient(create_app(settings)) as weighted:
+        body = {"prompt": PROMPTS[0], "max_new_tokens": MAX_NEW}
+        data = weighted.post("/generate", json=body).json()
+    assert data["speculative"]["method"] == "eagle3"
+    assert data["token_ids"] == reference.greedy(reference.prompt_ids(PROMPTS[0]), MAX_NEW)
+    with pytest.raises(ValueError, match="draft_weights"):
+        make_settings(drafter="random:0", draft_weights="fp8")
