@@ -32,7 +32,7 @@ from draftopd.bench_config import (
     BenchConfig,
     parse_drafter_ref,
 )
-from draftopd.costs import CostPlan, measure_costs
+from draftopd.costs import CostPlan, measure_costs, synchronize
 from draftopd.models.checkpoint import load_drafter, random_drafter_for
 from draftopd.models.drafter import Drafter
 from draftopd.models.target import TargetModel, load_target
@@ -264,19 +264,14 @@ def _hf_generate(
     """Time ``target.model.generate`` end to end (it cannot be split into prefill and decode)."""
     input_ids = torch.tensor([ids], device=target.device)  # [1, prompt]
     config = _hf_generation_config(target, max_new_tokens, prompt_lookup=prompt_lookup)
-    _synchronize(target.device)
+    synchronize(target.device)
     t0 = time.perf_counter()
     out = target.model.generate(
         input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
     )  # [1, prompt + new]
-    _synchronize(target.device)
+    synchronize(target.device)
     seconds = time.perf_counter() - t0
     return PeerRun(token_ids=[int(t) for t in out[0, len(ids) :].tolist()], seconds=seconds)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # -- the report -------------------------------------------------------------------------------

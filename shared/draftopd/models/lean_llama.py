@@ -120,20 +120,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-class _Linear:
-    """``[residual +] rms_norm?(x) @ w.T`` through torch ops or the native small-M kernel, which
-    fuses the norm and the residual add into the product (weights packed once)."""
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8")  # how PackedLinear stores a weight
 
-    def __init__(self, kernel: ModuleType | None, eps: float) -> None:
+
+class PackedLinear:
+    """``[residual +] rms_norm?(x) @ w.T`` through torch ops or the native small-M kernel, which
+    fuses the norm and the residual add into the product. Weights are packed once, in float32,
+    bfloat16 or int8 with a scale per output row (the last two only on the kernel)."""
+
+    def __init__(self, kernel: ModuleType | None, eps: float, weights: str = "float32") -> None:
+        if weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights {weights!r} not supported; choose one of {WEIGHT_FORMATS}")
+        if kernel is None and weights != "float32":
+            raise ValueError(f"{weights} weights need the native kernel")
         self.kernel = kernel
         self.eps = eps
+        self.weights = weights
         self.widths: dict[int, int] = {}  # id(packed weight) -> output width N
+        self.scales: dict[int, torch.Tensor] = {}  # id(int8 packed weight) -> row scales
 
     def prepare(self, weight: torch.Tensor) -> torch.Tensor:
         weight = weight.detach().contiguous()
         if self.kernel is None:
             return weight
-        packed = self.kernel.pack(weight)
+        if self.weights == "int8":
+            packed, scales = self.kernel.pack_int8(weight.float())
+            self.scales[id(packed)] = scales
+        else:
+            packed = self.kernel.pack(weight.float(), self.weights == "bfloat16")
         self.widths[id(packed)] = int(weight.shape[0])
         return packed
 
@@ -146,12 +160,67 @@ class _Linear:
         residual: torch.Tensor | None = None,  # [T, out] added to the product
     ) -> torch.Tensor:
         if self.kernel is not None:
-            n = self.widths[id(weight)]
-            return self.kernel.linear(x, weight, n, norm, self.eps, residual)
+            key = id(weight)
+            return self.kernel.linear(
+                x, weight, self.widths[key], norm, self.eps, residual, self.scales.get(key)
+            )
         if norm is not None:
             x = rms_norm(x, norm, self.eps)
         out = F.linear(x, weight)
         return out if residual is None else residual + out
+
+
+def fold_sin(sin: torch.Tensor) -> torch.Tensor:
+    """Llama RoPE ``x * cos + rotate_half(x) * sin`` equals ``x * cos + roll(x, d/2) * folded``
+    with the first half of sin negated: one roll instead of a slice, a negation and a cat."""
+    sign = torch.ones(sin.shape[-1], dtype=sin.dtype, device=sin.device)
+    sign[: sin.shape[-1] // 2] = -1
+    return sin * sign
+
+
+def causal_mask(
+    start: int, steps: int, *, group: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
+    """Additive [group * T, start + T] causal mask for T new tokens after ``start`` cached ones,
+    repeated for the query heads folded into one KV head (None for one token: it sees all)."""
+    if steps == 1:
+        return None
+    keys = torch.arange(start + steps, device=device)  # [S]
+    queries = torch.arange(start, start + steps, device=device)  # [T]
+    mask = torch.zeros((steps, start + steps), dtype=dtype, device=device)
+    mask.masked_fill_(keys[None, :] > queries[:, None], float("-inf"))
+    return mask.repeat(group, 1)
+
+
+def grouped_attention(
+    qkv: torch.Tensor,  # [T, (heads + 2 * kv_heads) * dim]: the fused q/k/v projection
+    keys: torch.Tensor,  # [kv_heads, capacity, dim]: this layer's cache, written at start..
+    values: torch.Tensor,  # [kv_heads, capacity, dim]
+    *,
+    start: int,
+    heads: int,
+    cos: torch.Tensor,  # [T, 1, dim]
+    folded_sin: torch.Tensor,  # [T, 1, dim], from fold_sin
+    mask: torch.Tensor | None,  # from causal_mask
+) -> torch.Tensor:
+    """RoPE on q and k, the new K/V into the cache, then one SDPA call: [T, heads * dim].
+
+    Query head h reads KV head h // group, so each group's query heads are folded into the query
+    axis and the cache is never repeated; 4-D inputs take SDPA's fused CPU kernel."""
+    kv_heads, dim = keys.shape[0], keys.shape[2]
+    steps, group, end = qkv.shape[0], heads // kv_heads, start + qkv.shape[0]
+    qk = qkv[:, : (heads + kv_heads) * dim].view(steps, heads + kv_heads, dim)
+    qk = qk * cos + qk.roll(dim // 2, dims=-1) * folded_sin
+    keys[:, start:end] = qk[:, heads:].transpose(0, 1)
+    values[:, start:end] = (
+        qkv[:, (heads + kv_heads) * dim :].view(steps, kv_heads, dim).transpose(0, 1)
+    )
+    q = qk[:, :heads].view(steps, kv_heads, group, dim).permute(1, 2, 0, 3)  # [kv, g, T, dim]
+    q = q.reshape(1, kv_heads, group * steps, dim)
+    out = F.scaled_dot_product_attention(
+        q, keys[None, :, :end], values[None, :, :end], attn_mask=mask, scale=dim**-0.5
+    )  # [1, kv_heads, group * T, dim]
+    return out.view(kv_heads, group, steps, dim).permute(2, 0, 1, 3).reshape(steps, heads * dim)
 
 
 class LeanLlama:
@@ -170,8 +239,7 @@ class LeanLlama:
         self.hidden = int(config.hidden_size)
         self.intermediate = int(config.intermediate_size)
         self.eps = float(config.rms_norm_eps)
-        self.scale = self.head_dim**-0.5
-        self.linear = _Linear(select_kernel(kernel, weight), self.eps)
+        self.linear = PackedLinear(select_kernel(kernel, weight), self.eps)
         self.layers = [self._fuse(layer) for layer in model.model.layers]
         self.embed = model.model.embed_tokens.weight.detach()
         self.final_norm = model.model.norm.weight.detach()
@@ -210,11 +278,7 @@ class LeanLlama:
         position_ids = torch.arange(positions, device=self.device)[None]  # [1, P]
         probe = self.embed[:1][None]  # [1, 1, hidden]: only its dtype and device are read
         cos, sin = rotary(probe, position_ids)  # [1, P, head_dim] each
-        half = self.head_dim // 2
-        # rotate_half(x) * sin == roll(x, half) * [-sin_low, sin_high]
-        sign = torch.ones(self.head_dim, dtype=sin.dtype, device=sin.device)
-        sign[:half] = -1
-        self._cos, self._sin = cos[0], sin[0] * sign  # [P, head_dim]
+        self._cos, self._sin = cos[0], fold_sin(sin[0])  # [P, head_dim]
 
     def new_cache(self, capacity: int = 1024) -> StaticKVCache:
         return StaticKVCache(
@@ -243,7 +307,8 @@ class LeanLlama:
             self._rope_table(max(end, 2 * self._cos.shape[0]))
         cos = self._cos[start:end, None]  # [T, 1, head_dim]
         sin = self._sin[start:end, None]
-        mask = self._mask(start, steps)
+        group = self.heads // self.kv_heads
+        mask = causal_mask(start, steps, group=group, dtype=self.embed.dtype, device=self.device)
         x = F.embedding(ids, self.embed)  # [T, hidden]
         features: dict[int, torch.Tensor] = {}
         linear = self.linear
@@ -261,16 +326,6 @@ class LeanLlama:
         last = x[-1:] if last_logits_only else x
         return linear(last, self.lm_head, norm=self.final_norm), features
 
-    def _mask(self, start: int, steps: int) -> torch.Tensor | None:
-        """Additive [group * T, start + T] causal mask for the new tokens (None for one token)."""
-        if steps == 1:
-            return None
-        keys = torch.arange(start + steps, device=self.device)  # [S]
-        queries = torch.arange(start, start + steps, device=self.device)  # [T]
-        mask = torch.zeros((steps, start + steps), dtype=self.embed.dtype, device=self.device)
-        mask.masked_fill_(keys[None, :] > queries[:, None], float("-inf"))
-        return mask.repeat(self.heads // self.kv_heads, 1)
-
     def _attention(
         self,
         index: int,
@@ -282,22 +337,9 @@ class LeanLlama:
         sin: torch.Tensor,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        steps, start = x.shape[0], cache.length
-        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         qkv = self.linear(x, layer.qkv, norm=layer.input_norm)  # [T, (heads + 2 * kv) * dim]
-        qk = qkv[:, : (heads + kv_heads) * dim].view(steps, heads + kv_heads, dim)
-        qk = qk * cos + qk.roll(dim // 2, dims=-1) * sin  # RoPE on q and k at once
-        end = start + steps
-        keys, values = cache.k[index], cache.v[index]  # [kv_heads, capacity, dim]
-        keys[:, start:end] = qk[:, heads:].transpose(0, 1)
-        v = qkv[:, (heads + kv_heads) * dim :].view(steps, kv_heads, dim)
-        values[:, start:end] = v.transpose(0, 1)
-        group = heads // kv_heads
-        # query head h reads KV head h // group: fold each group's heads into the query axis
-        q = qk[:, :heads].view(steps, kv_heads, group, dim).permute(1, 2, 0, 3)  # [kv, g, T, dim]
-        q = q.reshape(1, kv_heads, group * steps, dim)  # 4-D: SDPA's fused CPU kernel
-        out = F.scaled_dot_product_attention(
-            q, keys[None, :, :end], values[None, :, :end], attn_mask=mask, scale=self.scale
-        )  # [1, kv_heads, group * T, dim]
-        out = out.view(kv_heads, group, steps, dim).permute(2, 0, 1, 3).reshape(steps, heads * dim)
+        out = grouped_attention(
+            qkv, cache.k[index], cache.v[index], start=cache.length, heads=self.heads,
+            cos=cos, folded_sin=sin, mask=mask,
+        )  # fmt: skip
         return self.linear(out, layer.o, residual=x)
