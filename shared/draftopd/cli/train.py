@@ -30,11 +30,15 @@ def add_train(subparsers: Subparsers) -> None:
     stages = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for stage in _STAGES:
         _add_stage(stages, stage)
-    curve = stages.add_parser("curve", help="plot held-out tau and loss from a metrics.jsonl")
+    curve = stages.add_parser(
+        "curve",
+        help="plot held-out tau, loss and top-1 agreement per TTT step against steps and seconds; "
+        "print whether the run ended at a plateau",
+    )
     curve.add_argument("metrics", metavar="METRICS_JSONL", help="a training run's metrics.jsonl")
-    curve.add_argument("--png", required=True, help="output PNG path")
+    curve.add_argument("--png", help="output PNG path (none = only the plateau verdict)")
     curve.add_argument(
-        "--x", choices=("step", "elapsed_s"), default="step", help="x axis (default step)"
+        "--smooth", type=positive_int, default=20, help="moving average of losses (default 20)"
     )
     curve.set_defaults(handler=_run_train_curve_command)
     compare = stages.add_parser(
@@ -200,10 +204,17 @@ def _add_stage(stages: Subparsers, stage: _Stage) -> None:
 
 
 def _run_train_curve_command(args: argparse.Namespace) -> int:
-    from draftopd.training.curves import plot_training_curve
+    from draftopd.training.curves import plateau_report, plot_training_curve
 
     try:
-        path = plot_training_curve(args.metrics, args.png, x=args.x)
+        report = plateau_report(args.metrics)
+        sys.stdout.write(report.describe() + "\n")
+    except ValueError as err:
+        sys.stdout.write(f"no plateau verdict: {err}\n")
+    if args.png is None:
+        return 0
+    try:
+        path = plot_training_curve(args.metrics, args.png, smooth=args.smooth)
     except ImportError as err:
         raise CommandError(
             f"plotting needs matplotlib ({err}); install it with `pip install matplotlib`"

@@ -85,12 +85,13 @@ class Drafter(nn.Module, ABC):
         self,
         features: torch.Tensor,  # [batch, T, F] target features of input_ids
         input_ids: torch.Tensor,  # [batch, T] prompt + response, right-padded
-        target_logits: torch.Tensor,  # [batch, T, V]
+        target_logits: torch.Tensor,  # [batch, T, V], or [batch, T, Vd] (see draft_vocab_logits)
         loss_mask: torch.Tensor,  # [batch, T] 1 on response tokens
         attention_mask: torch.Tensor,  # [batch, T] 1 on real tokens
         *,
         slots: int,  # draft slots trained per position (TTT depth for a chain drafter)
         decay: float,  # loss weight of slot j is decay ** j
+        draft_vocab_logits: bool = False,  # logits already over the draft vocab, d2t order
     ) -> SFTLossOutput:
         """The family's SFT objective on target-written sequences."""
 

@@ -29,6 +29,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 ROLLOUT_MODES = ("engine", "batched")
 STREAM_A_LOSSES = ("soft_ce", "bernoulli_fkl")
 STREAM_B_LOSSES = ("k3", "bernoulli_fkl")
+FEATURE_CACHES = ("off", "float32", "bfloat16", "float16")
+EVAL_MODES = ("cached", "engine")
 
 MAX_INT = 2**31 - 1  # integers travel through 32-bit database columns
 # What a job spec may carry (pydantic validates these classes at the registry): unknown keys,
@@ -39,12 +41,14 @@ Int = Annotated[int, Strict(), Limits(ge=-MAX_INT, le=MAX_INT)]
 Text = Annotated[str, Limits(max_length=4096)]
 
 
-def warmup_cosine_lr(step: int, *, peak_lr: float, warmup_steps: int, total_steps: int) -> float:
+def warmup_cosine_lr(
+    step: int, *, peak_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+) -> float:
     """Learning rate of the update that follows ``step`` completed optimizer steps.
 
     Warmup climbs linearly to ``peak_lr`` over the first ``warmup_steps`` updates (the first
-    update already uses peak_lr / warmup_steps); the rest follows a half cosine to zero at
-    ``total_steps``.
+    update already uses peak_lr / warmup_steps); the rest follows a half cosine from ``peak_lr``
+    to ``min_lr_ratio * peak_lr`` at ``total_steps``.
     """
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
@@ -54,7 +58,8 @@ def warmup_cosine_lr(step: int, *, peak_lr: float, warmup_steps: int, total_step
         return peak_lr * (step + 1) / warmup_steps
     decay_steps = max(total_steps - warmup_steps, 1)
     progress = min((step - warmup_steps) / decay_steps, 1.0)
-    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    floor = peak_lr * min_lr_ratio
+    return floor + (peak_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def check_rollout_mode(mode: str, temperature: float) -> None:
@@ -166,6 +171,7 @@ class LoopConfig(_JSONConfig):
     ``_total_steps`` / ``_eval_every`` / ``_checkpoint_every`` (one help text each)."""
 
     lr: float = setting(3e-4, "peak AdamW learning rate")
+    min_lr_ratio: float = setting(0.0, "the cosine decays to this fraction of the peak LR")
     warmup_fraction: float = setting(0.05, "share of the steps in linear warmup (if no --warmup)")
     warmup_steps: Int | None = setting(
         None, "warmup steps; overrides the fraction", flag="--warmup"
@@ -179,12 +185,22 @@ class LoopConfig(_JSONConfig):
         5, "K drafts per cycle for held-out tau", flag="--eval-draft-tokens", resumable=True
     )
     eval_max_new_tokens: Int = setting(64, "tokens per held-out tau prompt", resumable=True)
+    eval_mode: Text = setting(
+        "cached",
+        "held-out tau: cached (the target's greedy text and features once, one drafter pass per "
+        "eval; equal to the engine's tau up to near-ties) or engine (real decoding)",
+        choices=EVAL_MODES,
+        resumable=True,
+    )
     checkpoint_every: Int = _checkpoint_every(100)
 
     def __post_init__(self) -> None:
         _finite(self)
         _at_least(self, 1, ("total_steps", "eval_num_draft_tokens", "eval_max_new_tokens"))
         _at_least(self, 0, ("eval_every", "checkpoint_every", "weight_decay", "grad_clip"))
+        _one_of(self.eval_mode, "eval_mode", EVAL_MODES)
+        if not 0 <= self.min_lr_ratio < 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1), got {self.min_lr_ratio}")
         if self.lr <= 0 or not 0 <= self.warmup_fraction <= 1:
             raise ValueError(
                 f"need lr > 0 and warmup_fraction in [0, 1]; got {self.lr}, {self.warmup_fraction}"
@@ -200,7 +216,11 @@ class LoopConfig(_JSONConfig):
 
     def lr_at(self, step: int) -> float:
         return warmup_cosine_lr(
-            step, peak_lr=self.lr, warmup_steps=self.warmup, total_steps=self.total_steps
+            step,
+            peak_lr=self.lr,
+            warmup_steps=self.warmup,
+            total_steps=self.total_steps,
+            min_lr_ratio=self.min_lr_ratio,
         )
 
 
@@ -219,13 +239,25 @@ class SFTConfig(LoopConfig):
     # -- training
     batch_size: Int = setting(8, "sequences per optimizer step")
     max_seq_len: Int = setting(1024, "prompt + response tokens kept per sequence (cut right)")
-    ttt_steps: Int = setting(7, "training-time-test unroll length (draft slots trained)")
+    ttt_steps: Int = setting(
+        4, "training-time-test unroll length (draft slots trained); default = serving K"
+    )
     step_decay: float = setting(0.8, "loss weight of unroll step j is step_decay ** j")
     draft_vocab_size: Int = setting(32000, "draft vocab Vd: the most frequent response tokens")
+    init_from_target: bool = setting(
+        False, "fresh drafter: LM head rows and final norm copied from the target"
+    )
+    feature_cache: Text = setting(
+        "off",
+        "target features cached once per sample at this dtype (training never runs the target), "
+        "or off (a target forward every step)",
+        choices=FEATURE_CACHES,
+    )
     seed: Int = setting(0, "drafter init, data order, sampled regeneration")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _one_of(self.feature_cache, "feature_cache", FEATURE_CACHES)
         _at_least(self, 1, ("batch_size", "max_seq_len", "ttt_steps", "draft_vocab_size"))
         _at_least(self, 1, ("max_new_tokens", "gen_batch_size"))
         if not 0 < self.step_decay <= 1:
@@ -314,6 +346,8 @@ class OPDConfig(LoopConfig):
 
 __all__ = [
     "DTYPES",
+    "EVAL_MODES",
+    "FEATURE_CACHES",
     "ROLLOUT_MODES",
     "STREAM_A_LOSSES",
     "STREAM_B_LOSSES",

@@ -5,6 +5,7 @@ against training seconds, one line per run). matplotlib is imported only when pl
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from draftopd.training.run import read_metrics
@@ -12,37 +13,105 @@ from draftopd.training.run import read_metrics
 CURVE_AXES = ("step", "elapsed_s")
 
 
-def plot_training_curve(metrics_path: str | Path, png_path: str | Path, *, x: str = "step") -> Path:
-    """Held-out tau (left axis) and training loss (right axis) against ``x`` as a PNG.
+@dataclass(frozen=True)
+class PlateauReport:
+    """Did a run end at a plateau? Held-out tau over its last quarter (from ``start_step`` on)
+    moves by less than ``tolerance`` of the tau there, while the LR stays above ``lr_floor`` of
+    its peak (so the plateau is not the LR decaying to zero)."""
 
-    ``x`` is ``step`` or ``elapsed_s`` (optimizer-step seconds): docs/draft_opd.md reports tau
-    against both. Needs matplotlib (imported here; ImportError if it is not installed).
-    """
-    if x not in CURVE_AXES:
-        raise ValueError(f"x axis {x!r} not supported; choose one of {CURVE_AXES}")
+    start_step: int  # the eval step at (or just before) 75% of the run
+    tau_start: float
+    tau_end: float
+    max_change: float  # max |tau - tau_start| / tau_start over the last quarter's evals
+    min_lr_ratio: float  # smallest LR in the last quarter / peak LR
+    tolerance: float
+    lr_floor: float
+
+    @property
+    def reached(self) -> bool:
+        return self.max_change < self.tolerance and self.min_lr_ratio > self.lr_floor
+
+    def describe(self) -> str:
+        verdict = "plateau reached" if self.reached else "no plateau"
+        return (
+            f"{verdict}: held-out tau {self.tau_start:.3f} at step {self.start_step} -> "
+            f"{self.tau_end:.3f} at the end, largest change over the last quarter "
+            f"{100 * self.max_change:.2f}% (limit {100 * self.tolerance:.0f}%), lowest LR "
+            f"{100 * self.min_lr_ratio:.1f}% of the peak (limit {100 * self.lr_floor:.0f}%)"
+        )
+
+
+def plateau_report(
+    metrics_path: str | Path, *, tolerance: float = 0.02, lr_floor: float = 0.10
+) -> PlateauReport:
     lines = read_metrics(metrics_path)
-    tau = [(r[x], r["tau"]) for r in lines if r.get("tau") is not None and r.get(x) is not None]
-    loss = [(r[x], r["loss"]) for r in lines if r.get("loss") is not None and r.get(x) is not None]
-    if not tau and not loss:
+    evals = [(int(r["step"]), float(r["tau"])) for r in lines if r.get("tau") is not None]
+    lrs = [(int(r["step"]), float(r["lr"])) for r in lines if r.get("lr") is not None]
+    if len(evals) < 2 or not lrs:
+        raise ValueError(f"{metrics_path} needs at least two tau evaluations and an LR")
+    last = max(step for step, _ in lrs)
+    quarter = 0.75 * last
+    start_step, tau_start = max((e for e in evals if e[0] <= quarter), default=evals[0])
+    tail = [tau for step, tau in evals if step >= start_step]
+    peak = max(lr for _, lr in lrs)
+    return PlateauReport(
+        start_step=start_step,
+        tau_start=tau_start,
+        tau_end=tail[-1],
+        max_change=max(abs(t - tau_start) for t in tail) / tau_start,
+        min_lr_ratio=min(lr for step, lr in lrs if step >= quarter) / peak,
+        tolerance=tolerance,
+        lr_floor=lr_floor,
+    )
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (per-batch losses are noisy)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_training_curve(
+    metrics_path: str | Path, png_path: str | Path, *, smooth: int = 20
+) -> Path:
+    """A 3 x 2 grid: held-out tau, loss per TTT step and top-1 agreement per TTT step (rows),
+    against optimizer steps and against training seconds (columns). Losses and agreement are
+    moving averages over ``smooth`` steps. Needs matplotlib (imported here)."""
+    lines = read_metrics(metrics_path)
+    tau = [r for r in lines if r.get("tau") is not None]
+    trained = [r for r in lines if r.get("step_loss")]
+    if not tau and not trained:
         raise ValueError(f"{metrics_path} has no tau or loss values to plot")
     from matplotlib.figure import Figure  # optional dependency: only this function needs it
 
-    figure = Figure(figsize=(7, 4), layout="constrained")
-    left = figure.add_subplot()
-    left.set_xlabel("optimizer step" if x == "step" else "training seconds")
-    left.set_ylabel("held-out tau (tokens per cycle)", color="tab:blue")
-    if tau:
-        left.plot(*zip(*tau, strict=True), marker="o", color="tab:blue", label="tau")
-    right = left.twinx()
-    right.set_ylabel("training loss", color="tab:orange")
-    if loss:
-        right.plot(*zip(*loss, strict=True), color="tab:orange", alpha=0.7, label="loss")
-    left.set_zorder(right.get_zorder() + 1)  # tau drawn over the (denser) loss line
-    left.patch.set_visible(False)
-    left.set_title(f"SFT: {Path(metrics_path).parent.name or Path(metrics_path).name}")
+    figure = Figure(figsize=(11, 10), layout="constrained")
+    axes = figure.subplots(3, 2, sharex="col")
+    depth = max((len(r["step_loss"]) for r in trained), default=0)
+    for col, x in enumerate(CURVE_AXES):
+        if tau:
+            axes[0][col].plot([r[x] for r in tau], [r["tau"] for r in tau], marker="o")
+        for j in range(depth):
+            rows = [r for r in trained if len(r["step_loss"]) > j]
+            xs = [r[x] for r in rows]
+            axes[1][col].plot(xs, _smooth([r["step_loss"][j] for r in rows], smooth), label=f"{j}")
+            axes[2][col].plot(xs, _smooth([r["step_acc"][j] for r in rows], smooth), label=f"{j}")
+        axes[2][col].set_xlabel("optimizer step" if x == "step" else "training seconds")
+        for row in axes:
+            row[col].grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out tau")
+    axes[1][0].set_ylabel(f"soft CE per TTT step (avg {smooth})")
+    axes[2][0].set_ylabel(f"top-1 agreement per TTT step (avg {smooth})")
+    if depth:
+        axes[1][1].legend(title="TTT step", fontsize="small", ncols=2)
+    figure.suptitle(f"SFT: {Path(metrics_path).parent.name or Path(metrics_path).name}")
     out = Path(png_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, format="png", dpi=120)
+    figure.savefig(out, format="png", dpi=110)
     return out
 
 
@@ -83,4 +152,11 @@ def plot_comparison(runs: Sequence[tuple[str, str | Path]], png_path: str | Path
     return out
 
 
-__all__ = ["CURVE_AXES", "plot_comparison", "plot_training_curve", "tau_points"]
+__all__ = [
+    "CURVE_AXES",
+    "PlateauReport",
+    "plateau_report",
+    "plot_comparison",
+    "plot_training_curve",
+    "tau_points",
+]

@@ -247,6 +247,8 @@ class TrainingRun:
     tau: float | None = None
     resumed_from: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    acceptance: list[float] | None = None  # of the latest cached eval, by draft position
+    _evaluator: Any = None  # GreedyTauEvaluator, built at the first cached eval
 
     @property
     def done(self) -> bool:
@@ -256,6 +258,20 @@ class TrainingRun:
         """Held-out tau of the current drafter (None without held-out prompts)."""
         if not self.eval_prompts:
             return None
+        if getattr(self.cfg, "eval_mode", "engine") == "cached":
+            from draftopd.training.tau_eval import GreedyTauEvaluator  # it imports this module
+
+            if self._evaluator is None:
+                self._evaluator = GreedyTauEvaluator(
+                    self.target,
+                    self.eval_prompts,
+                    num_draft_tokens=self.cfg.eval_num_draft_tokens,
+                    max_new_tokens=self.cfg.eval_max_new_tokens,
+                )
+            result = self._evaluator.evaluate(self.drafter)
+            self.tau = result.tau
+            self.acceptance = [round(a, 4) for a in result.acceptance_by_position]
+            return self.tau
         self.tau = heldout_tau(
             self.target,
             self.drafter,
@@ -279,7 +295,9 @@ class TrainingRun:
         """The starting point of the tau curve on a fresh run: a step-0 line with held-out tau
         (``always``: also without held-out prompts, tau None)."""
         if self.step == 0 and (self.eval_prompts or always):
-            self.log({"tau": self.evaluate()})
+            tau = self.evaluate()
+            extra = {} if self.acceptance is None else {"acceptance": self.acceptance}
+            self.log({"tau": tau, **extra})
 
     def finish_step(
         self, stats: dict[str, Any], *, extra: dict[str, Any], provenance: dict[str, Any]
@@ -290,6 +308,8 @@ class TrainingRun:
         cfg, last = self.cfg, self.done
         if last or every(self.step, cfg.eval_every):
             stats = {**stats, "tau": self.evaluate()}
+            if self.acceptance is not None:
+                stats["acceptance"] = self.acceptance
         self.log(stats)
         if not (last or every(self.step, cfg.checkpoint_every)):
             return False

@@ -197,28 +197,45 @@ def test_every_config_field_has_a_flag_with_its_help_and_default(
     assert "--requests-per-step" not in text  # a trainer-service setting: no flag
 
 
-def _write_metrics(path: Path) -> Path:
+def _write_metrics(path: Path, *, final_tau: float = 3.0, lr_floor: float = 0.2) -> Path:
+    """20 steps; tau rises to 3.0 at step 10, then stays there (or moves to ``final_tau``)."""
     rows = [{"step": 0, "loss": None, "tau": 1.0, "elapsed_s": 0.0}]
-    rows += [
-        {
-            "step": s,
-            "loss": 8.0 - s / 5,
-            "tau": 1.0 + s / 10 if s % 5 == 0 else None,
-            "elapsed_s": s,
-        }
-        for s in range(1, 21)
-    ]
+    for s in range(1, 21):
+        tau = None
+        if s % 5 == 0:
+            tau = 1.0 + s / 5 if s <= 10 else (3.0 if s < 20 else final_tau)
+        lr = 1e-3 * max(lr_floor, min(1.0, 1.05 - s / 20))
+        rows.append(
+            {
+                "step": s,
+                "loss": 8.0 - s / 5,
+                "step_loss": [8.0 - s / 5, 9.0 - s / 5],
+                "step_acc": [s / 40, s / 50],
+                "lr": lr,
+                "tau": tau,
+                "elapsed_s": s,
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
 
-@pytest.mark.parametrize("x_axis", ["step", "elapsed_s"])
-def test_train_curve_writes_a_png(tmp_path: Path, x_axis: str) -> None:
+def test_train_curve_writes_a_png_and_the_plateau_verdict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     metrics = _write_metrics(tmp_path / "metrics.jsonl")
     png = tmp_path / "plots" / "curve.png"
-    assert main(["train", "curve", str(metrics), "--png", str(png), "--x", x_axis]) == 0
+    assert main(["train", "curve", str(metrics), "--png", str(png), "--smooth", "3"]) == 0
     data = png.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 5000
+    out = capsys.readouterr().out
+    assert "plateau reached: held-out tau 3.000 at step 15 -> 3.000" in out
+    assert "lowest LR 20.0% of the peak" in out
+    # tau still rising by 5% over the last quarter, or an LR decayed below 10%: no plateau
+    assert main(["train", "curve", str(_write_metrics(metrics, final_tau=3.15))]) == 0
+    assert "no plateau" in capsys.readouterr().out
+    assert main(["train", "curve", str(_write_metrics(metrics, lr_floor=0.05))]) == 0
+    assert "no plateau" in capsys.readouterr().out
 
 
 def test_train_curve_errors(

@@ -302,13 +302,14 @@ class Eagle3Drafter(Drafter):
         *,
         slots: int,
         decay: float,
+        draft_vocab_logits: bool = False,
     ) -> SFTLossOutput:
         """Training-time test over ``slots`` unrolled steps (``ttt.py``)."""
         from draftopd.models.eagle3.ttt import ttt_unroll
 
         out = ttt_unroll(
             self, features, input_ids, target_logits, loss_mask, attention_mask,
-            steps=slots, decay=decay,
+            steps=slots, decay=decay, draft_vocab_logits=draft_vocab_logits,
         )  # fmt: skip
         return SFTLossOutput(loss=out.loss, step_loss=out.step_loss, step_acc=out.step_acc)
 

@@ -76,11 +76,19 @@ def _targets(
     attention_mask: torch.Tensor,  # [batch, T]
     d2t: torch.Tensor,  # [draft_vocab]
     steps: int,
+    draft_vocab_logits: bool = False,
 ) -> _Targets:
-    """Padded once by S+1 positions so every step's slice is a view."""
+    """Padded once by S+1 positions so every step's slice is a view. With ``draft_vocab_logits``
+    the logits are already over the draft vocabulary, in d2t order (the feature cache's)."""
     length = target_logits.shape[1] + steps + 1
     with torch.no_grad():
-        restricted = target_logits.detach().float().index_select(-1, d2t)  # [b, T, Vd]
+        restricted = target_logits.detach().float()
+        if not draft_vocab_logits:
+            restricted = restricted.index_select(-1, d2t)  # [b, T, Vd]
+        elif restricted.shape[-1] != d2t.numel():
+            raise ValueError(
+                f"draft-vocab logits have {restricted.shape[-1]} entries, the drafter {d2t.numel()}"
+            )
         p = _shift(torch.softmax(restricted, dim=-1), 0, length, 0.0)
     supervised = _shift(loss_mask.bool() & attention_mask.bool(), 0, length, False)
     return _Targets(p=p.clone(), supervised=supervised.clone())  # plain tensors, not inference
@@ -139,6 +147,7 @@ def ttt_unroll(
     steps: int = 7,
     decay: float = 0.8,
     return_logits: bool = False,
+    draft_vocab_logits: bool = False,  # target_logits are [batch, T, Vd] in d2t order
 ) -> TTTOutput:
     """The batched TTT unroll: S drafter passes over all N = T-1 entries at once."""
     if steps < 1:
@@ -151,7 +160,9 @@ def ttt_unroll(
     check_right_padded(attention_mask)
     device = input_ids.device
     n = length - 1  # entries 0..T-2 (entry i reads token i+1)
-    targets = _targets(target_logits, loss_mask, attention_mask, drafter.d2t, steps)
+    targets = _targets(
+        target_logits, loss_mask, attention_mask, drafter.d2t, steps, draft_vocab_logits
+    )
     cache = DrafterCache()
     positions = torch.arange(n, device=device).expand(batch, n)  # [b, N]
     hidden = drafter.project(_plain(features)[:, :n])  # [b, N, H]

@@ -86,6 +86,23 @@ def target_features(
     positions are meaningless. ``no_grad`` (not ``inference_mode``) so the drafter may use the
     results inside autograd.
     """
+    out = target_pass(target, batch_ids, attention_mask)
+    return TargetFeatures(features=out.features, logits=out.logits)
+
+
+@dataclass(frozen=True)
+class TargetPass:
+    """:func:`target_pass`: what the feature cache stores, plus the logits to check it."""
+
+    features: torch.Tensor  # [batch, seq, 3 * hidden] low/mid/high layers
+    logits: torch.Tensor  # [batch, seq, vocab] float32
+    hidden: torch.Tensor  # [batch, seq, hidden] final hidden state (after the final norm)
+
+
+def target_pass(
+    target: TargetModel, batch_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> TargetPass:
+    """:func:`target_features` plus the final hidden state the LM head reads."""
     if batch_ids.shape != attention_mask.shape or batch_ids.dim() != 2:
         raise ValueError(
             f"batch_ids {tuple(batch_ids.shape)} and attention_mask "
@@ -102,9 +119,18 @@ def target_features(
             output_hidden_states=True,
             use_cache=False,
         )
-    # hidden_states[0] is the embedding output; hidden_states[i + 1] is layer i's output.
+    # hidden_states[0] is the embedding output; hidden_states[i + 1] is layer i's output, and the
+    # last one is after the final norm (what the LM head reads).
     features = torch.cat([out.hidden_states[i + 1] for i in target.feature_layers], dim=-1)
-    return TargetFeatures(features=features, logits=out.logits.float())
+    return TargetPass(features=features, logits=out.logits.float(), hidden=out.hidden_states[-1])
 
 
-__all__ = ["Batch", "TargetFeatures", "batch_indices", "collate", "target_features"]
+__all__ = [
+    "Batch",
+    "TargetFeatures",
+    "TargetPass",
+    "batch_indices",
+    "collate",
+    "target_features",
+    "target_pass",
+]

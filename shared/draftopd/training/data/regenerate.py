@@ -27,14 +27,8 @@ interrupted and resumed run writes the same samples as an uninterrupted one (giv
 list, ``shard_size`` and ``batch_size``; greedy output depends on them only through
 floating-point batch effects).
 
-Features are computed on the fly, not cached. An EAGLE-3 drafter reads 3 x H target hidden
-states per token: for SmolLM2-135M (H = 576) that is 1728 floats, 3.4 KB/token in bf16 and
-6.9 KB/token in fp32, so 5M training tokens (10k samples x 512) would need 17-35 GB of features.
-The soft-CE loss also needs the target distribution over the draft vocabulary: 32k entries are
-64 KB/token in bf16 and 128 KB/token in fp32, over 300 GB for the same data. Caching logits is
-infeasible and caching features alone saves only part of the cost, while tying the data to one
-choice of feature layers and dtype. The trainer therefore runs one no-grad target forward per
-batch with :func:`target_features`, which returns both the features and the logits.
+The target's features are not written here: ``features.py`` caches them (with the final hidden
+state the soft targets are recomputed from) in one no-grad pass over the finished samples.
 """
 
 from __future__ import annotations

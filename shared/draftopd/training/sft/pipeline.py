@@ -31,14 +31,17 @@ from draftopd.models.checkpoint import load_drafter
 from draftopd.models.target import TargetModel
 from draftopd.prompts import Prompt
 from draftopd.training.configs import RunConfig, SFTConfig
+from draftopd.training.data.features import build_feature_cache
 from draftopd.training.data.regenerate import MANIFEST, RegenStats, regenerate
 from draftopd.training.run import latest_checkpoint
 from draftopd.training.setup import prepare_run
-from draftopd.training.sft.train import train_sft
+from draftopd.training.sft.train import load_samples, train_sft, vocab_coverage
 
 logger = logging.getLogger(__name__)
 
 DATA_DIR = "data"
+FEATURES_DIR = "features"
+COVERAGE_SIZES = (2000, 4000, 8000, 16000, 32000)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ def sft_pipeline(
     target = setup.target
     with logging_redirect_tqdm():
         regen = _regenerate(target, setup.split.train, out / DATA_DIR, sft, progress, on_shard)
+        features = _feature_cache(target, out, sft, progress)
         result = train_sft(
             target,
             out / DATA_DIR,
@@ -86,6 +90,7 @@ def sft_pipeline(
             progress=progress,
             eval_prompts=setup.eval_prompts,
             on_step=on_step,
+            features=features,
         )
     _log_final(result.checkpoint, result.step, result.tau)
     return SFTPipelineResult(
@@ -121,6 +126,33 @@ def _regenerate(
         progress=progress,
         on_shard=on_shard,
     )
+
+
+def _feature_cache(target: TargetModel, out: Path, sft: SFTConfig, progress: bool) -> Path | None:
+    """Report the draft-vocab coverage; build (or complete) the feature cache when it is on."""
+    samples = load_samples(out / DATA_DIR)
+    coverage = vocab_coverage(samples, COVERAGE_SIZES)
+    logger.info(
+        "draft vocab coverage of the %d response tokens: %s",
+        sum(len(s.response_ids) for s in samples),
+        ", ".join(f"{size}: {share:.4f}" for size, share in coverage.items()),
+    )
+    if sft.feature_cache == "off":
+        return None
+    stats = build_feature_cache(
+        target,
+        samples,
+        out / FEATURES_DIR,
+        dtype=sft.feature_cache,
+        max_seq_len=sft.max_seq_len,
+        progress=progress,
+    )
+    if stats.samples:
+        logger.info(
+            "feature cache: %d samples, %d tokens in %.0f s (%d bytes per token)",
+            stats.samples, stats.tokens, stats.seconds, stats.bytes_per_token,
+        )  # fmt: skip
+    return out / FEATURES_DIR
 
 
 def _check_fresh(out: Path) -> None:

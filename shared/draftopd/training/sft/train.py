@@ -35,6 +35,7 @@ from draftopd.models.drafter import Drafter
 from draftopd.models.target import TargetModel
 from draftopd.training.configs import SFTConfig
 from draftopd.training.data.batches import batch_indices, collate, target_features
+from draftopd.training.data.features import FeatureCache, lm_head_weight
 from draftopd.training.data.regenerate import Sample, iter_samples
 from draftopd.training.run import METRICS_FILE, TrainingRun, check_resume, open_run
 from draftopd.training.schedule import make_adamw, optimizer_step
@@ -69,7 +70,7 @@ def choose_draft_vocab(
     return order[:draft_vocab_size].sort().values
 
 
-def _load_samples(data: str | Path | Iterable[Sample]) -> list[Sample]:
+def load_samples(data: str | Path | Iterable[Sample]) -> list[Sample]:
     samples = list(iter_samples(data)) if isinstance(data, (str, Path)) else list(data)
     samples = [s for s in samples if s.response_ids]
     if not samples:
@@ -85,6 +86,31 @@ def _fingerprint(samples: Sequence[Sample]) -> str:
     return digest.hexdigest()
 
 
+def vocab_coverage(samples: Iterable[Sample], sizes: Sequence[int]) -> dict[int, float]:
+    """Share of response tokens inside the ``size`` most frequent response ids, per size."""
+    counts: dict[int, int] = {}
+    for sample in samples:
+        for token in sample.response_ids:
+            counts[token] = counts.get(token, 0) + 1
+    ranked = sorted(counts.values(), reverse=True)
+    total = sum(ranked) or 1
+    return {size: sum(ranked[:size]) / total for size in sizes}
+
+
+def init_from_target(drafter: Drafter, target: TargetModel) -> None:
+    """Copy the target's LM head rows of the draft vocabulary and its final norm into
+    ``drafter`` (an EAGLE-3 drafter's output layer reads a hidden state of the same width)."""
+    head = getattr(drafter, "lm_head", None)
+    norm = getattr(drafter, "norm", None)
+    final_norm = getattr(getattr(target.model, "model", None), "norm", None)
+    d2t = getattr(drafter, "d2t", None)
+    if head is None or norm is None or final_norm is None or d2t is None:
+        raise ValueError("init_from_target needs a drafter with lm_head, norm and d2t")
+    with torch.no_grad():
+        head.weight.copy_(lm_head_weight(target)[d2t].to(head.weight))
+        norm.weight.copy_(final_norm.weight.to(norm.weight))
+
+
 def _initial_drafter(
     target: TargetModel, samples: list[Sample], cfg: SFTConfig, drafter: Drafter | None
 ) -> Drafter:
@@ -95,15 +121,36 @@ def _initial_drafter(
     drafter = random_drafter_for(target, seed=cfg.seed, draft_vocab_size=size)
     vocab = choose_draft_vocab(samples, vocab_size=target.vocab_size, draft_vocab_size=size)
     drafter.set_draft_vocab(vocab.to(drafter.d2t.device))
+    if cfg.init_from_target:
+        init_from_target(drafter, target)
     return drafter
 
 
-def _train_step(run: TrainingRun, cfg: SFTConfig, samples: list[Sample]) -> dict[str, Any]:
+@dataclass
+class _CachedTargets:
+    """The feature cache and the target's LM head restricted to the drafter's vocabulary."""
+
+    cache: FeatureCache
+    head: torch.Tensor  # [Vd, H] float32, rows in d2t order
+
+
+def _train_step(
+    run: TrainingRun,
+    cfg: SFTConfig,
+    samples: list[Sample],
+    indices: list[int],
+    cached: _CachedTargets | None,
+) -> dict[str, Any]:
     """One AdamW update on one batch; returns the step's metrics."""
     target, lr = run.target, cfg.lr_at(run.step)
     # pad_id is arbitrary: padded positions are neither attended to by real ones nor supervised
     batch = collate(samples, pad_id=0, max_length=cfg.max_seq_len).to(target.device)
-    features, logits = target_features(target, batch.input_ids, batch.attention_mask)
+    if cached is None:
+        features, logits = target_features(target, batch.input_ids, batch.attention_mask)
+    else:  # the cache's logits are over the draft vocabulary already
+        features, logits = cached.cache.batch(
+            indices, max_seq_len=cfg.max_seq_len, head=cached.head
+        )
     out = run.drafter.sft_loss(
         features,
         batch.input_ids,
@@ -112,6 +159,7 @@ def _train_step(run: TrainingRun, cfg: SFTConfig, samples: list[Sample]) -> dict
         batch.attention_mask,
         slots=cfg.ttt_steps,
         decay=cfg.step_decay,
+        draft_vocab_logits=cached is not None,
     )
     norm = optimizer_step(run.optimizer, out.loss, lr=lr, grad_clip=cfg.grad_clip)
     return {
@@ -134,6 +182,7 @@ def train_sft(
     progress: bool = True,
     eval_prompts: Sequence[Sequence[int]] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    features: str | Path | None = None,
 ) -> SFTResult:
     """Train a drafter on target-written samples; resumable.
 
@@ -142,9 +191,11 @@ def train_sft(
     is chosen from the data); it is converted to float32 in place. ``eval_prompts`` are held-out
     prompt id lists for tau. ``on_step`` gets each step's metrics line (progress reporting); an
     exception raised there stops the run, and a rerun resumes from the newest checkpoint.
+    ``features`` is a feature-cache directory built from the same samples
+    (``build_feature_cache``): the steps then read it instead of running the target.
     """
     cfg = cfg or SFTConfig()
-    samples = _load_samples(data)
+    samples = load_samples(data)
     fingerprint = _fingerprint(samples)
 
     def check_saved(saved: dict[str, Any], where: Path) -> None:
@@ -169,6 +220,13 @@ def train_sft(
         on_step=on_step,
     )
     provenance = {"kind": "sft", "target_model": target.name, "sft_config": cfg.to_dict()}
+    cached = None
+    if features is not None:
+        d2t = getattr(run.drafter, "d2t", None)
+        if d2t is None:
+            raise ValueError("the feature cache needs a drafter with a draft vocabulary (d2t)")
+        head = lm_head_weight(target).detach()[d2t].float()
+        cached = _CachedTargets(FeatureCache(features, samples, target), head)
     run.start()
     with tqdm(total=cfg.total_steps, initial=run.step, desc="sft", disable=not progress) as bar:
         while not run.done:
@@ -176,7 +234,7 @@ def train_sft(
                 run.step, num_samples=len(samples), batch_size=cfg.batch_size, seed=cfg.seed
             )
             t0 = time.perf_counter()
-            stats = _train_step(run, cfg, [samples[i] for i in chosen])
+            stats = _train_step(run, cfg, [samples[i] for i in chosen], chosen, cached)
             run.elapsed_s += time.perf_counter() - t0
             run.step += 1
             run.finish_step(stats, extra={"data_fingerprint": fingerprint}, provenance=provenance)
@@ -193,4 +251,12 @@ def train_sft(
     )
 
 
-__all__ = ["SFTConfig", "SFTResult", "choose_draft_vocab", "train_sft"]
+__all__ = [
+    "SFTConfig",
+    "SFTResult",
+    "choose_draft_vocab",
+    "init_from_target",
+    "load_samples",
+    "train_sft",
+    "vocab_coverage",
+]
