@@ -280,6 +280,19 @@ class LeanLlama:
         cos, sin = rotary(probe, position_ids)  # [1, P, head_dim] each
         self._cos, self._sin = cos[0], fold_sin(sin[0])  # [P, head_dim]
 
+    @property
+    def rope_positions(self) -> int:
+        return int(self._cos.shape[0])
+
+    def extend_rope(self, positions: int) -> None:
+        """Make the RoPE table cover positions [0, positions) (at least doubling it)."""
+        if positions > self.rope_positions:
+            self._rope_table(max(positions, 2 * self.rope_positions))
+
+    def rope_rows(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and folded sin ``[B, 1, head_dim]`` at one position per row."""
+        return self._cos[positions][:, None], self._sin[positions][:, None]
+
     def new_cache(self, capacity: int = 1024) -> StaticKVCache:
         return StaticKVCache(
             layers=len(self.layers),
@@ -298,13 +311,14 @@ class LeanLlama:
         *,
         feature_layers: tuple[int, ...] = (),
         last_logits_only: bool = False,
+        final_hidden: bool = False,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Logits ``[T or 1, vocab]`` and the outputs ``[T, hidden]`` of ``feature_layers``."""
+        """Logits ``[T or 1, vocab]`` and the outputs ``[T, hidden]`` of ``feature_layers``
+        (with ``final_hidden``, also the final-norm output the LM head reads, under key -1)."""
         steps, start = int(ids.shape[0]), cache.length
         end = start + steps
         cache.reserve(end)
-        if end > self._cos.shape[0]:
-            self._rope_table(max(end, 2 * self._cos.shape[0]))
+        self.extend_rope(end)
         cos = self._cos[start:end, None]  # [T, 1, head_dim]
         sin = self._sin[start:end, None]
         group = self.heads // self.kv_heads
@@ -321,8 +335,12 @@ class LeanLlama:
                 features[index] = x
         cache.length = end
         last_layer = len(self.layers) - 1
-        if last_layer in features:  # Hugging Face reports the last layer after the final norm
-            features[last_layer] = rms_norm(x, self.final_norm, self.eps)
+        if last_layer in features or final_hidden:  # Hugging Face reports the last layer
+            normed = rms_norm(x, self.final_norm, self.eps)  # after the final norm
+            if last_layer in features:
+                features[last_layer] = normed
+            if final_hidden:
+                features[-1] = normed
         last = x[-1:] if last_logits_only else x
         return linear(last, self.lm_head, norm=self.final_norm), features
 

@@ -233,7 +233,15 @@ class SFTConfig(LoopConfig):
         None, "start a fresh run from this drafter checkpoint (continued SFT)", resumable=True
     )
     max_new_tokens: Int = setting(512, "cap on each target-written response", resumable=True)
-    gen_batch_size: Int = setting(8, "prompts per batched generate call", resumable=True)
+    gen_batch_size: Int = setting(
+        64, "sequences generated together (lean: continuous-batching slots)", resumable=True
+    )
+    gen_engine: Text = setting(
+        "auto",
+        "data generation: lean (greedy, continuous batching), generate (HF), or auto",
+        choices=("auto", "lean", "generate"),
+        resumable=True,
+    )
     temperature: float = setting(0.0, "regeneration temperature; 0 = greedy", resumable=True)
     top_p: float = setting(1.0, "regeneration nucleus cut-off", resumable=True)
     # -- training

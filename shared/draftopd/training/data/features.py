@@ -11,18 +11,20 @@ to change after the cache is built. Storing top-k log-probs instead would fix k 
 Bytes per token: (3H + H) x itemsize, i.e. 4.6 KB in bf16/fp16 and 9.2 KB in fp32 for SmolLM2
 (H = 576); prompt tokens are stored too, because the drafter attends over them.
 
-On-disk format (``out_dir``):
+The cache mirrors a ``regenerate`` data directory shard by shard (``out_dir``):
 
-- ``features-00000.safetensors``, ...: the samples ``first .. first + count - 1`` of the data (in
-  the data's order), their rows concatenated: ``features`` [N, 3H], ``hidden`` [N, H], and
-  ``offsets`` [count + 1] (int64; sample i owns rows offsets[i]:offsets[i+1]). Each shard is
-  written once, atomically; one that exists is complete.
-- ``manifest.json``: format version, target fingerprint and feature layers, dtype, max_seq_len,
-  the data fingerprint, and the shard list.
+- ``shard-00000.safetensors``, ...: for data shard ``shard-00000.jsonl``, its samples' rows
+  concatenated: ``features`` [N, 3H], ``hidden`` [N, H], ``offsets`` [count + 1] (int64; sample i
+  owns rows offsets[i]:offsets[i+1]); the metadata holds the data shard's fingerprint (sha256 of
+  its token ids). Each file is written once, atomically; one that exists is complete.
+- ``manifest.json``: format version, target fingerprint, feature layers, dtype and max_seq_len.
 
-Resume: a rerun with the same settings and data writes only the missing shards; different
-settings, target or data raise ``ValueError`` (use a new directory). Sequences longer than
-``max_seq_len`` are cut on the right exactly as :func:`collate` cuts them.
+A feature shard is written either by greedy regeneration itself (``batched_greedy`` captures the
+features as it decodes, so data generation pays for them only once) or by
+:func:`build_feature_cache`, which encodes every data shard that has no matching feature shard
+(sampled data, or data from an earlier run). Sequences longer than ``max_seq_len`` are cut on the
+right exactly as :func:`collate` cuts them. A cache built for other settings or another target
+is refused (``ValueError``); a data shard whose content changed is encoded again.
 """
 
 from __future__ import annotations
@@ -39,12 +41,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from draftopd.models.target import TargetModel
 from draftopd.training.data.batches import collate, target_pass
-from draftopd.training.data.regenerate import Sample
+from draftopd.training.data.regenerate import Sample, iter_shards
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,31 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SELF_CHECK_ATOL = 1e-3  # hidden @ W.T must reproduce the model's fp32 logits (reassociation only)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Where and how to cache features: the cache directory, storage dtype, rows per sample."""
+
+    out_dir: Path
+    dtype: str = "bfloat16"
+    max_seq_len: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.dtype not in CACHE_DTYPES:
+            raise ValueError(
+                f"cache dtype {self.dtype!r} not supported; choose one of {list(CACHE_DTYPES)}"
+            )
+        if self.max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be positive, got {self.max_seq_len}")
+
+    def settings(self, target: TargetModel) -> dict[str, Any]:
+        return {
+            "target": target.fingerprint,
+            "feature_layers": list(target.feature_layers),
+            "dtype": self.dtype,
+            "max_seq_len": self.max_seq_len,
+        }
 
 
 @dataclass(frozen=True)
@@ -65,11 +93,13 @@ class CacheStats:
     bytes_per_token: int  # features + hidden, at the cache's dtype
 
 
-def data_fingerprint(samples: Sequence[Sample]) -> str:
-    """sha256 of the samples' token ids, in order (what the cache was built from)."""
+def shard_fingerprint(samples: Sequence[Sample]) -> str:
+    """sha256 of the samples' ids and tokens, in order (what a feature shard was built from)."""
     digest = hashlib.sha256()
     for sample in samples:
-        digest.update(json.dumps([sample.prompt_ids, sample.response_ids]).encode())
+        digest.update(
+            json.dumps([sample.prompt_id, sample.prompt_ids, sample.response_ids]).encode()
+        )
     return digest.hexdigest()
 
 
@@ -81,91 +111,120 @@ def lm_head_weight(target: TargetModel) -> torch.Tensor:
     return head.weight
 
 
+def open_cache_dir(spec: FeatureSpec, target: TargetModel) -> None:
+    """Create the cache directory (or check it was built with the same settings); drop the
+    temporary files of an interrupted write."""
+    out = spec.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    settings = spec.settings(target)
+    manifest = _read_manifest(out)
+    if manifest is not None:
+        for key, value in settings.items():
+            if manifest["settings"].get(key) != value:
+                raise ValueError(
+                    f"{out / MANIFEST} was built with a different {key} "
+                    f"({manifest['settings'].get(key)!r}, now {value!r}); use a new directory"
+                )
+    elif any(out.glob("shard-*.safetensors")):
+        raise ValueError(f"{out} holds feature shards but no {MANIFEST}; use an empty directory")
+    else:
+        text = json.dumps({"format_version": FORMAT_VERSION, "settings": settings}, indent=2)
+        tmp = out / f"{MANIFEST}.{os.getpid()}.tmp"
+        tmp.write_text(text + "\n", encoding="utf-8")
+        os.replace(tmp, out / MANIFEST)
+    for stale in out.glob("*.tmp"):
+        stale.unlink()
+
+
+def write_feature_shard(
+    spec: FeatureSpec,
+    data_shard: str,
+    samples: Sequence[Sample],
+    rows: Sequence[tuple[torch.Tensor, torch.Tensor]],  # per sample: features [n, 3H], hidden
+) -> Path:
+    """Store the rows of one data shard's samples (each cut to max_seq_len), atomically."""
+    dtype = CACHE_DTYPES[spec.dtype]
+    lengths = [_rows(s, spec.max_seq_len) for s in samples]
+    for (features, hidden), n in zip(rows, lengths, strict=True):
+        if features.shape[0] < n or hidden.shape[0] < n:
+            raise ValueError(f"a sample of {data_shard} needs {n} feature rows")
+    tensors = {
+        "features": torch.cat([f[:n].to(dtype) for (f, _), n in zip(rows, lengths, strict=True)]),
+        "hidden": torch.cat([h[:n].to(dtype) for (_, h), n in zip(rows, lengths, strict=True)]),
+        "offsets": torch.tensor([0, *lengths], dtype=torch.long).cumsum(0),
+    }
+    path = _feature_path(spec.out_dir, data_shard)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file(
+        {k: v.contiguous().cpu() for k, v in tensors.items()},
+        str(tmp),
+        metadata={"data_shard": data_shard, "fingerprint": shard_fingerprint(samples)},
+    )
+    with tmp.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 def build_feature_cache(
     target: TargetModel,
-    samples: Sequence[Sample],
-    out_dir: str | Path,
+    data_dir: str | Path,
+    spec: FeatureSpec,
     *,
-    dtype: str = "bfloat16",
-    max_seq_len: int,
     batch_size: int = 8,
-    shard_size: int = 256,
     progress: bool = True,
 ) -> CacheStats:
-    """Encode every sample not yet cached in ``out_dir`` with one no-grad target pass."""
-    if dtype not in CACHE_DTYPES:
-        raise ValueError(f"cache dtype {dtype!r} not supported; choose one of {list(CACHE_DTYPES)}")
-    if min(max_seq_len, batch_size, shard_size) < 1:
-        raise ValueError("max_seq_len, batch_size and shard_size must be positive")
+    """Encode every data shard of ``data_dir`` whose feature shard is missing or stale."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     start = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "target": target.fingerprint,
-        "feature_layers": list(target.feature_layers),
-        "dtype": dtype,
-        "max_seq_len": max_seq_len,
-        "shard_size": shard_size,
-        "data": data_fingerprint(samples),
-        "num_samples": len(samples),
-    }
-    _check_or_write_manifest(out, settings)
-    for stale in out.glob("*.tmp"):
-        stale.unlink()  # a partial write of an interrupted run
+    open_cache_dir(spec, target)
     head = lm_head_weight(target)
-    todo = [i for i in range(0, len(samples), shard_size) if not _shard_path(out, i).is_file()]
+    shards = list(iter_shards(data_dir))
+    todo = [(name, s) for name, s in shards if not _is_current(spec.out_dir, name, s)]
     tokens = 0
-    bar = tqdm(total=len(samples), desc="feature cache", unit="sample", disable=not progress)
-    bar.update(len(samples) - sum(min(shard_size, len(samples) - i) for i in todo))
-    try:
-        for first in todo:
-            group = samples[first : first + shard_size]
-            rows = _encode(target, head, group, CACHE_DTYPES[dtype], max_seq_len, batch_size, bar)
-            tokens += int(rows["offsets"][-1])
-            _atomic_save(rows, _shard_path(out, first), {"first": str(first)})
-    finally:
-        bar.close()
-    itemsize = CACHE_DTYPES[dtype].itemsize
+    total = sum(len(s) for _, s in todo)
+    with tqdm(total=total, desc="feature cache", unit="sample", disable=not progress) as bar:
+        for name, samples in todo:
+            rows = _encode(target, head, samples, spec.max_seq_len, batch_size, bar)
+            write_feature_shard(spec, name, samples, rows)
+            tokens += sum(f.shape[0] for f, _ in rows)
     stats = CacheStats(
-        samples=sum(min(shard_size, len(samples) - i) for i in todo),
+        samples=total,
         tokens=tokens,
         seconds=time.perf_counter() - start,
         shards=len(todo),
-        bytes_per_token=4 * target.hidden_size * itemsize,
+        bytes_per_token=4 * target.hidden_size * CACHE_DTYPES[spec.dtype].itemsize,
     )
-    logger.info("feature cache %s: %s", out, stats)
+    logger.info("feature cache %s: %s", spec.out_dir, stats)
     return stats
+
+
+def _rows(sample: Sample, max_seq_len: int) -> int:
+    return min(len(sample.prompt_ids) + len(sample.response_ids), max_seq_len)
 
 
 def _encode(
     target: TargetModel,
     head: torch.Tensor,
-    group: Sequence[Sample],
-    dtype: torch.dtype,
+    samples: Sequence[Sample],
     max_seq_len: int,
     batch_size: int,
     bar: Any,
-) -> dict[str, torch.Tensor]:
-    """Features and final hidden states of ``group``, rows concatenated in the group's order."""
-    lengths = [min(len(s.prompt_ids) + len(s.response_ids), max_seq_len) for s in group]
-    order = sorted(range(len(group)), key=lambda i: lengths[i])  # little padding per batch
-    features: list[torch.Tensor] = [torch.empty(0)] * len(group)
-    hidden: list[torch.Tensor] = [torch.empty(0)] * len(group)
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(features, final hidden) of each sample, from right-padded batches of similar length."""
+    lengths = [_rows(s, max_seq_len) for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: lengths[i])
+    rows: list[tuple[torch.Tensor, torch.Tensor]] = [(torch.empty(0), torch.empty(0))] * len(order)
     for begin in range(0, len(order), batch_size):
-        rows = order[begin : begin + batch_size]
-        batch = collate([group[i] for i in rows], pad_id=0, max_length=max_seq_len)
+        chosen = order[begin : begin + batch_size]
+        batch = collate([samples[i] for i in chosen], pad_id=0, max_length=max_seq_len)
         out = target_pass(target, batch.input_ids, batch.attention_mask)
         _self_check(out.logits, out.hidden, head)
-        for k, i in enumerate(rows):
-            features[i] = out.features[k, : lengths[i]].to(dtype).cpu()
-            hidden[i] = out.hidden[k, : lengths[i]].to(dtype).cpu()
-        bar.update(len(rows))
-    offsets = torch.tensor([0, *lengths], dtype=torch.long).cumsum(0)
-    return {
-        "features": torch.cat(features).contiguous(),
-        "hidden": torch.cat(hidden).contiguous(),
-        "offsets": offsets,
-    }
+        for k, i in enumerate(chosen):
+            rows[i] = (out.features[k, : lengths[i]].cpu(), out.hidden[k, : lengths[i]].cpu())
+        bar.update(len(chosen))
+    return rows
 
 
 def _self_check(logits: torch.Tensor, hidden: torch.Tensor, head: torch.Tensor) -> None:
@@ -180,37 +239,36 @@ def _self_check(logits: torch.Tensor, hidden: torch.Tensor, head: torch.Tensor) 
 
 
 class FeatureCache:
-    """A built cache, loaded in memory; :meth:`batch` assembles what one SFT step needs."""
+    """A complete cache of a data directory, loaded in memory; :meth:`batch` assembles what one
+    SFT step needs."""
 
-    def __init__(self, out_dir: str | Path, samples: Sequence[Sample], target: TargetModel) -> None:
+    def __init__(self, out_dir: str | Path, data_dir: str | Path, target: TargetModel) -> None:
         out = Path(out_dir)
         manifest = _read_manifest(out)
         if manifest is None:
             raise ValueError(f"{out} has no {MANIFEST}; build it with build_feature_cache()")
         settings = manifest["settings"]
-        expected = {
-            "target": target.fingerprint,
-            "feature_layers": list(target.feature_layers),
-            "data": data_fingerprint(samples),
-        }
-        for key, value in expected.items():
-            if settings.get(key) != value:
+        for key, value in FeatureSpec(out, settings["dtype"], 1).settings(target).items():
+            if key in ("target", "feature_layers") and settings.get(key) != value:
                 raise ValueError(f"feature cache {out} was built for a different {key}")
         self.dtype: str = settings["dtype"]
         self.max_seq_len: int = settings["max_seq_len"]
-        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for first in range(0, len(samples), settings["shard_size"]):
-            path = _shard_path(out, first)
-            if not path.is_file():
-                raise ValueError(f"feature cache {out} is incomplete: {path.name} is missing")
-            self.rows.extend(_split(load_file(str(path))))
-        if len(self.rows) != len(samples):
-            raise ValueError(f"feature cache {out}: {len(self.rows)} samples, not {len(samples)}")
+        self.rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, samples in iter_shards(data_dir):
+            if not _is_current(out, name, samples):
+                raise ValueError(
+                    f"feature cache {out} has no current shard for {name}: "
+                    "run build_feature_cache() on this data first"
+                )
+            shard = load_file(str(_feature_path(out, name)))
+            offsets = shard["offsets"].tolist()
+            for sample, (a, b) in zip(samples, itertools.pairwise(offsets), strict=True):
+                self.rows[sample.prompt_id] = (shard["features"][a:b], shard["hidden"][a:b])
 
     def batch(
-        self, indices: Sequence[int], *, max_seq_len: int, head: torch.Tensor
+        self, samples: Sequence[Sample], *, max_seq_len: int, head: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded (features [b, T, 3H], logits [b, T, Vd]) for the samples ``indices``.
+        """Right-padded (features [b, T, 3H], logits [b, T, Vd]) of ``samples``.
 
         ``head`` is the LM head restricted to the draft vocabulary ([Vd, H], float32): the logits
         are over the draft vocabulary, in d2t order. T matches ``collate(..., max_length)``."""
@@ -219,12 +277,12 @@ class FeatureCache:
                 f"the cache keeps {self.max_seq_len} tokens per sequence; "
                 f"max_seq_len {max_seq_len} needs a cache built with at least that"
             )
-        picked = [self.rows[i] for i in indices]
-        width = max(min(f.shape[0], max_seq_len) for f, _ in picked)
+        picked = [self.rows[s.prompt_id] for s in samples]
+        lengths = [_rows(s, max_seq_len) for s in samples]
+        width = max(lengths)
         features = torch.zeros(len(picked), width, picked[0][0].shape[1])
         hidden = torch.zeros(len(picked), width, picked[0][1].shape[1])
-        for row, (f, h) in enumerate(picked):
-            n = min(f.shape[0], max_seq_len)
+        for row, ((f, h), n) in enumerate(zip(picked, lengths, strict=True)):
             features[row, :n] = f[:n].float()
             hidden[row, :n] = h[:n].float()
         with torch.no_grad():
@@ -232,13 +290,17 @@ class FeatureCache:
         return features.to(head.device), logits
 
 
-def _split(shard: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    offsets = shard["offsets"].tolist()
-    return [(shard["features"][a:b], shard["hidden"][a:b]) for a, b in itertools.pairwise(offsets)]
+def _is_current(out: Path, data_shard: str, samples: Sequence[Sample]) -> bool:
+    path = _feature_path(out, data_shard)
+    if not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    return metadata.get("fingerprint") == shard_fingerprint(samples)
 
 
-def _shard_path(out: Path, first: int) -> Path:
-    return out / f"features-{first:07d}.safetensors"
+def _feature_path(out: Path, data_shard: str) -> Path:
+    return out / (Path(data_shard).stem + ".safetensors")
 
 
 def _read_manifest(out: Path) -> dict[str, Any] | None:
@@ -251,37 +313,14 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def _check_or_write_manifest(out: Path, settings: dict[str, Any]) -> None:
-    manifest = _read_manifest(out)
-    if manifest is not None:
-        for key, value in settings.items():
-            if manifest["settings"].get(key) != value:
-                raise ValueError(
-                    f"{out / MANIFEST} was built with a different {key} "
-                    f"({manifest['settings'].get(key)!r}, now {value!r}); use a new directory"
-                )
-        return
-    if any(out.glob("features-*.safetensors")):
-        raise ValueError(f"{out} holds feature shards but no {MANIFEST}; use an empty directory")
-    text = json.dumps({"format_version": FORMAT_VERSION, "settings": settings}, indent=2)
-    tmp = out / f"{MANIFEST}.{os.getpid()}.tmp"
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, out / MANIFEST)
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    with tmp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 __all__ = [
     "CACHE_DTYPES",
     "CacheStats",
     "FeatureCache",
+    "FeatureSpec",
     "build_feature_cache",
-    "data_fingerprint",
     "lm_head_weight",
+    "open_cache_dir",
+    "shard_fingerprint",
+    "write_feature_shard",
 ]

@@ -42,14 +42,18 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from draftopd.models.lean_batch import batched_greedy_outputs
 from draftopd.models.target import TargetModel
 from draftopd.prompts import Prompt, render_prompt
+
+if TYPE_CHECKING:
+    from draftopd.training.data.features import FeatureSpec
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ MANIFEST = "manifest.json"
 SHARD_PATTERN = re.compile(r"^shard-(\d{5,})\.jsonl$")
 CHECKED_SETTINGS = ("target", "max_new_tokens", "temperature", "top_p", "seed")
 FINISH_REASONS = ("stop", "length")
+GEN_ENGINES = ("auto", "lean", "generate")
 
 
 @dataclass(frozen=True)
@@ -102,13 +107,21 @@ def regenerate(
     shard_size: int = 256,
     progress: bool = True,
     on_shard: Callable[[Path], None] | None = None,
+    features: FeatureSpec | None = None,
+    engine: str = "auto",
 ) -> RegenStats:
     """Have ``target`` answer every prompt not yet done in ``out_dir``; return what was done.
 
     ``temperature == 0`` is greedy decoding (``top_p`` and ``seed`` are then ignored). Prompts are
-    taken ``shard_size`` at a time, sorted by length inside that window so batches carry little
-    padding, and written back in their given order. ``on_shard`` is called after each shard is
-    committed (progress reporting; an exception raised there stops the run, resumably).
+    taken ``shard_size`` at a time and written back in their given order. Greedy decoding of a
+    target the lean step supports runs ``batched_greedy`` (continuous batching, ``batch_size``
+    sequences at a time); otherwise batched ``generate`` runs on prompts sorted by length inside
+    the window, so batches carry little padding. The manifest records which ("engine").
+    ``on_shard`` is called after each shard is committed (progress reporting; an exception
+    raised there stops the run, resumably). ``engine`` forces "lean" or "generate" ("auto": lean
+    for greedy decoding where the target supports it). ``features``: on the lean greedy path,
+    each shard's target features also go to that cache as decoding computes them
+    (``features.py``); other paths leave the cache to ``build_feature_cache``.
     """
     _check_args(max_new_tokens, batch_size, temperature, top_p, shard_size)
     _check_unique_ids(prompts)
@@ -131,6 +144,13 @@ def regenerate(
     config = _generation_config(
         max_new_tokens, temperature, top_p, _pad_token_id(target), target.eos_token_ids
     )
+    engine = _choose_engine(engine, sampled, target)
+    state.info["engine"] = engine
+    capture = features if engine == "lean" else None
+    if capture is not None:
+        from draftopd.training.data.features import open_cache_dir, write_feature_shard
+
+        open_cache_dir(capture, target)
     tokens = written = 0
     bar = tqdm(total=len(pending), desc="regenerate", unit="prompt", disable=not progress)
     try:
@@ -138,10 +158,17 @@ def regenerate(
             index = state.next_index + written
             t0 = time.perf_counter()
             with _seeded(target.device, seed * 1_000_003 + index if sampled else None):
-                samples = _generate_window(
-                    target, pending[offset : offset + shard_size], config, batch_size, bar
-                )
+                window = pending[offset : offset + shard_size]
+                rows = None
+                if engine == "lean":
+                    samples, rows = _lean_window(
+                        target, window, max_new_tokens, batch_size, bar, capture is not None
+                    )
+                else:
+                    samples = _generate_window(target, window, config, batch_size, bar)
             path = _write_shard(out, index, samples)
+            if capture is not None and rows is not None:
+                write_feature_shard(capture, path.name, samples, rows)
             generate_s = round(time.perf_counter() - t0, 3)  # the target's time for this shard
             state.shards[path.name] = {**_summarize(samples), "generate_s": generate_s}
             _write_manifest(out, state.info, state.shards)
@@ -206,6 +233,52 @@ def _generate_window(
         _make_sample(p, ids, new, eos)
         for p, ids, new in zip(window, rendered, generated, strict=True)
     ]
+
+
+def _choose_engine(engine: str, sampled: bool, target: TargetModel) -> str:
+    if engine not in GEN_ENGINES:
+        raise ValueError(f"engine {engine!r} not supported; choose one of {GEN_ENGINES}")
+    lean_ok = not sampled and target.step == "lean"
+    if engine == "lean" and not lean_ok:
+        raise ValueError("the lean engine decodes greedily, on a target the lean step supports")
+    if engine == "auto":
+        return "lean" if lean_ok else "generate"
+    return engine
+
+
+def _lean_window(
+    target: TargetModel,
+    window: Sequence[Prompt],
+    max_new_tokens: int,
+    slots: int,
+    bar: Any,
+    capture: bool,
+) -> tuple[list[Sample], list[tuple[torch.Tensor, torch.Tensor]] | None]:
+    """Greedy samples of one window on the lean step with continuous batching (``slots``
+    sequences decode together; a finished one hands its slot to the next prompt at once), and
+    with ``capture`` each sample's (features, final hidden) rows."""
+    rendered = [render_prompt(target.tokenizer, p) for p in window]
+    eos = target.eos_token_ids
+    outputs = batched_greedy_outputs(
+        target.lean,
+        rendered,
+        max_new_tokens=max_new_tokens,
+        slots=slots,
+        eos=eos,
+        feature_layers=tuple(target.feature_layers) if capture else None,
+        on_done=lambda _: bar.update(1),
+    )
+    samples = [
+        _make_sample(p, ids, o.tokens, eos)
+        for p, ids, o in zip(window, rendered, outputs, strict=True)
+    ]
+    if not capture:
+        return samples, None
+    rows = []
+    for o in outputs:
+        assert o.features is not None and o.hidden is not None
+        rows.append((o.features, o.hidden))
+    return samples, rows
 
 
 def _generate_batch(
@@ -319,6 +392,15 @@ def iter_samples(out_dir: str | Path) -> Iterator[Sample]:
         raise ValueError(f"{out} has no {MANIFEST}; create it with regenerate()")
     for path in _shard_paths(out):
         yield from _read_shard(path)
+
+
+def iter_shards(out_dir: str | Path) -> Iterator[tuple[str, list[Sample]]]:
+    """(shard file name, its samples) for every shard of ``out_dir``, in the order written."""
+    out = Path(out_dir)
+    if not (out / MANIFEST).is_file():
+        raise ValueError(f"{out} has no {MANIFEST}; create it with regenerate()")
+    for path in _shard_paths(out):
+        yield path.name, list(_read_shard(path))
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:

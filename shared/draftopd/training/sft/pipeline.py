@@ -31,7 +31,7 @@ from draftopd.models.checkpoint import load_drafter
 from draftopd.models.target import TargetModel
 from draftopd.prompts import Prompt
 from draftopd.training.configs import RunConfig, SFTConfig
-from draftopd.training.data.features import build_feature_cache
+from draftopd.training.data.features import FeatureSpec, build_feature_cache
 from draftopd.training.data.regenerate import MANIFEST, RegenStats, regenerate
 from draftopd.training.run import latest_checkpoint
 from draftopd.training.setup import prepare_run
@@ -78,8 +78,13 @@ def sft_pipeline(
     setup = prepare_run(run, kind="sft", stage=sft.to_dict())
     target = setup.target
     with logging_redirect_tqdm():
-        regen = _regenerate(target, setup.split.train, out / DATA_DIR, sft, progress, on_shard)
-        features = _feature_cache(target, out, sft, progress)
+        spec = None
+        if sft.feature_cache != "off":
+            spec = FeatureSpec(out / FEATURES_DIR, sft.feature_cache, sft.max_seq_len)
+        regen = _regenerate(
+            target, setup.split.train, out / DATA_DIR, sft, progress, on_shard, spec
+        )
+        features = _feature_cache(target, out, spec, progress)
         result = train_sft(
             target,
             out / DATA_DIR,
@@ -113,6 +118,7 @@ def _regenerate(
     sft: SFTConfig,
     progress: bool,
     on_shard: Callable[[Path], None] | None,
+    features: FeatureSpec | None,
 ) -> RegenStats:
     return regenerate(
         target,
@@ -125,11 +131,16 @@ def _regenerate(
         seed=sft.seed,  # sampled regeneration only
         progress=progress,
         on_shard=on_shard,
+        features=features,
+        engine=sft.gen_engine,
     )
 
 
-def _feature_cache(target: TargetModel, out: Path, sft: SFTConfig, progress: bool) -> Path | None:
-    """Report the draft-vocab coverage; build (or complete) the feature cache when it is on."""
+def _feature_cache(
+    target: TargetModel, out: Path, spec: FeatureSpec | None, progress: bool
+) -> Path | None:
+    """Report the draft-vocab coverage; complete the feature cache when it is on (greedy
+    regeneration already wrote the features of the shards it generated)."""
     samples = load_samples(out / DATA_DIR)
     coverage = vocab_coverage(samples, COVERAGE_SIZES)
     logger.info(
@@ -137,22 +148,15 @@ def _feature_cache(target: TargetModel, out: Path, sft: SFTConfig, progress: boo
         sum(len(s.response_ids) for s in samples),
         ", ".join(f"{size}: {share:.4f}" for size, share in coverage.items()),
     )
-    if sft.feature_cache == "off":
+    if spec is None:
         return None
-    stats = build_feature_cache(
-        target,
-        samples,
-        out / FEATURES_DIR,
-        dtype=sft.feature_cache,
-        max_seq_len=sft.max_seq_len,
-        progress=progress,
-    )
+    stats = build_feature_cache(target, out / DATA_DIR, spec, progress=progress)
     if stats.samples:
         logger.info(
             "feature cache: %d samples, %d tokens in %.0f s (%d bytes per token)",
             stats.samples, stats.tokens, stats.seconds, stats.bytes_per_token,
         )  # fmt: skip
-    return out / FEATURES_DIR
+    return spec.out_dir
 
 
 def _check_fresh(out: Path) -> None:

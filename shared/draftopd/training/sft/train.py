@@ -138,7 +138,6 @@ def _train_step(
     run: TrainingRun,
     cfg: SFTConfig,
     samples: list[Sample],
-    indices: list[int],
     cached: _CachedTargets | None,
 ) -> dict[str, Any]:
     """One AdamW update on one batch; returns the step's metrics."""
@@ -149,7 +148,7 @@ def _train_step(
         features, logits = target_features(target, batch.input_ids, batch.attention_mask)
     else:  # the cache's logits are over the draft vocabulary already
         features, logits = cached.cache.batch(
-            indices, max_seq_len=cfg.max_seq_len, head=cached.head
+            samples, max_seq_len=cfg.max_seq_len, head=cached.head
         )
     out = run.drafter.sft_loss(
         features,
@@ -191,7 +190,7 @@ def train_sft(
     is chosen from the data); it is converted to float32 in place. ``eval_prompts`` are held-out
     prompt id lists for tau. ``on_step`` gets each step's metrics line (progress reporting); an
     exception raised there stops the run, and a rerun resumes from the newest checkpoint.
-    ``features`` is a feature-cache directory built from the same samples
+    ``features`` is the feature-cache directory of the data directory ``data``
     (``build_feature_cache``): the steps then read it instead of running the target.
     """
     cfg = cfg or SFTConfig()
@@ -226,7 +225,9 @@ def train_sft(
         if d2t is None:
             raise ValueError("the feature cache needs a drafter with a draft vocabulary (d2t)")
         head = lm_head_weight(target).detach()[d2t].float()
-        cached = _CachedTargets(FeatureCache(features, samples, target), head)
+        if not isinstance(data, (str, Path)):
+            raise ValueError("a feature cache needs the data as a regenerate directory")
+        cached = _CachedTargets(FeatureCache(features, data, target), head)
     run.start()
     with tqdm(total=cfg.total_steps, initial=run.step, desc="sft", disable=not progress) as bar:
         while not run.done:
@@ -234,7 +235,7 @@ def train_sft(
                 run.step, num_samples=len(samples), batch_size=cfg.batch_size, seed=cfg.seed
             )
             t0 = time.perf_counter()
-            stats = _train_step(run, cfg, [samples[i] for i in chosen], chosen, cached)
+            stats = _train_step(run, cfg, [samples[i] for i in chosen], cached)
             run.elapsed_s += time.perf_counter() - t0
             run.step += 1
             run.finish_step(stats, extra={"data_fingerprint": fingerprint}, provenance=provenance)

@@ -75,11 +75,16 @@ class StopAfter:
             raise KeyboardInterrupt(f"simulated interruption after {path.name}")
 
 
-def test_batched_greedy_equals_unbatched_greedy(tiny_target: TargetModel, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["lean", "generate"])
+def test_batched_greedy_equals_unbatched_greedy(
+    tiny_target: TargetModel, tmp_path: Path, engine: str
+) -> None:
     prompts = make_prompts()
     stats = regenerate(
-        tiny_target, prompts, tmp_path, max_new_tokens=12, batch_size=4, progress=False
-    )
+        tiny_target, prompts, tmp_path, max_new_tokens=12, batch_size=4, progress=False,
+        engine=engine,
+    )  # fmt: skip
+    assert read_manifest(tmp_path)["settings"]["engine"] == engine
     samples = by_id(tmp_path)
     assert stats.prompts == len(prompts) and stats.skipped == 0
     assert len({len(s.prompt_ids) for s in samples.values()}) > 4  # batches really were padded
@@ -113,8 +118,9 @@ def test_response_cut_after_first_eos(
         Prompt(id="b", messages=None, text="Hi there", source="prompt"),
     ]
     stats = regenerate(
-        tiny_target, prompts, tmp_path, max_new_tokens=5, batch_size=2, progress=False
-    )
+        tiny_target, prompts, tmp_path, max_new_tokens=5, batch_size=2, progress=False,
+        engine="generate",
+    )  # fmt: skip
     samples = by_id(tmp_path)
     assert samples["a"].response_ids == (7, 8, eos) and samples["a"].finish_reason == "stop"
     assert samples["b"].response_ids == (9, 10, 11, 12, 13)
@@ -155,6 +161,7 @@ def test_resume_skips_completed_prompts(
         "batch_size": 2,
         "shard_size": 3,
         "progress": False,
+        "engine": "generate",  # counts generate calls
     }
     regenerate(tiny_target, prompts, tmp_path / "full", **kwargs)
 
