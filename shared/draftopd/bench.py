@@ -17,7 +17,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,7 @@ class PromptRun:
     spec: GenerationResult  # our engine, the benchmarked method
     hf_generate: PeerRun | None  # HF greedy generate (with peers)
     hf_prompt_lookup: PeerRun | None  # HF generate(prompt_lookup_num_tokens=10) (with peers)
+    extra: dict[str, GenerationResult] = field(default_factory=dict)  # "k=3", "ngram" paths
 
 
 @dataclass
@@ -157,7 +158,7 @@ def _load_drafter(ref: str, target: TargetModel) -> Drafter:
         logger.info("loading drafter checkpoint %s", parsed.path)
         return load_drafter(parsed.path, target)
     logger.info("using a random-init EAGLE-3 drafter (seed %d): expect low acceptance", parsed.seed)
-    return random_drafter_for(target, seed=parsed.seed)
+    return random_drafter_for(target, seed=parsed.seed, draft_vocab_size=parsed.draft_vocab_size)
 
 
 def _new_proposer(bench: _Bench) -> Proposer | None:
@@ -188,15 +189,34 @@ def _warm_up(bench: _Bench) -> None:
 
 
 def _generate(
-    bench: _Bench, ids: list[int], params: SamplingParams, *, proposer: Proposer | None
+    bench: _Bench,
+    ids: list[int],
+    params: SamplingParams,
+    *,
+    proposer: Proposer | None,
+    k: int | None = None,
 ) -> GenerationResult:
     return bench.engine.generate(
         ids,
         params,
         proposer=proposer,
-        num_draft_tokens=bench.config.num_draft_tokens,
+        num_draft_tokens=k or bench.config.num_draft_tokens,
         decode_text=False,
     )
+
+
+def _extra_paths(
+    bench: _Bench, ids: list[int], params: SamplingParams
+) -> dict[str, Callable[[], GenerationResult]]:
+    """``--sweep-k``: the method at each K; ``--with-ngram``: n-gram lookup at K."""
+    paths: dict[str, Callable[[], GenerationResult]] = {}
+    for k in bench.config.sweep:
+        paths[f"k={k}"] = lambda k=k: _generate(  # type: ignore[misc]
+            bench, ids, params, proposer=_new_proposer(bench), k=k
+        )
+    if bench.config.with_ngram:
+        paths["ngram"] = lambda: _generate(bench, ids, params, proposer=NgramProposer())
+    return paths
 
 
 def _measure_prompt(bench: _Bench, prompt_id: str, ids: list[int], index: int) -> PromptRun:
@@ -212,6 +232,8 @@ def _measure_prompt(bench: _Bench, prompt_id: str, ids: list[int], index: int) -
         m = config.max_new_tokens
         paths["hf_generate"] = lambda: _hf_generate(bench.target, ids, m, prompt_lookup=False)
         paths["hf_prompt_lookup"] = lambda: _hf_generate(bench.target, ids, m, prompt_lookup=True)
+    extra = _extra_paths(bench, ids, params)
+    paths.update(extra)
     names = list(paths)
     best: dict[str, GenerationResult | PeerRun] = {}
     for round_index in range(config.repeats):
@@ -232,7 +254,13 @@ def _measure_prompt(bench: _Bench, prompt_id: str, ids: list[int], index: int) -
         spec=spec,
         hf_generate=hf_generate,
         hf_prompt_lookup=hf_lookup,
+        extra={name: _as_result(best[name]) for name in extra},
     )
+
+
+def _as_result(run: GenerationResult | PeerRun) -> GenerationResult:
+    assert isinstance(run, GenerationResult)
+    return run
 
 
 def _seconds(run: GenerationResult | PeerRun) -> float:
@@ -329,8 +357,32 @@ def build_report(
         )
         report["hf_identical"] = sum(_hf_identical(r) for r in runs)
     report.update(_context(config, machine, accepted=accepted, proposed=proposed))
+    if runs and runs[0].extra:
+        report["extra_paths"] = {name: _path_summary(name, config, runs) for name in runs[0].extra}
     report["per_prompt"] = [_prompt_entry(r) for r in runs]
     return report
+
+
+def _path_summary(name: str, config: BenchConfig, runs: list[PromptRun]) -> dict[str, Any]:
+    """tau, decode speedup over the same run's plain baseline, tokens/s, identical count and
+    acceptance by position of one extra path (``k=3``, ``ngram``)."""
+    results = [r.extra[name] for r in runs]
+    baseline = [r.baseline for r in runs]
+    k = int(name[2:]) if name.startswith("k=") else config.num_draft_tokens
+    accepted, proposed = _position_counts(results, k)
+    return {
+        "method": "ngram" if name == "ngram" else config.method,
+        "num_draft_tokens": k,
+        "tau": _ratio(
+            sum(r.stats.committed for r in results), sum(r.stats.cycles for r in results)
+        ),
+        "speedup": _ratio(
+            sum(r.stats.decode_s for r in baseline), sum(r.stats.decode_s for r in results)
+        ),
+        "tokens_per_s": _tokens_per_s(results),
+        "identical": sum(r.extra[name].token_ids == r.baseline.token_ids for r in runs),
+        "acceptance_by_position": [_ratio(a, p) for a, p in zip(accepted, proposed, strict=True)],
+    }
 
 
 def _identical(run: PromptRun) -> bool:
@@ -442,4 +494,12 @@ def format_summary(report: dict[str, Any]) -> str:
         + (f" | HF identical {report['hf_identical']}/{n}" if report.get("peers") else ""),
         f"acceptance by position: [{acceptance}]",
     ]
+    for path in report.get("extra_paths", {}).values():
+        accept = ", ".join(f"{a:.2f}" for a in path["acceptance_by_position"])
+        lines.append(
+            f"{path['method']} K={path['num_draft_tokens']}: tau {path['tau']:.2f} | "
+            f"speedup {path['speedup']:.2f}x | "
+            f"{path['tokens_per_s']:.1f} tok/s | identical {path['identical']}/{n} | "
+            f"acceptance [{accept}]"
+        )
     return "\n".join(lines) + "\n"

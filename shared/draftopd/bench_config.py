@@ -23,10 +23,19 @@ class DrafterRef:
 
     path: Path | None  # checkpoint directory (config.json + model.safetensors); None = random
     seed: int  # seed of the random-init drafter (unused for a checkpoint)
+    draft_vocab_size: int | None = None  # random init: its LM head size (None = the default)
 
 
 def parse_drafter_ref(ref: str) -> DrafterRef:
-    """``random:SEED`` or an existing checkpoint directory; anything else is a ValueError."""
+    """``random:SEED``, ``random:SEED:VOCAB`` (a draft vocabulary of VOCAB ids, as a trained
+    drafter's) or an existing checkpoint directory; anything else is a ValueError."""
+    head, _, vocab = ref.rpartition(":")
+    if ref.count(":") == 2 and head.startswith("random:"):
+        if not vocab.isdigit() or int(vocab) < 1:
+            raise ValueError(f"drafter {ref!r}: expected 'random:SEED:VOCAB' with VOCAB >= 1")
+        seed = parse_random_ref(head)
+        assert seed is not None
+        return DrafterRef(path=None, seed=seed, draft_vocab_size=int(vocab))
     seed = parse_random_ref(ref)
     if seed is not None:
         return DrafterRef(path=None, seed=seed)
@@ -34,7 +43,7 @@ def parse_drafter_ref(ref: str) -> DrafterRef:
     if path.is_dir():
         return DrafterRef(path=path, seed=0)
     raise ValueError(
-        f"drafter {ref!r} is neither a checkpoint directory nor random:SEED "
+        f"drafter {ref!r} is neither a checkpoint directory nor random:SEED[:VOCAB] "
         "(registry references are not supported yet)"
     )
 
@@ -46,7 +55,7 @@ class BenchConfig:
     max_new_tokens: int = setting(128, "M, the cap on generated tokens per prompt")
     method: str = setting("eagle3", "proposer of the speculative run", choices=METHODS)
     drafter: str | None = setting(
-        None, "eagle3 only: a checkpoint directory or random:SEED (none = random:0)"
+        None, "eagle3 only: a checkpoint directory or random:SEED[:VOCAB] (none = random:0)"
     )
     num_draft_tokens: int = setting(4, "K, drafts proposed per verification cycle")
     temperature: float = setting(0.0, "0 = greedy; > 0 samples (HF peers always run greedy)")
@@ -78,6 +87,10 @@ class BenchConfig:
     costs: bool = setting(
         False, "print the per-step cost table (target forwards, drafting, cycle/plain) instead"
     )
+    sweep_k: str | None = setting(
+        None, "also run the method at each of these K in the same run, e.g. 2,3,4,5,6,7"
+    )
+    with_ngram: bool = setting(False, "also run n-gram prompt lookup at K in the same run")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -102,10 +115,24 @@ class BenchConfig:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.sweep_k is not None:
+            if self.method == "none":
+                raise ValueError("sweep_k needs a speculative method")
+            self.sweep  # noqa: B018 (validates the list)
         if self.drafter is not None:
             if self.method != "eagle3":
                 raise ValueError(f"a drafter applies only to method 'eagle3', not {self.method!r}")
             parse_drafter_ref(self.drafter)
+
+    @property
+    def sweep(self) -> tuple[int, ...]:
+        """The K values of ``sweep_k`` (empty without it)."""
+        if not self.sweep_k:
+            return ()
+        parts = [p.strip() for p in self.sweep_k.split(",")]
+        if not all(p.isdigit() and int(p) >= 1 for p in parts):
+            raise ValueError(f"sweep_k {self.sweep_k!r}: expected positive integers, e.g. 2,4,6")
+        return tuple(sorted({int(p) for p in parts}))
 
     @property
     def drafter_ref(self) -> str | None:

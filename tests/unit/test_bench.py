@@ -130,13 +130,18 @@ def test_run_bench_sampling_reports_not_greedy(tiny_dir: Path, prompts_file: Pat
 def test_parse_drafter_ref() -> None:
     assert parse_drafter_ref("random:7").seed == 7
     assert parse_drafter_ref("random:7").path is None
+    assert parse_drafter_ref("random:7").draft_vocab_size is None
+    sized = parse_drafter_ref("random:7:8000")
+    assert (sized.seed, sized.draft_vocab_size, sized.path) == (7, 8000, None)
 
 
 def test_parse_drafter_ref_directory(tmp_path: Path) -> None:
     assert parse_drafter_ref(str(tmp_path)).path == tmp_path
 
 
-@pytest.mark.parametrize("ref", ["bogus", "random:", "random:x", "production", "drafter@v3"])
+@pytest.mark.parametrize(
+    "ref", ["bogus", "random:", "random:x", "production", "drafter@v3", "random:1:x", "random:1:0"]
+)
 def test_parse_drafter_ref_rejects(ref: str) -> None:
     with pytest.raises(ValueError, match="random:SEED"):
         parse_drafter_ref(ref)
@@ -277,3 +282,26 @@ def test_repeats_keep_the_fastest_run_of_every_path(tmp_path: Path, tiny_target_
     assert report["repeats"] == 3 and report["identical"] == 1 and report["num_prompts"] == 1
     with pytest.raises(ValueError, match="repeats"):
         BenchConfig(repeats=0)
+
+
+def test_sweep_k_and_ngram_run_beside_the_method_in_the_same_run(
+    tiny_dir: Path, prompts_file: Path
+) -> None:
+    config = bench_config(
+        tiny_dir, prompts_file, method="eagle3", drafter="random:1:50", sweep_k="3,2",
+        with_ngram=True, limit=2,
+    )  # fmt: skip
+    report = run_bench(config)
+    assert_report_sane(report, num_prompts=2, k=K)
+    extra = report["extra_paths"]
+    assert list(extra) == ["k=2", "k=3", "ngram"]
+    for name, k in (("k=2", 2), ("k=3", 3), ("ngram", K)):
+        path = extra[name]
+        assert path["num_draft_tokens"] == k and len(path["acceptance_by_position"]) == k
+        assert path["identical"] == 2  # lossless at every K
+        assert path["speedup"] > 0 and 1.0 <= path["tau"] <= k + 1
+    assert extra["ngram"]["method"] == "ngram" and extra["k=2"]["method"] == "eagle3"
+    text = format_summary(report)
+    assert "eagle3 K=2: tau" in text and f"ngram K={K}: tau" in text
+    with pytest.raises(ValueError, match="sweep_k"):
+        bench_config(tiny_dir, prompts_file, sweep_k="2,x")

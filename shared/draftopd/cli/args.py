@@ -68,6 +68,7 @@ _TYPES: dict[str, Callable[[str], Any]] = {
     "Int": int_arg,
     "Int | None": int_arg,
     "float": float_arg,
+    "float | None": float_arg,
     "str": str,
     "str | None": str,
     "Text": str,

@@ -177,6 +177,12 @@ class LoopConfig(_JSONConfig):
         None, "warmup steps; overrides the fraction", flag="--warmup"
     )
     total_steps: Int = _total_steps(2000)
+    max_seconds: float | None = setting(
+        None,
+        "also stop once the optimizer seconds reach this (comparisons at equal time); "
+        "the LR schedule still follows --steps",
+        resumable=True,
+    )
     grad_clip: float = setting(1.0, "max global gradient norm; 0 disables clipping")
     weight_decay: float = setting(0.0, "AdamW decoupled weight decay on matrices")
     betas: tuple[float, float] = setting((0.9, 0.95), "AdamW moment decay rates", cli=False)
@@ -199,6 +205,8 @@ class LoopConfig(_JSONConfig):
         _at_least(self, 1, ("total_steps", "eval_num_draft_tokens", "eval_max_new_tokens"))
         _at_least(self, 0, ("eval_every", "checkpoint_every", "weight_decay", "grad_clip"))
         _one_of(self.eval_mode, "eval_mode", EVAL_MODES)
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"max_seconds must be > 0, got {self.max_seconds}")
         if not 0 <= self.min_lr_ratio < 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1), got {self.min_lr_ratio}")
         if self.lr <= 0 or not 0 <= self.warmup_fraction <= 1:

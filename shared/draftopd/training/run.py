@@ -252,7 +252,9 @@ class TrainingRun:
 
     @property
     def done(self) -> bool:
-        return self.step >= self.cfg.total_steps
+        budget = getattr(self.cfg, "max_seconds", None)
+        out_of_time = budget is not None and self.elapsed_s >= budget
+        return self.step >= self.cfg.total_steps or out_of_time
 
     def evaluate(self) -> float | None:
         """Held-out tau of the current drafter (None without held-out prompts)."""
