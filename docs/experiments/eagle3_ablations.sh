@@ -27,6 +27,8 @@ row() {  # row NAME CACHE_DIR_OR_NONE FLAGS...
 }
 
 row baseline "$RECIPE/features" --feature-cache bfloat16 --draft-vocab-size 8000 --init-from-target
+# the settings before issue 14: target on the fly, TTT depth 7, random LM head
+row before none --feature-cache off --draft-vocab-size 8000 --ttt-steps 7
 row no-cache none --feature-cache off --draft-vocab-size 8000 --init-from-target
 row no-target-init "$RECIPE/features" --feature-cache bfloat16 --draft-vocab-size 8000
 row ttt7 "$RECIPE/features" --feature-cache bfloat16 --draft-vocab-size 8000 --init-from-target \
