@@ -59,6 +59,17 @@ def tiny_drafter(tiny_target: Any) -> Any:
     return random_drafter_for(tiny_target, seed=0, draft_vocab_size=tiny_target.vocab_size - 20)
 
 
+@pytest.fixture(scope="session")
+def tiny_dflash(tiny_target: Any) -> Any:
+    """A seeded random-init DFlash block drafter for the tiny target (block size 8: up to 7
+    drafts per pass; its draft vocab leaves out the last 20 tokens, like ``tiny_drafter``)."""
+    from draftopd.models.checkpoint import random_drafter_for
+
+    return random_drafter_for(
+        tiny_target, seed=0, draft_vocab_size=tiny_target.vocab_size - 20, architecture="dflash"
+    )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread() -> Any:
     """Tiny models run several times faster on one thread than on a contended pool."""

@@ -64,14 +64,33 @@ class Drafter(nn.Module, ABC):
     cfg: DrafterConfig
     d2t: torch.Tensor  # [draft_vocab] target id of each draft id
     t2d: torch.Tensor  # [target_vocab] draft id of each target id, -1 if absent
+    _embedding: list[nn.Embedding]  # the target's, kept out of state_dict
 
-    @abstractmethod
     def attach_embedding(self, embedding: nn.Embedding) -> None:
         """Share the target's (frozen) token embedding; it is never saved with the drafter."""
+        if embedding.weight.shape != (self.cfg.target_vocab_size, self.cfg.hidden_size):
+            raise ValueError(
+                f"embedding shape {tuple(embedding.weight.shape)} does not match the drafter's "
+                f"target ({self.cfg.target_vocab_size}, {self.cfg.hidden_size})"
+            )
+        self._embedding = [embedding]
 
-    @abstractmethod
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The target's embedding of ``input_ids``."""
+        if not self._embedding:
+            raise ValueError("drafter has no embedding: call attach_embedding(target.embed_tokens)")
+        return self._embedding[0](input_ids)
+
     def set_draft_vocab(self, target_ids: torch.Tensor) -> None:
         """Use ``target_ids`` (distinct, [draft_vocab]) as the draft vocabulary."""
+        if (
+            target_ids.numel() != self.cfg.draft_vocab_size
+            or target_ids.unique().numel() != target_ids.numel()
+        ):
+            raise ValueError(f"draft vocab must be {self.cfg.draft_vocab_size} distinct target ids")
+        self.d2t.copy_(target_ids)
+        self.t2d.fill_(-1)
+        self.t2d[target_ids] = torch.arange(target_ids.numel(), device=self.t2d.device)
 
     @abstractmethod
     def proposer(self, *, argmax_drafting: bool = False, weights: str = "auto") -> Proposer:

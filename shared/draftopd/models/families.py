@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from draftopd.models.dflash.drafter import DFlashDrafter, random_dflash
+from draftopd.models.dflash.model import DFlashConfig
 from draftopd.models.drafter import Drafter, DrafterConfig
 from draftopd.models.eagle3.model import Eagle3Config, Eagle3Drafter, random_drafter
 
@@ -33,6 +35,13 @@ FAMILIES: dict[str, DrafterFamily] = {
         build=Eagle3Drafter,
         config_for_target=Eagle3Config.for_target,
         random=random_drafter,
+    ),
+    "dflash": DrafterFamily(
+        architecture="dflash",
+        config_from_dict=DFlashConfig.from_dict,
+        build=DFlashDrafter,
+        config_for_target=DFlashConfig.for_target,
+        random=random_dflash,
     ),
 }
 

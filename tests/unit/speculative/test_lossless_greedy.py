@@ -24,22 +24,23 @@ def _ids(target: Any, text: str) -> list[int]:
     return list(target.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _proposers(target: Any, drafter: Any) -> dict[str, Any]:
+def _proposers(target: Any, drafter: Any, dflash: Any) -> dict[str, Any]:
     return {
         "eagle3": lambda: drafter.proposer(),
+        "dflash": lambda: dflash.proposer(),
         "ngram": lambda: NgramProposer(),
         "oracle": lambda: NoisyOracleProposer(target, noise=0.3),
     }
 
 
-@pytest.mark.parametrize("method", ["eagle3", "ngram", "oracle"])
+@pytest.mark.parametrize("method", ["eagle3", "dflash", "ngram", "oracle"])
 @pytest.mark.parametrize("k", [1, 4, 7])
 def test_speculative_greedy_equals_plain_greedy(
-    tiny_target: Any, tiny_drafter: Any, method: str, k: int
+    tiny_target: Any, tiny_drafter: Any, tiny_dflash: Any, method: str, k: int
 ) -> None:
     engine = DecodeEngine(tiny_target, num_draft_tokens=k)
     params = SamplingParams(max_new_tokens=48, ignore_eos=True)
-    make = _proposers(tiny_target, tiny_drafter)[method]
+    make = _proposers(tiny_target, tiny_drafter, tiny_dflash)[method]
     for text in PROMPTS:
         ids = _ids(tiny_target, text)
         plain = engine.generate(ids, params)

@@ -20,7 +20,7 @@ import torch
 from scipy.stats import chisquare
 
 import draftopd.speculative.engine as engine_module
-from draftopd.models.eagle3.model import Eagle3Config, random_drafter
+from draftopd.models.families import family
 from draftopd.models.target import TargetModel
 from draftopd.speculative.engine import DecodeEngine
 from draftopd.speculative.sampling import SamplingParams, probs_from_logits
@@ -44,13 +44,15 @@ def target() -> TargetModel:
     return small_vocab_target(VOCAB, seed=1, init_std=0.2)
 
 
-@pytest.fixture(scope="module")
-def drafter(target: TargetModel) -> torch.nn.Module:
-    """A random drafter whose q clearly differs from p, over a draft vocab of 3 of the 4 tokens."""
-    cfg = Eagle3Config.for_target(
+@pytest.fixture(scope="module", params=["eagle3", "dflash"])
+def drafter(target: TargetModel, request: pytest.FixtureRequest) -> torch.nn.Module:
+    """A random drafter of each family whose q clearly differs from p, over a draft vocab of 3
+    of the 4 tokens."""
+    kind = family(request.param)
+    cfg = kind.config_for_target(
         target.config, feature_layers=target.feature_layers, draft_vocab_size=3
     )
-    d = random_drafter(cfg, seed=5, std=0.5)
+    d = kind.random(cfg, seed=5, std=0.5)
     d.set_draft_vocab(torch.tensor([3, 0, 1]))
     d.attach_embedding(target.embed_tokens)
     return d.eval()

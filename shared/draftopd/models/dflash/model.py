@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from draftopd.models.drafter import Drafter
 from draftopd.models.eagle3.model import RMSNorm, apply_rope
 
 
@@ -194,9 +195,9 @@ def block_mask(anchors: torch.Tensor, context_length: int, block_size: int) -> t
     return torch.cat([sees_context, same_block], dim=-1)[:, None]
 
 
-class DFlashDrafter(nn.Module):
-    """The block drafter's modules and its batched forward (the seam methods are in
-    ``drafter.py``)."""
+class DFlashModule(Drafter):
+    """The block drafter's modules and its batched forward; ``DFlashDrafter`` (``drafter.py``)
+    adds the seam methods."""
 
     def __init__(self, cfg: DFlashConfig) -> None:
         super().__init__()
@@ -215,17 +216,11 @@ class DFlashDrafter(nn.Module):
         self.register_buffer("t2d", t2d, persistent=True)
         self._embedding: list[nn.Embedding] = []  # the target's, kept out of state_dict
 
-    d2t: torch.Tensor  # [draft_vocab] target id of each draft id
-    t2d: torch.Tensor  # [target_vocab] draft id of each target id, -1 if absent
+    cfg: DFlashConfig
 
     @property
     def decoder_layers(self) -> list[DFlashLayer]:
         return [layer for layer in self.layers if isinstance(layer, DFlashLayer)]
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if not self._embedding:
-            raise ValueError("drafter has no embedding: call attach_embedding(target.embed_tokens)")
-        return self._embedding[0](input_ids)
 
     def context(self, features: torch.Tensor, start: int = 0) -> ContextCache:
         """Every layer's context keys/values of target ``features`` [batch, T, F] at positions
@@ -273,22 +268,10 @@ class DFlashDrafter(nn.Module):
         return self.lm_head(self.norm(x)).float()
 
 
-def random_dflash(cfg: DFlashConfig, *, seed: int = 0, std: float = 0.02) -> DFlashDrafter:
-    """A randomly initialised block drafter (reproducible from ``seed``)."""
-    generator = torch.Generator().manual_seed(seed)
-    drafter = DFlashDrafter(cfg)
-    with torch.no_grad():
-        for name, param in drafter.named_parameters():
-            if (name.endswith("weight") and param.ndim == 2) or name == "mask_embedding":
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
-    return drafter
-
-
 __all__ = [
     "ContextCache",
     "DFlashConfig",
-    "DFlashDrafter",
     "DFlashLayer",
+    "DFlashModule",
     "block_mask",
-    "random_dflash",
 ]

@@ -214,30 +214,6 @@ class Eagle3Drafter(Drafter):
     d2t: torch.Tensor  # [draft_vocab] target id of each draft id
     t2d: torch.Tensor  # [target_vocab] draft id of each target id, -1 if absent
 
-    def attach_embedding(self, embedding: nn.Embedding) -> None:
-        if embedding.weight.shape != (self.cfg.target_vocab_size, self.cfg.hidden_size):
-            raise ValueError(
-                f"embedding shape {tuple(embedding.weight.shape)} does not match the drafter's "
-                f"target ({self.cfg.target_vocab_size}, {self.cfg.hidden_size})"
-            )
-        self._embedding = [embedding]
-
-    def set_draft_vocab(self, target_ids: torch.Tensor) -> None:
-        """Use ``target_ids`` (distinct, [draft_vocab]) as the draft vocabulary."""
-        if (
-            target_ids.numel() != self.cfg.draft_vocab_size
-            or target_ids.unique().numel() != target_ids.numel()
-        ):
-            raise ValueError(f"draft vocab must be {self.cfg.draft_vocab_size} distinct target ids")
-        self.d2t.copy_(target_ids)
-        self.t2d.fill_(-1)
-        self.t2d[target_ids] = torch.arange(target_ids.numel(), device=self.t2d.device)
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if not self._embedding:
-            raise ValueError("drafter has no embedding: call attach_embedding(target.embed_tokens)")
-        return self._embedding[0](input_ids)
-
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Fuse the target's low/mid/high hidden states: [batch, seq, 3H] -> [batch, seq, H]."""
         return self.fc(features.to(self.fc.weight.dtype))

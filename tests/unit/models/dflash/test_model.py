@@ -7,13 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from draftopd.models.dflash.model import (
-    ContextCache,
-    DFlashConfig,
-    DFlashDrafter,
-    block_mask,
-    random_dflash,
-)
+from draftopd.models.dflash.drafter import DFlashDrafter, random_dflash
+from draftopd.models.dflash.model import ContextCache, DFlashConfig, block_mask
 
 H, V, B, T = 32, 50, 4, 12
 

@@ -1,0 +1,84 @@
+"""Drafting with a DFlash block drafter: the whole block in one pass.
+
+The context keys/values of every committed position before the anchor stay cached across
+cycles: ``start`` caches the prompt's (all but its last token, which is the first anchor) and
+``commit`` appends the positions the target has just verified (the old anchor and the accepted
+drafts). ``propose`` then runs one pass over ``[anchor token, MASK x (B-1)]`` and reads slots
+1..k. Greedy decoding (or ``argmax_drafting``) proposes each slot's argmax with a one-hot q;
+sampling draws each slot from its own q, which is exactly the distribution the drafts come from
+(the slots do not depend on each other's draws), so verification stays lossless.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from draftopd.models.dflash.model import ContextCache, DFlashModule
+from draftopd.speculative.proposers import Proposal
+from draftopd.speculative.sampling import SamplingParams, probs_from_logits
+
+
+class DFlashProposer:
+    needs_features = True
+
+    def __init__(self, drafter: DFlashModule, *, argmax_drafting: bool = False) -> None:
+        self.drafter = drafter
+        self.argmax_drafting = argmax_drafting
+        self.cache: ContextCache | None = None
+
+    @property
+    def max_drafts(self) -> int:
+        return self.drafter.cfg.block_size - 1
+
+    @torch.inference_mode()
+    def _extend(self, features: torch.Tensor | None) -> None:
+        if features is None or features.shape[0] == 0:
+            return
+        device = self.drafter.fc.weight.device
+        start = 0 if self.cache is None else self.cache.length
+        piece = self.drafter.context(features.to(device)[None], start)
+        if self.cache is None:
+            self.cache = piece
+            return
+        self.cache = ContextCache(
+            keys=[torch.cat([a, b], 2) for a, b in zip(self.cache.keys, piece.keys, strict=True)],
+            values=[
+                torch.cat([a, b], 2) for a, b in zip(self.cache.values, piece.values, strict=True)
+            ],
+        )
+
+    def start(self, prompt_ids: list[int], features: torch.Tensor | None) -> None:
+        self.cache = None
+        self._extend(features)
+
+    def commit(self, committed: list[int], features: torch.Tensor | None) -> None:
+        assert features is not None and features.shape[0] == len(committed)
+        self._extend(features)
+
+    @torch.inference_mode()
+    def propose(
+        self, context: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
+    ) -> Proposal:
+        k = min(k, self.max_drafts)
+        if k <= 0 or self.cache is None:
+            return Proposal(tokens=[], q=None)
+        anchor = len(context) - 1
+        assert self.cache.length == anchor, (self.cache.length, anchor)
+        device = self.drafter.fc.weight.device
+        logits = self.drafter.blocks(
+            self.cache,
+            torch.tensor([[context[-1]]], device=device),
+            torch.tensor([[anchor]], device=device),
+            all_context=True,
+        )[0, 0, :k]  # [k, draft_vocab]
+        d2t = self.drafter.d2t
+        if params.greedy or self.argmax_drafting:
+            return Proposal(tokens=[int(t) for t in d2t[logits.argmax(-1)].tolist()], q=None)
+        q_draft = probs_from_logits(logits, params)  # [k, Vd]
+        drawn = torch.multinomial(q_draft, 1, generator=generator)[:, 0]  # [k]
+        q = torch.zeros(k, self.drafter.cfg.target_vocab_size, device=q_draft.device)
+        q[:, d2t] = q_draft
+        return Proposal(tokens=[int(t) for t in d2t[drawn].tolist()], q=q)
+
+
+__all__ = ["DFlashProposer"]

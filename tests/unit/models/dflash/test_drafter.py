@@ -1,0 +1,101 @@
+"""DFlash behind the drafter seam: block SFT learns, a checkpoint round-trips, and the Draft-OPD
+replay of its rollouts is on-policy (replay parity, docs/draft_opd.md check 3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from draftopd.models.checkpoint import load_drafter, random_drafter_for, save_drafter
+from draftopd.models.dflash.drafter import DFlashDrafter
+from draftopd.models.drafter import Drafter
+from draftopd.models.target import TargetModel
+from draftopd.training.data.batches import collate, target_features
+from draftopd.training.data.regenerate import Sample
+from draftopd.training.opd.replay import anchor_plan, collate_plans, replay_forward, replay_parity
+from draftopd.training.opd.rollouts import make_rollouts
+from draftopd.training.sft.train import choose_draft_vocab, train_sft
+from tests.unit.training.helpers import tiny_sft
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def trained(
+    sharp_target: TargetModel,
+    corpus: tuple[list[Sample], list[list[int]]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Drafter, list[dict[str, object]]]:
+    """A DFlash drafter after a short block SFT (some drafts accepted, many rejected)."""
+    train = corpus[0]
+    drafter = random_drafter_for(sharp_target, seed=0, draft_vocab_size=96, architecture="dflash")
+    vocab = choose_draft_vocab(train, vocab_size=sharp_target.vocab_size, draft_vocab_size=96)
+    drafter.set_draft_vocab(vocab)
+    cfg = tiny_sft(total_steps=60, ttt_steps=7, step_decay=0.85)
+    out = tmp_path_factory.mktemp("dflash-sft")
+    result = train_sft(sharp_target, train, out, cfg, drafter=drafter, progress=False)
+    return result.drafter.eval(), result.history
+
+
+def test_block_sft_lowers_the_loss_on_every_slot(
+    trained: tuple[Drafter, list[dict[str, object]]],
+) -> None:
+    drafter, history = trained
+    assert isinstance(drafter, DFlashDrafter)
+    steps = [line for line in history if line.get("step_loss")]
+    first, last = steps[0], steps[-1]
+    assert len(first["step_loss"]) == 7  # type: ignore[arg-type]
+    for a, b in zip(first["step_loss"], last["step_loss"], strict=True):  # type: ignore[call-overload]
+        assert b < a - 1.0, (first["step_loss"], last["step_loss"])
+    assert last["step_acc"][0] > 0.3  # type: ignore[index]
+
+
+def test_sft_loss_counts_only_response_slots(sharp_target: TargetModel) -> None:
+    drafter = random_drafter_for(sharp_target, seed=2, draft_vocab_size=96, architecture="dflash")
+    prompt, response = list(range(10, 16)), list(range(20, 23))
+    batch = collate(
+        [Sample("a", tuple(prompt), tuple(response)), Sample("b", (5, 6), (7, 8, 9, 10, 11))],
+        pad_id=0,
+    )
+    features, logits = target_features(sharp_target, batch.input_ids, batch.attention_mask)
+    out = drafter.sft_loss(
+        features, batch.input_ids, logits, batch.loss_mask, batch.attention_mask,
+        slots=7, decay=0.8,
+    )  # fmt: skip
+    assert out.step_loss.shape == (7,)
+    # the longest response has 5 tokens: slots past 5 predict nothing, so their loss is 0
+    assert bool((out.step_loss[:5] > 0).all()) and bool((out.step_loss[5:] == 0).all())
+    out.loss.backward()
+    assert drafter.lm_head.weight.grad is not None
+
+
+def test_checkpoint_round_trip(
+    sharp_target: TargetModel, trained: tuple[Drafter, list[dict[str, object]]], tmp_path: Path
+) -> None:
+    drafter = trained[0]
+    path = save_drafter(drafter, tmp_path / "ckpt")
+    loaded = load_drafter(path, sharp_target)
+    assert isinstance(loaded, DFlashDrafter) and loaded.cfg == drafter.cfg
+    saved, back = drafter.state_dict(), loaded.state_dict()
+    assert saved.keys() == back.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, back[name]), name
+
+
+def test_replay_parity_at_the_rollout_weights(
+    sharp_target: TargetModel,
+    trained: tuple[Drafter, list[dict[str, object]]],
+    corpus: tuple[list[Sample], list[list[int]]],
+) -> None:
+    drafter = trained[0]
+    prompts = [list(s.prompt_ids) for s in corpus[0][:10]]
+    records = make_rollouts(sharp_target, drafter, prompts, num_draft_tokens=K, max_new_tokens=32)
+    batch = collate_plans([anchor_plan(r) for r in records], pad_id=0, num_slots=K)
+    features = target_features(sharp_target, batch.input_ids, batch.attention_mask).features
+    with torch.no_grad():
+        logits = replay_forward(drafter, features, batch)
+    parity = replay_parity(logits, batch, drafter)
+    assert parity["slots_accepted"] >= 20 and parity["slots_rejected"] >= 20, parity
+    assert parity["parity_accepted"] >= 0.99 and parity["parity_rejected"] >= 0.99, parity
