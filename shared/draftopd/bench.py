@@ -2,7 +2,7 @@
 
 For every prompt, on the same machine and in one run, this measures:
 1. plain autoregressive decoding in our engine (no proposer): the baseline;
-2. speculative decoding in our engine with the chosen method (eagle3, ngram or none);
+2. speculative decoding in our engine with the chosen method (eagle3, dflash, ngram or none);
 3. with ``peers``: Hugging Face ``generate`` greedy, and ``generate`` with prompt lookup.
 
 The paths run interleaved per prompt, after one untimed warm-up of each, so machine drift hits all
@@ -29,6 +29,7 @@ from transformers import GenerationConfig
 
 from draftopd.bench_config import (
     DEFAULT_DRAFTER,
+    DRAFTER_METHODS,
     BenchConfig,
     parse_drafter_ref,
 )
@@ -147,23 +148,37 @@ def _setup(config: BenchConfig) -> _Bench:
     if target.tokenizer is None:
         raise ValueError(f"target {config.target!r} has no tokenizer; the benchmark needs one")
     rendered = [(p.id, render_prompt(target.tokenizer, p)) for p in prompts]
-    drafter = _load_drafter(config.drafter_ref, target) if config.drafter_ref else None
+    drafter = None
+    if config.drafter_ref:
+        drafter = _load_drafter(config.drafter_ref, target, architecture=config.method)
     engine = DecodeEngine(target, num_draft_tokens=config.num_draft_tokens)
     return _Bench(config=config, target=target, engine=engine, drafter=drafter, prompts=rendered)
 
 
-def _load_drafter(ref: str, target: TargetModel) -> Drafter:
+def _load_drafter(ref: str, target: TargetModel, *, architecture: str = "eagle3") -> Drafter:
     parsed = parse_drafter_ref(ref)
     if parsed.path is not None:
         logger.info("loading drafter checkpoint %s", parsed.path)
-        return load_drafter(parsed.path, target)
-    logger.info("using a random-init EAGLE-3 drafter (seed %d): expect low acceptance", parsed.seed)
-    return random_drafter_for(target, seed=parsed.seed, draft_vocab_size=parsed.draft_vocab_size)
+        drafter = load_drafter(parsed.path, target)
+        if drafter.cfg.architecture != architecture:
+            raise ValueError(
+                f"{parsed.path} holds a {drafter.cfg.architecture} drafter, not {architecture}"
+            )
+        return drafter
+    logger.info(
+        "using a random-init %s drafter (seed %d): expect low acceptance", architecture, parsed.seed
+    )
+    return random_drafter_for(
+        target,
+        seed=parsed.seed,
+        draft_vocab_size=parsed.draft_vocab_size,
+        architecture=architecture,
+    )
 
 
 def _new_proposer(bench: _Bench) -> Proposer | None:
     """A fresh proposer for one request (proposers hold per-request state)."""
-    if bench.config.method == "eagle3":
+    if bench.config.method in DRAFTER_METHODS:
         assert bench.drafter is not None
         return bench.drafter.proposer(weights=bench.config.draft_weights)
     if bench.config.method == "ngram":
@@ -411,7 +426,7 @@ def _context(
         "repeats": config.repeats,
         "step": config.step,
         "kernel": config.kernel,
-        "draft_weights": config.draft_weights if config.method == "eagle3" else None,
+        "draft_weights": config.draft_weights if config.method in DRAFTER_METHODS else None,
         "hf_prompt_lookup_num_tokens": HF_PROMPT_LOOKUP_TOKENS if config.peers else None,
         "accepted_by_position": accepted,
         "proposed_by_position": proposed,

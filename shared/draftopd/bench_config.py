@@ -10,7 +10,8 @@ from draftopd.config_fields import setting
 from draftopd.training.configs import DTYPES
 from draftopd.wire.formats import DEFAULT_TARGET, parse_random_ref
 
-METHODS = ("eagle3", "ngram", "none")
+METHODS = ("eagle3", "dflash", "ngram", "none")
+DRAFTER_METHODS = ("eagle3", "dflash")  # the methods that run a trained (or random) drafter
 STEPS = ("auto", "lean", "hf")  # mirrors models/target.py (this module stays torch-free)
 KERNELS = ("auto", "native", "torch")  # mirrors models/lean_llama.py
 DRAFT_WEIGHTS = ("auto", "bfloat16", "int8", "float32", "module")  # mirrors Eagle3Drafter.lean_step
@@ -55,7 +56,7 @@ class BenchConfig:
     max_new_tokens: int = setting(128, "M, the cap on generated tokens per prompt")
     method: str = setting("eagle3", "proposer of the speculative run", choices=METHODS)
     drafter: str | None = setting(
-        None, "eagle3 only: a checkpoint directory or random:SEED[:VOCAB] (none = random:0)"
+        None, "eagle3/dflash: a checkpoint directory or random:SEED[:VOCAB] (none = random:0)"
     )
     num_draft_tokens: int = setting(4, "K, drafts proposed per verification cycle")
     temperature: float = setting(0.0, "0 = greedy; > 0 samples (HF peers always run greedy)")
@@ -120,8 +121,10 @@ class BenchConfig:
                 raise ValueError("sweep_k needs a speculative method")
             self.sweep  # noqa: B018 (validates the list)
         if self.drafter is not None:
-            if self.method != "eagle3":
-                raise ValueError(f"a drafter applies only to method 'eagle3', not {self.method!r}")
+            if self.method not in DRAFTER_METHODS:
+                raise ValueError(
+                    f"a drafter applies only to methods {DRAFTER_METHODS}, not {self.method!r}"
+                )
             parse_drafter_ref(self.drafter)
 
     @property
@@ -136,10 +139,17 @@ class BenchConfig:
 
     @property
     def drafter_ref(self) -> str | None:
-        """The drafter actually used: the given one, random:0 for eagle3, None otherwise."""
-        if self.method != "eagle3":
+        """The drafter actually used: the given one, random:0 for a drafter method, else None."""
+        if self.method not in DRAFTER_METHODS:
             return None
         return self.drafter or DEFAULT_DRAFTER
 
 
-__all__ = ["DEFAULT_DRAFTER", "METHODS", "BenchConfig", "DrafterRef", "parse_drafter_ref"]
+__all__ = [
+    "DEFAULT_DRAFTER",
+    "DRAFTER_METHODS",
+    "METHODS",
+    "BenchConfig",
+    "DrafterRef",
+    "parse_drafter_ref",
+]

@@ -77,7 +77,7 @@ def assert_report_sane(report: dict[str, Any], *, num_prompts: int, k: int) -> N
     json.dumps(report)  # serialisable as it is
 
 
-@pytest.mark.parametrize("method", ["ngram", "eagle3", "none"])
+@pytest.mark.parametrize("method", ["ngram", "eagle3", "dflash", "none"])
 def test_run_bench_with_peers(tiny_dir: Path, prompts_file: Path, method: str) -> None:
     report = run_bench(bench_config(tiny_dir, prompts_file, method=method, peers=True))
     k = 0 if method == "none" else K
@@ -86,7 +86,7 @@ def test_run_bench_with_peers(tiny_dir: Path, prompts_file: Path, method: str) -
         assert report[key] > 0
     assert 0 <= report["hf_identical"] <= len(PROMPT_ROWS)
     assert report["method"] == method
-    assert report["drafter"] == ("random:0" if method == "eagle3" else None)
+    assert report["drafter"] == ("random:0" if method in ("eagle3", "dflash") else None)
     assert report["num_draft_tokens"] == K
     assert report["max_new_tokens"] == MAX_NEW
     spec = [entry["spec"] for entry in report["per_prompt"]]
@@ -151,7 +151,7 @@ def test_parse_drafter_ref_rejects(ref: str) -> None:
     ("overrides", "message"),
     [
         ({"method": "medusa"}, "method 'medusa' not supported"),
-        ({"method": "ngram", "drafter": "random:1"}, "only to method 'eagle3'"),
+        ({"method": "ngram", "drafter": "random:1"}, "only to methods"),
         ({"num_draft_tokens": 0}, "num_draft_tokens"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"temperature": -1.0}, "temperature"),
@@ -305,3 +305,18 @@ def test_sweep_k_and_ngram_run_beside_the_method_in_the_same_run(
     assert "eagle3 K=2: tau" in text and f"ngram K={K}: tau" in text
     with pytest.raises(ValueError, match="sweep_k"):
         bench_config(tiny_dir, prompts_file, sweep_k="2,x")
+
+
+def test_a_checkpoint_of_another_family_is_refused(
+    tiny_dir: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    target = load_target(str(tiny_dir))
+    checkpoint = save_drafter(
+        random_drafter_for(target, seed=3, architecture="dflash"), tmp_path / "dflash"
+    )
+    with pytest.raises(ValueError, match="holds a dflash drafter, not eagle3"):
+        run_bench(bench_config(tiny_dir, prompts_file, method="eagle3", drafter=str(checkpoint)))
+    report = run_bench(
+        bench_config(tiny_dir, prompts_file, method="dflash", drafter=str(checkpoint), limit=1)
+    )
+    assert_report_sane(report, num_prompts=1, k=K)
