@@ -104,8 +104,10 @@ def random_drafter_for(
     seed: int = 0,
     draft_vocab_size: int | None = None,
     architecture: str = DEFAULT_ARCHITECTURE,
+    **family_options: Any,
 ) -> Drafter:
-    """A seeded random-init drafter of a family for any target (before any training exists)."""
+    """A seeded random-init drafter of a family for any target (before any training exists).
+    ``family_options`` go to the family's config (dflash: ``block_size``, ``num_layers``)."""
     kind = family(architecture)
     cfg = kind.config_for_target(
         target.config,
@@ -113,6 +115,7 @@ def random_drafter_for(
         draft_vocab_size=draft_vocab_size or min(32000, target.vocab_size),
         target_model=target.name,
         target_fingerprint=target.fingerprint,
+        **family_options,
     )
     drafter = kind.random(cfg, seed=seed)
     drafter.attach_embedding(target.embed_tokens)

@@ -30,6 +30,7 @@ ROLLOUT_MODES = ("engine", "batched")
 STREAM_A_LOSSES = ("soft_ce", "bernoulli_fkl")
 STREAM_B_LOSSES = ("k3", "bernoulli_fkl")
 FEATURE_CACHES = ("off", "float32", "bfloat16", "float16")
+DRAFTER_TYPES = ("eagle3", "dflash")
 EVAL_MODES = ("cached", "engine")
 
 MAX_INT = 2**31 - 1  # integers travel through 32-bit database columns
@@ -260,6 +261,11 @@ class SFTConfig(LoopConfig):
     )
     step_decay: float = setting(0.8, "loss weight of unroll step j is step_decay ** j")
     draft_vocab_size: Int = setting(32000, "draft vocab Vd: the most frequent response tokens")
+    drafter_type: Text = setting(
+        "eagle3", "family of a fresh drafter (init_from keeps its own)", choices=DRAFTER_TYPES
+    )
+    block_size: Int = setting(8, "dflash: block size B (the anchor + B-1 drafted slots)")
+    drafter_layers: Int = setting(1, "dflash: decoder layers")
     init_from_target: bool = setting(
         False, "fresh drafter: LM head rows and final norm copied from the target"
     )
@@ -274,6 +280,9 @@ class SFTConfig(LoopConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _one_of(self.feature_cache, "feature_cache", FEATURE_CACHES)
+        _one_of(self.drafter_type, "drafter_type", DRAFTER_TYPES)
+        _at_least(self, 1, ("drafter_layers",))
+        _at_least(self, 2, ("block_size",))
         _at_least(self, 1, ("batch_size", "max_seq_len", "ttt_steps", "draft_vocab_size"))
         _at_least(self, 1, ("max_new_tokens", "gen_batch_size"))
         if not 0 < self.step_decay <= 1:
@@ -361,6 +370,7 @@ class OPDConfig(LoopConfig):
 
 
 __all__ = [
+    "DRAFTER_TYPES",
     "DTYPES",
     "EVAL_MODES",
     "FEATURE_CACHES",

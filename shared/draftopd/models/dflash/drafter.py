@@ -56,8 +56,10 @@ class DFlashDrafter(DFlashModule):
         decay: float,
         draft_vocab_logits: bool = False,
     ) -> SFTLossOutput:
-        """Block SFT with every response position (that has a next token) as an anchor."""
-        slots = min(slots, self.cfg.block_size - 1)
+        """Block SFT with every response position (that has a next token) as an anchor. All
+        B-1 slots come from the one pass and are all trained: ``slots`` (a chain drafter's TTT
+        depth) does not apply."""
+        slots = self.cfg.block_size - 1
         batch, length = input_ids.shape
         device = input_ids.device
         supervised = (loss_mask.bool() & attention_mask.bool()).to(device)  # [b, T]

@@ -118,7 +118,12 @@ def _initial_drafter(
         check_compatible(drafter.cfg, target)
         return drafter
     size = min(cfg.draft_vocab_size, target.vocab_size)
-    drafter = random_drafter_for(target, seed=cfg.seed, draft_vocab_size=size)
+    options = {}
+    if cfg.drafter_type == "dflash":
+        options = {"block_size": cfg.block_size, "num_layers": cfg.drafter_layers}
+    drafter = random_drafter_for(
+        target, seed=cfg.seed, draft_vocab_size=size, architecture=cfg.drafter_type, **options
+    )
     vocab = choose_draft_vocab(samples, vocab_size=target.vocab_size, draft_vocab_size=size)
     drafter.set_draft_vocab(vocab.to(drafter.d2t.device))
     if cfg.init_from_target:

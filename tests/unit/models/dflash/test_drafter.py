@@ -33,7 +33,7 @@ def trained(
     drafter = random_drafter_for(sharp_target, seed=0, draft_vocab_size=96, architecture="dflash")
     vocab = choose_draft_vocab(train, vocab_size=sharp_target.vocab_size, draft_vocab_size=96)
     drafter.set_draft_vocab(vocab)
-    cfg = tiny_sft(total_steps=60, ttt_steps=7, step_decay=0.85)
+    cfg = tiny_sft(total_steps=60, step_decay=0.85)
     out = tmp_path_factory.mktemp("dflash-sft")
     result = train_sft(sharp_target, train, out, cfg, drafter=drafter, progress=False)
     return result.drafter.eval(), result.history
@@ -50,6 +50,19 @@ def test_block_sft_lowers_the_loss_on_every_slot(
     for a, b in zip(first["step_loss"], last["step_loss"], strict=True):  # type: ignore[call-overload]
         assert b < a - 1.0, (first["step_loss"], last["step_loss"])
     assert last["step_acc"][0] > 0.3  # type: ignore[index]
+
+
+def test_sft_with_drafter_type_dflash_starts_a_block_drafter(
+    sharp_target: TargetModel, corpus: tuple[list[Sample], list[list[int]]], tmp_path: Path
+) -> None:
+    cfg = tiny_sft(
+        total_steps=2, warmup_steps=1, drafter_type="dflash", block_size=4, drafter_layers=2
+    )
+    result = train_sft(sharp_target, corpus[0][:16], tmp_path, cfg, progress=False)
+    assert isinstance(result.drafter, DFlashDrafter)
+    assert (result.drafter.cfg.block_size, result.drafter.cfg.num_layers) == (4, 2)
+    assert len(result.history[-1]["step_loss"]) == 3
+    assert isinstance(load_drafter(result.checkpoint, sharp_target), DFlashDrafter)
 
 
 def test_sft_loss_counts_only_response_slots(sharp_target: TargetModel) -> None:
