@@ -227,12 +227,28 @@ class Eagle3Drafter(Drafter):
         cache: DrafterCache | None = None,
         attn_mask: torch.Tensor | None = None,  # bool [seq, keys] or [batch, 1, seq, keys]
     ) -> DrafterOutput:
+        h = self.layer(hidden, input_ids, positions, cache=cache, attn_mask=attn_mask)
+        return DrafterOutput(logits=self.logits(h), hidden=h)
+
+    def layer(
+        self,
+        hidden: torch.Tensor,  # [batch, seq, H]
+        input_ids: torch.Tensor,  # [batch, seq]
+        positions: torch.Tensor,  # [batch, seq]
+        *,
+        cache: DrafterCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The decoder layer alone: the output hidden states [batch, seq, H] (no LM head)."""
         emb = self.embed(input_ids).to(hidden.dtype)
         x = torch.cat([self.input_layernorm(emb), self.hidden_norm(hidden)], dim=-1)  # [b, s, 2H]
         h = hidden + self.self_attn(x, positions, cache, attn_mask)
         normed = self.post_attention_layernorm(h)
-        h = h + self.down_proj(F.silu(self.gate_proj(normed)) * self.up_proj(normed))
-        return DrafterOutput(logits=self.lm_head(self.norm(h)).float(), hidden=h)
+        return h + self.down_proj(F.silu(self.gate_proj(normed)) * self.up_proj(normed))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits (float32) of hidden states [..., H]."""
+        return self.lm_head(self.norm(h)).float()
 
     def lean_step(self, weights: str = "auto") -> LeanEagle3 | None:
         """The lean decode-time forward with ``weights`` ("float32", "bfloat16", "auto" =

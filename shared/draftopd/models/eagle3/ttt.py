@@ -112,6 +112,20 @@ def _step_terms(
     return total, correct, valid.sum()
 
 
+def _supervised_terms(
+    drafter: Eagle3Drafter, h: torch.Tensor, targets: _Targets, step: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_step_terms`` with the LM head applied to the supervised entries only: the same sums,
+    without the head's cost on prompt and padding entries."""
+    n = h.shape[1]
+    valid = targets.supervised[:, 2 + step : 2 + step + n]  # [b, N]
+    logits = drafter.logits(h[valid])  # [M, Vd]
+    p = targets.p[:, 1 + step : 1 + step + n][valid]  # [M, Vd]
+    ce = torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)  # [M]
+    correct = (logits.argmax(-1) == p.argmax(-1)).sum()
+    return ce.sum(), correct, valid.sum()
+
+
 def _combine(
     terms: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     decay: float,
@@ -169,13 +183,16 @@ def ttt_unroll(
     terms, all_logits = [], []
     for j in range(steps):
         tokens = _shift(input_ids, 1 + j, n, 0)  # [b, N]: ids[i+1+j], 0 past the end
-        out = drafter(
+        h = drafter.layer(
             hidden, tokens, positions + j, cache=cache, attn_mask=step_attention_mask(n, j, device)
         )
-        terms.append(_step_terms(out.logits, targets, j))
         if return_logits:
-            all_logits.append(out.logits)
-        hidden = out.hidden  # g_j, fed back at step j+1
+            step_logits = drafter.logits(h)
+            terms.append(_step_terms(step_logits, targets, j))
+            all_logits.append(step_logits)
+        else:  # the LM head only where a loss is taken (not on prompt or padding entries)
+            terms.append(_supervised_terms(drafter, h, targets, j))
+        hidden = h  # g_j, fed back at step j+1
     logits = torch.stack(all_logits, dim=1) if return_logits else None  # [b, S, N, Vd]
     return _combine(terms, decay, logits)
 

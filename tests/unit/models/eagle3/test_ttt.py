@@ -101,6 +101,27 @@ def test_batched_unroll_matches_naive_reference(tiny_target: TargetModel) -> Non
         torch.testing.assert_close(grad, slow_grads[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
+def test_the_head_on_supervised_entries_only_gives_the_same_loss_and_gradients(
+    tiny_target: TargetModel,
+) -> None:
+    """Training skips the LM head on prompt and padding entries; nothing it returns changes."""
+    drafter = _drafter(tiny_target, draft_vocab=200, seed=2)
+    batch, features, target_logits = _batch(tiny_target)
+    args = (batch.loss_mask, batch.attention_mask)
+    full = ttt_unroll(
+        drafter, features, batch.input_ids, target_logits, *args, steps=STEPS, return_logits=True
+    )
+    lean = ttt_unroll(drafter, features, batch.input_ids, target_logits, *args, steps=STEPS)
+    assert lean.logits is None
+    torch.testing.assert_close(lean.loss, full.loss)
+    torch.testing.assert_close(lean.step_loss, full.step_loss)
+    assert torch.equal(lean.step_acc, full.step_acc)
+    assert torch.equal(lean.step_count, full.step_count)
+    full_grads, lean_grads = _grads(drafter, full.loss), _grads(drafter, lean.loss)
+    for name, grad in lean_grads.items():
+        torch.testing.assert_close(grad, full_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_loss_counts_only_response_tokens_inside_the_sequence(tiny_target: TargetModel) -> None:
     drafter = _drafter(tiny_target, draft_vocab=200, seed=1)
     batch, features, target_logits = _batch(tiny_target)
