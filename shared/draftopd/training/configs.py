@@ -31,6 +31,7 @@ STREAM_A_LOSSES = ("soft_ce", "bernoulli_fkl")
 STREAM_B_LOSSES = ("k3", "bernoulli_fkl")
 FEATURE_CACHES = ("off", "float32", "bfloat16", "float16")
 DRAFTER_TYPES = ("eagle3", "dflash")
+AUTOCASTS = ("off", "bfloat16")
 EVAL_MODES = ("cached", "engine")
 
 MAX_INT = 2**31 - 1  # integers travel through 32-bit database columns
@@ -269,6 +270,12 @@ class SFTConfig(LoopConfig):
     init_from_target: bool = setting(
         False, "fresh drafter: LM head rows and final norm copied from the target"
     )
+    autocast: Text = setting(
+        "off",
+        "drafter forward/backward under torch.autocast at this dtype (weights and optimizer "
+        "stay float32); bfloat16 is about 2x faster on CPUs with AVX512-BF16 or AMX",
+        choices=AUTOCASTS,
+    )
     feature_cache: Text = setting(
         "off",
         "target features cached once per sample at this dtype (training never runs the target), "
@@ -281,6 +288,7 @@ class SFTConfig(LoopConfig):
         super().__post_init__()
         _one_of(self.feature_cache, "feature_cache", FEATURE_CACHES)
         _one_of(self.drafter_type, "drafter_type", DRAFTER_TYPES)
+        _one_of(self.autocast, "autocast", AUTOCASTS)
         _at_least(self, 1, ("drafter_layers",))
         _at_least(self, 2, ("block_size",))
         _at_least(self, 1, ("batch_size", "max_seq_len", "ttt_steps", "draft_vocab_size"))
@@ -370,6 +378,7 @@ class OPDConfig(LoopConfig):
 
 
 __all__ = [
+    "AUTOCASTS",
     "DRAFTER_TYPES",
     "DTYPES",
     "EVAL_MODES",

@@ -155,16 +155,18 @@ def _train_step(
         features, logits = cached.cache.batch(
             samples, max_seq_len=cfg.max_seq_len, head=cached.head
         )
-    out = run.drafter.sft_loss(
-        features,
-        batch.input_ids,
-        logits,
-        batch.loss_mask,
-        batch.attention_mask,
-        slots=cfg.ttt_steps,
-        decay=cfg.step_decay,
-        draft_vocab_logits=cached is not None,
-    )
+    enabled = cfg.autocast != "off"
+    with torch.autocast(target.device.type, dtype=torch.bfloat16, enabled=enabled):
+        out = run.drafter.sft_loss(
+            features,
+            batch.input_ids,
+            logits,
+            batch.loss_mask,
+            batch.attention_mask,
+            slots=cfg.ttt_steps,
+            decay=cfg.step_decay,
+            draft_vocab_logits=cached is not None,
+        )
     norm = optimizer_step(run.optimizer, out.loss, lr=lr, grad_clip=cfg.grad_clip)
     return {
         "loss": float(out.loss.detach()),
