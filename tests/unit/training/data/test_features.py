@@ -201,13 +201,12 @@ def test_bf16_autocast_trains_close_to_float32(
     spec = FeatureSpec(tmp_path / "cache", "float32", MAX_SEQ)
     build_feature_cache(tiny_target, data_dir, spec, progress=False)
     cfg = tiny_sft(total_steps=6, max_seq_len=MAX_SEQ, batch_size=4, draft_vocab_size=64)
-    runs = {
-        mode: train_sft(
+    runs = {}
+    for mode in ("off", "bfloat16"):
+        runs[mode] = train_sft(
             tiny_target, data_dir, tmp_path / mode, replace(cfg, autocast=mode), progress=False,
             features=spec.out_dir,
         )  # fmt: skip
-        for mode in ("off", "bfloat16")
-    }
     for a, b in zip(runs["off"].history[1:], runs["bfloat16"].history[1:], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=0.05)
     assert all(p.dtype == torch.float32 for p in runs["bfloat16"].drafter.parameters())
