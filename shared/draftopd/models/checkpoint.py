@@ -98,6 +98,11 @@ def load_drafter(directory: str | Path, target: TargetModel) -> Drafter:
     return drafter.to(device=target.device, dtype=target.dtype).eval()
 
 
+# 8,000 covers 98.4% of SmolLM2's response tokens (docs/benchmarks.md, issue #14); larger-vocab
+# targets may want 32,000 (EAGLE-3's choice for Llama 3): set draft_vocab_size.
+DEFAULT_DRAFT_VOCAB = 8000
+
+
 def random_drafter_for(
     target: TargetModel,
     *,
@@ -112,7 +117,7 @@ def random_drafter_for(
     cfg = kind.config_for_target(
         target.config,
         feature_layers=target.feature_layers,
-        draft_vocab_size=draft_vocab_size or min(32000, target.vocab_size),
+        draft_vocab_size=draft_vocab_size or min(DEFAULT_DRAFT_VOCAB, target.vocab_size),
         target_model=target.name,
         target_fingerprint=target.fingerprint,
         **family_options,
@@ -124,6 +129,7 @@ def random_drafter_for(
 
 __all__ = [
     "CONFIG_FILE",
+    "DEFAULT_DRAFT_VOCAB",
     "WEIGHTS_FILE",
     "check_compatible",
     "load_drafter",

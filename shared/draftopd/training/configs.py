@@ -261,7 +261,7 @@ class SFTConfig(LoopConfig):
         4, "training-time-test unroll length (draft slots trained); default = serving K"
     )
     step_decay: float = setting(0.8, "loss weight of unroll step j is step_decay ** j")
-    draft_vocab_size: Int = setting(32000, "draft vocab Vd: the most frequent response tokens")
+    draft_vocab_size: Int = setting(8000, "draft vocab Vd: the most frequent response tokens")
     drafter_type: Text = setting(
         "eagle3", "family of a fresh drafter (init_from keeps its own)", choices=DRAFTER_TYPES
     )
