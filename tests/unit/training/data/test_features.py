@@ -210,3 +210,21 @@ def test_bf16_autocast_trains_close_to_float32(
     for a, b in zip(runs["off"].history[1:], runs["bfloat16"].history[1:], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=0.05)
     assert all(p.dtype == torch.float32 for p in runs["bfloat16"].drafter.parameters())
+
+
+def test_block_sft_reads_the_cache_too(
+    tiny_target: TargetModel, data_dir: Path, tmp_path: Path
+) -> None:
+    """The DFlash family's SFT takes the cache's draft-vocab logits like EAGLE-3's."""
+    cfg = tiny_sft(
+        total_steps=4, max_seq_len=MAX_SEQ, batch_size=4, draft_vocab_size=64,
+        drafter_type="dflash", block_size=4,
+    )  # fmt: skip
+    fly = train_sft(tiny_target, data_dir, tmp_path / "fly", cfg, progress=False)
+    spec = FeatureSpec(tmp_path / "cache", "float32", MAX_SEQ)
+    build_feature_cache(tiny_target, data_dir, spec, progress=False)
+    cached = train_sft(
+        tiny_target, data_dir, tmp_path / "run", cfg, progress=False, features=spec.out_dir
+    )
+    for a, b in zip(fly.history[1:], cached.history[1:], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
