@@ -49,6 +49,25 @@ class DrafterConfig(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
+def target_shape(target_config: Any) -> dict[str, Any]:
+    """The fields every family's config copies from the target's Hugging Face config: widths,
+    heads, norm epsilon, rotary base and vocabulary size."""
+    hidden = int(target_config.hidden_size)
+    heads = int(target_config.num_attention_heads)
+    rope = getattr(target_config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(target_config, "rope_theta", 10000.0))
+    return {
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(getattr(target_config, "num_key_value_heads", heads)),
+        "head_dim": int(getattr(target_config, "head_dim", None) or hidden // heads),
+        "intermediate_size": int(target_config.intermediate_size),
+        "rms_norm_eps": float(target_config.rms_norm_eps),
+        "rope_theta": float(theta),
+        "target_vocab_size": int(target_config.vocab_size),
+    }
+
+
 @dataclass(frozen=True)
 class SFTLossOutput:
     """What a family's SFT objective returns for one batch."""
@@ -132,4 +151,4 @@ class Drafter(nn.Module, ABC):
         drafter ignores ``chain_inputs``: its slots are one parallel pass."""
 
 
-__all__ = ["Drafter", "DrafterConfig", "SFTLossOutput"]
+__all__ = ["Drafter", "DrafterConfig", "SFTLossOutput", "target_shape"]

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from draftopd.models.drafter import Drafter
+from draftopd.models.drafter import Drafter, target_shape
 from draftopd.models.eagle3.model import RMSNorm, apply_rope
 
 
@@ -88,19 +88,8 @@ class DFlashConfig:
         block_size: int = 8,
         mask_token_id: int | None = None,
     ) -> DFlashConfig:
-        hidden = int(target_config.hidden_size)
-        heads = int(target_config.num_attention_heads)
-        rope = getattr(target_config, "rope_parameters", None) or {}
-        theta = rope.get("rope_theta", getattr(target_config, "rope_theta", 10000.0))
         return cls(
-            hidden_size=hidden,
-            num_attention_heads=heads,
-            num_key_value_heads=int(getattr(target_config, "num_key_value_heads", heads)),
-            head_dim=int(getattr(target_config, "head_dim", None) or hidden // heads),
-            intermediate_size=int(target_config.intermediate_size),
-            rms_norm_eps=float(target_config.rms_norm_eps),
-            rope_theta=float(theta),
-            target_vocab_size=int(target_config.vocab_size),
+            **target_shape(target_config),
             draft_vocab_size=draft_vocab_size,
             feature_layers=tuple(feature_layers),
             num_layers=num_layers,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from draftopd.models.drafter import Drafter, SFTLossOutput
+from draftopd.models.drafter import Drafter, SFTLossOutput, target_shape
 
 if TYPE_CHECKING:
     from draftopd.models.eagle3.lean import LeanEagle3
@@ -68,22 +68,12 @@ class Eagle3Config:
         target_model: str = "",
         target_fingerprint: str = "",
     ) -> Eagle3Config:
-        hidden = int(target_config.hidden_size)
-        heads = int(target_config.num_attention_heads)
-        rope = getattr(target_config, "rope_parameters", None) or {}
-        theta = rope.get("rope_theta", getattr(target_config, "rope_theta", 10000.0))
-        vocab = int(target_config.vocab_size)
+        shape = target_shape(target_config)
+        vocab = shape["target_vocab_size"]
         if not 0 < draft_vocab_size <= vocab:
             raise ValueError(f"draft_vocab_size {draft_vocab_size} must be in [1, {vocab}]")
         return cls(
-            hidden_size=hidden,
-            num_attention_heads=heads,
-            num_key_value_heads=int(getattr(target_config, "num_key_value_heads", heads)),
-            head_dim=int(getattr(target_config, "head_dim", None) or hidden // heads),
-            intermediate_size=int(target_config.intermediate_size),
-            rms_norm_eps=float(target_config.rms_norm_eps),
-            rope_theta=float(theta),
-            target_vocab_size=vocab,
+            **shape,
             draft_vocab_size=draft_vocab_size,
             feature_layers=feature_layers,
             target_model=target_model,
