@@ -33,7 +33,10 @@ from services.inference.status import InferenceHealth
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing bearer token (only when the server has an api_key)."},
     403: {"description": "Wrong bearer token."},
-    409: {"description": "speculative.method 'eagle3' but no drafter is loaded."},
+    409: {
+        "description": "speculative.method 'eagle3' or 'dflash' but no drafter of that family "
+        "is loaded."
+    },
     429: {"description": "Every slot busy and the wait queue full; retry after Retry-After s."},
     422: {"description": "Invalid field; detail[].loc names it."},
 }
@@ -75,10 +78,11 @@ def _sse(events: Any, prepared: PreparedGeneration) -> StreamingResponse:
     summary="Generate with speculative decoding (native API)",
 )
 async def generate(body: GenerateRequest, request: Request, service: ServiceDep) -> Any:
-    """Greedy by default. ``speculative.method`` picks the proposer (default: eagle3 when a
-    drafter is loaded, else ngram); the output is the target's own either way. With
-    ``stream=true``: SSE, one ``{"type": "delta"}`` event per decode cycle, then
-    ``{"type": "final", ...}`` with the full response and stats, then ``data: [DONE]``."""
+    """Greedy by default. ``speculative.method`` picks the proposer (default: the served
+    drafter's family, eagle3 or dflash, when one is loaded, else ngram); the output is the
+    target's own either way. With ``stream=true``: SSE, one ``{"type": "delta"}`` event per
+    decode cycle, then ``{"type": "final", ...}`` with the full response and stats, then
+    ``data: [DONE]``."""
     prepared = service.prepare(specs.from_generate(body))
     if body.stream:
         events = service.stream(prepared, is_disconnected=request.is_disconnected)
@@ -153,7 +157,7 @@ def health(service: ServiceDep) -> InferenceHealth:
     return service.health()
 
 
-@router.get("/drafter", response_model=DrafterInfo, summary="The EAGLE-3 drafter being served")
+@router.get("/drafter", response_model=DrafterInfo, summary="The drafter being served")
 def drafter(service: ServiceDep) -> DrafterInfo:
     return service.drafter_info()
 

@@ -1,4 +1,5 @@
-"""The served EAGLE-3 drafter: loading and its version, kept in one immutable holder.
+"""The served drafter (any family: EAGLE-3, DFlash): loading and its version, kept in one
+immutable holder.
 
 A request reads the service's ``ServedDrafter`` once when it starts and uses that object to the
 end, so replacing the holder (a hot swap) never changes a request that is already running.
@@ -76,13 +77,16 @@ def checkpoint_version(directory: str | Path) -> str:
     return weights_digest(weights)
 
 
-def load_served_drafter(spec: str, target: TargetModel) -> ServedDrafter:
-    """Load ``spec`` ('random:SEED' or a checkpoint directory) for ``target``."""
+def load_served_drafter(
+    spec: str, target: TargetModel, *, random_architecture: str = "eagle3"
+) -> ServedDrafter:
+    """Load ``spec`` ('random:SEED', a drafter of family ``random_architecture``, or a checkpoint
+    directory of any family) for ``target``."""
     seed = parse_random_ref(spec)
     if seed is not None:
-        drafter = random_drafter_for(target, seed=seed)
+        drafter = random_drafter_for(target, seed=seed, architecture=random_architecture)
         drafter.proposer()  # packs the decode-time weights now, off the request path
-        logger.info("serving a random EAGLE-3 drafter (seed %d)", seed)
+        logger.info("serving a random %s drafter (seed %d)", random_architecture, seed)
         return ServedDrafter(drafter=drafter, version=spec, path=None, provenance={})
     directory = Path(spec).expanduser()
     if not directory.is_dir():
@@ -105,7 +109,7 @@ def load_checkpoint_drafter(
     drafter.proposer()  # packs the decode-time weights now (loads and hot swaps run off the
     # request path), so the first request after a swap does not pay for it
     provenance = meta.get("provenance")
-    logger.info("loaded EAGLE-3 drafter %s from %s", version, directory)
+    logger.info("loaded %s drafter %s from %s", drafter.cfg.architecture, version, directory)
     return ServedDrafter(
         drafter=drafter,
         version=version,

@@ -26,7 +26,8 @@ class InvalidRequestError(ValueError):
 
 
 class DrafterUnavailableError(RuntimeError):
-    """EAGLE-3 decoding was asked for but no drafter is loaded (-> 409)."""
+    """A drafter method (eagle3, dflash) was asked for but no drafter of that family is loaded
+    (-> 409)."""
 
 
 class ClientGoneError(RuntimeError):

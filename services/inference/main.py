@@ -60,8 +60,8 @@ def create_app(settings: InferenceSettings | None = None) -> FastAPI:
     app = FastAPI(
         title="draftopd inference",
         version="0.1.0",
-        summary="Speculative decoding (EAGLE-3 drafter, n-gram or plain) behind native and "
-        "OpenAI-compatible APIs. Every response names the drafter version that made it.",
+        summary="Speculative decoding (EAGLE-3 or DFlash drafter, n-gram or plain) behind native "
+        "and OpenAI-compatible APIs. Every response names the drafter version that made it.",
         lifespan=lifespan,
     )
     app.state.settings = settings

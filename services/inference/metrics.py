@@ -1,6 +1,6 @@
 """Prometheus metrics of one app instance (its own ``CollectorRegistry``).
 
-Speculative counters are labelled by ``drafter_version``: the EAGLE-3 version string, ``ngram``, or
+Speculative counters are labelled by ``drafter_version``: the drafter version string, ``ngram``, or
 ``none`` for plain decoding. From them, per version:
 - tau = generated_tokens / cycles (when no request was cut by a stop string);
 - acceptance rate = accepted_tokens / draft_tokens;

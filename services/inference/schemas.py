@@ -22,7 +22,8 @@ OPENAI_COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 16
 MAX_DRAFT_TOKENS = 32
 
-SpeculativeMethod = Literal["eagle3", "ngram", "none"]
+SpeculativeMethod = Literal["eagle3", "dflash", "ngram", "none"]
+DRAFTER_METHODS = ("eagle3", "dflash")  # the methods that run the served drafter (its family)
 ChatRole = Literal["system", "developer", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length"]
 
@@ -48,7 +49,9 @@ class SpeculativeOptions(_Request):
     model_config = ConfigDict(extra="forbid")
 
     method: SpeculativeMethod | None = Field(
-        default=None, description="eagle3 (served drafter), ngram (prompt lookup) or none."
+        default=None,
+        description="eagle3 or dflash (the served drafter, which must be of that family), "
+        "ngram (prompt lookup) or none.",
     )
     num_draft_tokens: int | None = Field(
         default=None, ge=1, le=MAX_DRAFT_TOKENS, description="Draft tokens per cycle (K)."
@@ -373,7 +376,8 @@ class HealthResponse(BaseModel):
 
 
 class DrafterInfo(BaseModel):
-    """The EAGLE-3 drafter being served; every field but ``num_draft_tokens`` is null if none."""
+    """The drafter being served (EAGLE-3 or DFlash); every field but ``num_draft_tokens`` is null
+    if none."""
 
     version: str | None
     architecture: str | None

@@ -39,6 +39,7 @@ from services.inference.errors import (
 from services.inference.metrics import RunRecord, ServiceMetrics
 from services.inference.responses import Outcome
 from services.inference.schemas import (
+    DRAFTER_METHODS,
     DrafterInfo,
     SpeculativeMethod,
     SpeculativeStats,
@@ -74,14 +75,14 @@ class PreparedGeneration:
     params: SamplingParams
     method: SpeculativeMethod
     num_draft_tokens: int  # 0 for method "none"
-    drafter: ServedDrafter | None  # the holder this request keeps (eagle3 only)
+    drafter: ServedDrafter | None  # the holder this request keeps (drafter methods only)
     received_at: float  # perf_counter() when the request was prepared
     admission: Admission  # its place among the admitted requests; released when it ends
 
     @property
     def drafter_version(self) -> str | None:
         """What the response reports: the drafter version, 'ngram', or None (plain decoding)."""
-        if self.method == "eagle3":
+        if self.method in DRAFTER_METHODS:
             return self.drafter.version if self.drafter is not None else None
         return "ngram" if self.method == "ngram" else None
 
@@ -116,7 +117,13 @@ class InferenceService:
         target = load_target(settings.target, device=settings.device, dtype=settings.dtype)
         target.new_decode_cache()  # builds the decode step now (kernel, packed weights), not in
         # the first request: /health says ready only once this is done
-        drafter = load_served_drafter(settings.drafter, target) if settings.drafter else None
+        drafter = (
+            load_served_drafter(
+                settings.drafter, target, random_architecture=settings.random_architecture
+            )
+            if settings.drafter
+            else None
+        )
         source = f"registry alias {settings.drafter_name}/{settings.drafter_alias}"
         logger.info(
             "inference ready: target=%s device=%s drafter=%s",
@@ -137,7 +144,7 @@ class InferenceService:
 
     def default_method(self, drafter: ServedDrafter | None) -> SpeculativeMethod:
         """The method of a request that names none, given the holder it took."""
-        return self.settings.default_method_for(drafter is not None)
+        return self.settings.default_method_for(drafter.architecture if drafter else None)
 
     def health(self) -> InferenceHealth:
         drafter = self._drafter
@@ -176,8 +183,8 @@ class InferenceService:
             )
         drafter = self._drafter  # read once: a swap from now on does not touch this request
         method = spec.method or self.default_method(drafter)
-        if method == "eagle3" and drafter is None:
-            raise DrafterUnavailableError(self._no_drafter_message())
+        if method in DRAFTER_METHODS and (drafter is None or drafter.architecture != method):
+            raise DrafterUnavailableError(self._no_drafter_message(method, drafter))
         prompt_ids = self._prompt_ids(spec)
         self._check_context(spec, len(prompt_ids))
         try:
@@ -199,7 +206,7 @@ class InferenceService:
             params=params,
             method=method,
             num_draft_tokens=0 if method == "none" else k,
-            drafter=drafter if method == "eagle3" else None,
+            drafter=drafter if method in DRAFTER_METHODS else None,
             received_at=time.perf_counter(),
             admission=self._admit(),
         )
@@ -270,17 +277,23 @@ class InferenceService:
             yield self._outcome(prepared, run)
 
     # -- helpers ----------------------------------------------------------------------------
-    def _no_drafter_message(self) -> str:
+    def _no_drafter_message(self, method: str, drafter: ServedDrafter | None) -> str:
         settings = self.settings
+        needs = f"speculative.method {method!r} needs a {method} drafter"
+        if drafter is not None:
+            return (
+                f"{needs}, and this server serves {drafter.version}, a {drafter.architecture} "
+                f"drafter; use {drafter.architecture!r}, 'ngram' or 'none'"
+            )
         if settings.follows_registry:
             return (
-                "speculative.method 'eagle3' needs an EAGLE-3 drafter, and none is loaded yet "
-                f"from registry alias {settings.drafter_name}/{settings.drafter_alias} (see "
-                "GET /health, field registry); use 'ngram' or 'none'"
+                f"{needs}, and none is loaded yet from registry alias "
+                f"{settings.drafter_name}/{settings.drafter_alias} (see GET /health, field "
+                "registry); use 'ngram' or 'none'"
             )
         return (
-            "speculative.method 'eagle3' needs an EAGLE-3 drafter, and this server has none "
-            "loaded (setting DRAFTOPD_INFERENCE_DRAFTER); use 'ngram' or 'none'"
+            f"{needs}, and this server has none loaded (setting DRAFTOPD_INFERENCE_DRAFTER); "
+            "use 'ngram' or 'none'"
         )
 
     def _next_cycle(self, cycles: Iterator[Delta]) -> Delta | None:
@@ -336,7 +349,7 @@ class InferenceService:
 
     def _start(self, prepared: PreparedGeneration) -> DecodeRun:
         proposer: Proposer | None = None
-        if prepared.method == "eagle3":
+        if prepared.method in DRAFTER_METHODS:
             assert prepared.drafter is not None  # checked in prepare
             drafter = prepared.drafter.drafter
             proposer = drafter.proposer(weights=self.settings.draft_weights)  # per-request state

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from draftopd.wire.formats import parse_random_ref
+from services.inference.schemas import DRAFTER_METHODS, SpeculativeMethod
 
 
 class InferenceSettings(BaseSettings):
@@ -21,10 +22,16 @@ class InferenceSettings(BaseSettings):
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     drafter: str | None = Field(
-        default=None, description="EAGLE-3 checkpoint dir, or 'random:SEED'; None = no drafter."
+        default=None,
+        description="drafter checkpoint dir (EAGLE-3 or DFlash), or 'random:SEED'; None = none.",
     )
-    default_method: Literal["eagle3", "ngram", "none"] | None = Field(
-        default=None, description="None: 'eagle3' while a drafter is loaded, else 'ngram'."
+    random_architecture: Literal["eagle3", "dflash"] = Field(
+        default="eagle3", description="The family of a 'random:SEED' drafter."
+    )
+    default_method: SpeculativeMethod | None = Field(
+        default=None,
+        description="None: the served drafter's family (eagle3 or dflash) while one is loaded, "
+        "else 'ngram'.",
     )
     num_draft_tokens: int = Field(default=4, ge=1, le=32, description="Default K per cycle.")
     draft_weights: Literal["auto", "bfloat16", "int8", "float32", "module"] = Field(
@@ -99,9 +106,10 @@ class InferenceSettings(BaseSettings):
                 )
             if self.drafter_name is None:
                 raise ValueError("registry_url needs drafter_name (the registry drafter to serve)")
-        if self.default_method == "eagle3" and not self.has_drafter_source:
+        if self.default_method in DRAFTER_METHODS and not self.has_drafter_source:
             raise ValueError(
-                "default_method 'eagle3' needs a drafter (set drafter or registry_url)"
+                f"default_method {self.default_method!r} needs a drafter "
+                "(set drafter or registry_url)"
             )
         return self
 
@@ -113,19 +121,15 @@ class InferenceSettings(BaseSettings):
     def has_drafter_source(self) -> bool:
         return self.drafter is not None or self.registry_url is not None
 
-    @property
-    def resolved_default_method(self) -> Literal["eagle3", "ngram", "none"]:
-        """The default when a drafter is configured (with a registry: once one is loaded)."""
+    def default_method_for(self, drafter_architecture: str | None) -> SpeculativeMethod:
+        """The method of a request that names none: the loaded drafter's family, else ngram,
+        unless the operator chose one explicitly (a drafter method then gets a 409 until a
+        drafter of that family is loaded)."""
         if self.default_method is not None:
             return self.default_method
-        return "eagle3" if self.has_drafter_source else "ngram"
-
-    def default_method_for(self, drafter_loaded: bool) -> Literal["eagle3", "ngram", "none"]:
-        """The method of a request that names none: eagle3 needs a loaded drafter unless the
-        operator chose it explicitly (then such requests get a 409 until one is loaded)."""
-        if self.default_method is not None:
-            return self.default_method
-        return "eagle3" if drafter_loaded else "ngram"
+        if drafter_architecture in DRAFTER_METHODS:
+            return cast(SpeculativeMethod, drafter_architecture)
+        return "ngram"
 
     @property
     def model_name(self) -> str:

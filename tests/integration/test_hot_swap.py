@@ -1,7 +1,8 @@
 """Hot swap under load: a real registry (SQLite, uvicorn on a free port) holds two versions of a
-tiny EAGLE-3 drafter; a real inference service (uvicorn on a free port) follows the alias
-``production`` through the real Redis's alias events. Eight clients stream greedy ``/generate``
-requests in a loop while the test flips ``production`` between the two versions 20 times.
+tiny drafter (EAGLE-3, and in a second run DFlash); a real inference service (uvicorn on a free
+port) follows the alias ``production`` through the real Redis's alias events. Eight clients stream
+greedy ``/generate`` requests in a loop while the test flips ``production`` between the two
+versions 20 times.
 
 Checked: no request fails; every output (the streamed deltas and the final event) is token for
 token plain greedy decoding of its prompt; every response names one of the two versions, and
@@ -64,13 +65,14 @@ def _greedy(target: TargetModel, prompt: str) -> tuple[list[int], list[int]]:
     return ids, DecodeEngine(target).generate(ids, SamplingParams(max_new_tokens=MAX_NEW)).token_ids
 
 
-def _stream_once(http: httpx.Client, prompt: str) -> dict[str, Any]:
-    """One streaming greedy eagle3 request; returns the final event plus the joined deltas."""
+def _stream_once(http: httpx.Client, prompt: str, method: str) -> dict[str, Any]:
+    """One streaming greedy request with the served drafter's family as the method; returns
+    the final event plus the joined deltas."""
     body = {
         "prompt": prompt,
         "max_new_tokens": MAX_NEW,
         "stream": True,
-        "speculative": {"method": "eagle3"},
+        "speculative": {"method": method},
     }
     with http.stream("POST", "/generate", json=body) as response:
         if response.status_code != 200:
@@ -85,7 +87,12 @@ def _stream_once(http: httpx.Client, prompt: str) -> dict[str, Any]:
 
 
 def _client_loop(
-    base_url: str, index: int, references: dict[str, list[int]], stop: threading.Event, tally: Tally
+    base_url: str,
+    index: int,
+    references: dict[str, list[int]],
+    stop: threading.Event,
+    tally: Tally,
+    method: str,
 ) -> None:
     with httpx.Client(base_url=base_url, timeout=60) as http:
         turn = index
@@ -93,7 +100,7 @@ def _client_loop(
             prompt = PROMPTS[turn % len(PROMPTS)]
             turn += 1
             try:
-                final = _stream_once(http, prompt)
+                final = _stream_once(http, prompt, method)
             except (httpx.HTTPError, AssertionError, ValueError) as err:
                 tally.failures.append(f"client {index}, {prompt!r}: {err!r}")
                 continue
@@ -105,7 +112,7 @@ def _client_loop(
 
 def _final_version_delay(http: httpx.Client, final: str, flipped_at: float) -> float:
     """Seconds from the flip to the first new request (its sending) that reports ``final``."""
-    body = {"prompt": PROMPTS[0], "max_new_tokens": 1, "speculative": {"method": "eagle3"}}
+    body = {"prompt": PROMPTS[0], "max_new_tokens": 1}  # the served family's method
     while (sent_at := time.monotonic()) - flipped_at < 30:
         if http.post("/generate", json=body).json()["drafter_version"] == final:
             return sent_at - flipped_at
@@ -129,16 +136,20 @@ def _flip(registry: LiveRegistry, http: httpx.Client, name: str, tally: Tally) -
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("architecture", ["eagle3", "dflash"])
 def test_flipping_the_alias_under_load_loses_nothing(
     registry: LiveRegistry,
     tiny_target: TargetModel,
     tiny_target_dir: Path,
     redis_url: str,
     tmp_path: Path,
+    architecture: str,
 ) -> None:
-    name = registry.new_drafter()
+    name = registry.new_drafter(architecture=architecture)
     for seed in (1, 2):
-        registry.upload_random(name, tiny_target, seed=seed, workdir=tmp_path)
+        registry.upload_random(
+            name, tiny_target, seed=seed, workdir=tmp_path, architecture=architecture
+        )
     registry.client.put_alias(name, "production", 1)
     versions = {f"{name}@1", f"{name}@2"}
     references = {prompt: _greedy(tiny_target, prompt)[1] for prompt in PROMPTS}
@@ -156,7 +167,10 @@ def test_flipping_the_alias_under_load_loses_nothing(
     with live_server(create_app(settings)) as base_url, httpx.Client(base_url=base_url) as http:
         assert http.get("/drafter").json()["version"] == f"{name}@1"
         clients = [
-            threading.Thread(target=_client_loop, args=(base_url, i, references, stop, tally))
+            threading.Thread(
+                target=_client_loop,
+                args=(base_url, i, references, stop, tally, architecture),
+            )
             for i in range(CLIENTS)
         ]
         for thread in clients:

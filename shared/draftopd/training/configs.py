@@ -23,6 +23,7 @@ from pydantic import ConfigDict, Strict
 from pydantic import Field as Limits
 
 from draftopd.config_fields import setting
+from draftopd.training.data.corpus import DEFAULT_MIN_PROMPTS
 from draftopd.wire.formats import DEFAULT_TARGET
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -142,6 +143,9 @@ class RunConfig(_JSONConfig):
     limit: Int | None = setting(None, "then use the next N prompts; none = all the rest")
     heldout: Int = setting(8, "the last N prompts of the list, never trained on: tau in training")
     corpus_seed: Int = setting(0, "seed of the built-in corpus (ignored with --prompts)")
+    corpus_size: Int = setting(
+        DEFAULT_MIN_PROMPTS, "prompts in the built-in corpus (ignored with --prompts)"
+    )
     device: Text | None = setting(None, "torch device; none = cuda when available, else cpu")
     dtype: Text = setting("float32", "target dtype", choices=DTYPES)
     threads: Int | None = setting(None, "torch intra-op CPU threads; none = torch's default")
@@ -150,7 +154,7 @@ class RunConfig(_JSONConfig):
         if not self.out_dir:
             raise ValueError("out_dir must not be empty")
         _at_least(self, 0, ("skip", "heldout"))
-        _at_least(self, 1, ("limit", "threads"))
+        _at_least(self, 1, ("limit", "threads", "corpus_size"))
         _one_of(self.dtype, "dtype", DTYPES)
 
 

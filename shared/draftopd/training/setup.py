@@ -47,7 +47,7 @@ def prepare_run(run: RunConfig, *, kind: str, stage: dict[str, Any]) -> RunSetup
     """Threads, prompts, target and run record for a ``kind`` run ("sft" or "draft_opd") whose
     stage section is ``stage``."""
     split = split_prompts(
-        load_training_prompts(run.prompts, seed=run.corpus_seed),
+        load_training_prompts(run.prompts, seed=run.corpus_seed, min_prompts=run.corpus_size),
         heldout=run.heldout,
         limit=run.limit,
         skip=run.skip,

@@ -32,17 +32,27 @@ class LiveRegistry:
     artifact_dir: Path
     client: RegistryClient  # authenticated (writes)
 
-    def new_drafter(self, target_model: str = "tiny") -> str:
+    def new_drafter(self, target_model: str = "tiny", architecture: str = "eagle3") -> str:
         """A drafter with a unique name (the alias channel is shared by every Redis database)."""
-        name = f"tiny-eagle3-{uuid.uuid4().hex[:8]}"
-        self.client.create_drafter(name, target_model=target_model)
+        name = f"tiny-{architecture}-{uuid.uuid4().hex[:8]}"
+        self.client.create_drafter(name, target_model=target_model, architecture=architecture)
         return name
 
     def upload_random(
-        self, name: str, target: TargetModel, *, seed: int, workdir: Path, **provenance: object
+        self,
+        name: str,
+        target: TargetModel,
+        *,
+        seed: int,
+        workdir: Path,
+        architecture: str = "eagle3",
+        **provenance: object,
     ) -> dict[str, object]:
-        """Upload a seeded random EAGLE-3 drafter for ``target`` as ``name``'s next version."""
-        drafter = random_drafter_for(target, seed=seed, draft_vocab_size=target.vocab_size - 20)
+        """Upload a seeded random drafter of a family for ``target`` as ``name``'s next
+        version."""
+        drafter = random_drafter_for(
+            target, seed=seed, draft_vocab_size=target.vocab_size - 20, architecture=architecture
+        )
         checkpoint = save_drafter(
             drafter, workdir / f"{name}-seed{seed}-{uuid.uuid4().hex[:6]}", provenance=provenance
         )

@@ -297,9 +297,10 @@ def test_registry_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     assert settings.drafter_alias == "production" and settings.alias_poll_s == 2.5
     assert settings.registry_token is not None and "s3cret" not in repr(settings)
     assert settings.artifact_cache_dir == Path("/var/cache/drafters")
-    assert settings.resolved_default_method == "eagle3"
-    assert settings.default_method_for(False) == "ngram"  # until a version is loaded
-    assert InferenceSettings(default_method="eagle3").default_method_for(False) == "eagle3"
+    assert settings.default_method_for("eagle3") == "eagle3"  # the loaded version's family
+    assert settings.default_method_for("dflash") == "dflash"
+    assert settings.default_method_for(None) == "ngram"  # until a version is loaded
+    assert InferenceSettings(default_method="eagle3").default_method_for(None) == "eagle3"
 
 
 @pytest.mark.parametrize(

@@ -174,12 +174,14 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DRAFTOPD_INFERENCE_API_KEY", "k")
     settings = InferenceSettings()
     assert settings.target == "/models/x"
-    assert settings.resolved_default_method == "eagle3"
+    assert settings.has_drafter_source and settings.random_architecture == "eagle3"
+    assert settings.default_method_for("eagle3") == "eagle3"
     assert settings.max_concurrency == 2
     assert settings.api_key is not None and settings.api_key.get_secret_value() == "k"
     assert "k" not in repr(settings.api_key)
     monkeypatch.delenv("DRAFTOPD_INFERENCE_DRAFTER")
-    assert InferenceSettings().resolved_default_method == "ngram"
+    assert not InferenceSettings().has_drafter_source
+    assert InferenceSettings().default_method_for(None) == "ngram"
     get_settings.cache_clear()
     try:
         assert get_settings() is get_settings()

@@ -19,9 +19,12 @@ GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
 SAMPLED = SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=0.9, top_p=0.95, seed=7)
 
 
-def _run(target: Any, drafter: Any, method: str, params: SamplingParams) -> GenerationResult:
+def _run(
+    target: Any, drafters: dict[str, Any], method: str, params: SamplingParams
+) -> GenerationResult:
     proposer: Any = {
-        "eagle3": lambda: drafter.proposer(),
+        "eagle3": lambda: drafters["eagle3"].proposer(),
+        "dflash": lambda: drafters["dflash"].proposer(),
         "ngram": NgramProposer,
         "oracle": lambda: NoisyOracleProposer(target, noise=0.35, seed=3),
     }[method]()
@@ -31,13 +34,16 @@ def _run(target: Any, drafter: Any, method: str, params: SamplingParams) -> Gene
     )
 
 
-CASES = [(m, p) for m in ("eagle3", "ngram", "oracle") for p in ("greedy", "sampled")]
+CASES = [(m, p) for m in ("eagle3", "dflash", "ngram", "oracle") for p in ("greedy", "sampled")]
 
 
 @pytest.fixture(scope="module")
-def results(tiny_target: Any, tiny_drafter: Any) -> dict[tuple[str, str], GenerationResult]:
+def results(
+    tiny_target: Any, tiny_drafter: Any, tiny_dflash: Any
+) -> dict[tuple[str, str], GenerationResult]:
     params = {"greedy": GREEDY, "sampled": SAMPLED}
-    return {(m, p): _run(tiny_target, tiny_drafter, m, params[p]) for m, p in CASES}
+    drafters = {"eagle3": tiny_drafter, "dflash": tiny_dflash}
+    return {(m, p): _run(tiny_target, drafters, m, params[p]) for m, p in CASES}
 
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
