@@ -17,7 +17,8 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, selectinload
 
-from draftopd.wire.job_specs import total_steps
+from draftopd.wire.formats import parse_registry_ref
+from draftopd.wire.job_specs import SFTJobSpec, total_steps
 from services.registry import repository
 from services.registry.errors import ConflictError, NotFoundError, QueueUnavailableError
 from services.registry.models import Alias, Drafter, TrainJob, utcnow
@@ -27,11 +28,31 @@ from services.registry.schemas import TrainJobCreate, TrainJobUpdate
 _JOB_LOADS = (selectinload(TrainJob.drafter), selectinload(TrainJob.versions))
 
 
+def _job_family(session: Session, spec: Any) -> tuple[str, str] | None:
+    """(family, where it comes from) of the drafter a job will train, where the registry can
+    tell: a fresh SFT drafter's ``drafter_type``, or the drafter a registry reference names.
+    None for a local checkpoint path (its upload is checked when the job registers it)."""
+    ref = spec.sft.init_from if isinstance(spec, SFTJobSpec) else spec.opd.drafter
+    if ref is None:
+        return spec.sft.drafter_type, "sft.drafter_type"
+    parsed = parse_registry_ref(ref)
+    if parsed is None:
+        return None
+    return repository.get_drafter(session, parsed.name).architecture, ref
+
+
 def create_job(session: Session, body: TrainJobCreate, drafter: Drafter) -> TrainJob:
-    """Store a validated job as ``queued`` (the caller enqueues it)."""
+    """Store a validated job as ``queued`` (the caller enqueues it). A job whose drafter is of
+    another family than the registry drafter it registers versions under is a conflict."""
     if body.base_version is not None:
         repository.get_version(session, drafter, body.base_version)  # 404 if unknown
     spec = body.spec
+    family = _job_family(session, spec)
+    if family is not None and family[0] != drafter.architecture:
+        raise ConflictError(
+            f"the job trains a {family[0]} drafter ({family[1]}) but drafter {drafter.name!r} "
+            f"holds {drafter.architecture} versions"
+        )
     job = TrainJob(
         id=str(uuid.uuid4()),
         mode=spec.mode,

@@ -86,7 +86,10 @@ def _healthy(url: str) -> bool:
 
 
 @pytest.fixture
-def stack(redis_url: str, tiny_target_dir: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
+def stack(
+    request: pytest.FixtureRequest, redis_url: str, tiny_target_dir: Path, tmp_path: Path
+) -> Iterator[dict[str, Any]]:
+    architecture = getattr(request, "param", "eagle3")  # the registry drafter's family
     with scratch_postgres(f"draftopd_round_trip_{os.getpid()}") as db_url:
         upgrade_head(db_url)
         running = Stack(tmp_path)
@@ -102,7 +105,7 @@ def stack(redis_url: str, tiny_target_dir: Path, tmp_path: Path) -> Iterator[dic
                 },
             )
             client = RegistryClient(registry, token=TOKEN)
-            client.create_drafter(DRAFTER, target_model="tiny")
+            client.create_drafter(DRAFTER, target_model="tiny", architecture=architecture)
             celery = [sys.executable, "-m", "celery", "-A", "services.trainer.celery_app"]
             celery += ["worker", "-Q", "train", "--pool", "solo", "--without-gossip"]
             running.spawn(
@@ -134,7 +137,12 @@ def stack(redis_url: str, tiny_target_dir: Path, tmp_path: Path) -> Iterator[dic
                 "services.inference.main:create_app",
                 {f"DRAFTOPD_INFERENCE_{k}": v for k, v in inference_env.items()},
             )
-            yield {"stack": running, "client": client, "inference": inference}
+            yield {
+                "stack": running,
+                "client": client,
+                "inference": inference,
+                "architecture": architecture,
+            }
             client.close()
         finally:
             running.stop()
@@ -155,10 +163,14 @@ def _run_job(stack: dict[str, Any], spec: dict[str, Any], **kw: Any) -> tuple[di
     return final, seen
 
 
+@pytest.mark.parametrize("stack", ["eagle3", "dflash"], indirect=True)
 def test_train_jobs_register_versions_and_inference_serves_the_promoted_one(
     stack: dict[str, Any], tiny_target_dir: Path, tmp_path: Path
 ) -> None:
     client: RegistryClient = stack["client"]
+    family = stack["architecture"]
+    # a DFlash job trains a block drafter: B = 4, so 3 drafted slots per pass
+    family_sft = {"drafter_type": "dflash", "block_size": 4} if family == "dflash" else {}
     prompts = tmp_path / "prompts.jsonl"
     rows = [{"id": f"p{i}", "prompt": f"Tell me about thing number {i}."} for i in range(40)]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -170,7 +182,8 @@ def test_train_jobs_register_versions_and_inference_serves_the_promoted_one(
         "limit": 20,
         "max_new_tokens": 16,
         "sft": {"total_steps": 40, "batch_size": 4, "ttt_steps": 2, "draft_vocab_size": 200,
-                "lr": 1e-2, "eval_every": 20, "checkpoint_every": 20, "eval_max_new_tokens": 16},
+                "lr": 1e-2, "eval_every": 20, "checkpoint_every": 20, "eval_max_new_tokens": 16,
+                **family_sft},
     }  # fmt: skip
     job, seen = _run_job(stack, sft)
     assert ("running", 0.0) in seen and any(0 < p < 1 for s, p in seen if s == "running")
@@ -181,6 +194,7 @@ def test_train_jobs_register_versions_and_inference_serves_the_promoted_one(
         (2, 40, job["id"]),
     ]
     assert client.list_metrics(DRAFTER, 2)[0]["tau"] == pytest.approx(job["tau"])
+    assert client.get_version(DRAFTER, 2)["config"]["architecture"] == family
 
     opd = {
         **base,
@@ -210,7 +224,7 @@ def test_train_jobs_register_versions_and_inference_serves_the_promoted_one(
     assert served
     request = {"prompt": "Tell me about thing number 3.", "max_new_tokens": 24}
     spec_out = httpx.post(
-        f"{inference}/generate", json={**request, "speculative": {"method": "eagle3"}}, timeout=60
+        f"{inference}/generate", json={**request, "speculative": {"method": family}}, timeout=60
     ).json()
     plain = httpx.post(
         f"{inference}/generate", json={**request, "speculative": {"method": "none"}}, timeout=60

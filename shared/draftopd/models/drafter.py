@@ -111,6 +111,17 @@ class Drafter(nn.Module, ABC):
         self.t2d.fill_(-1)
         self.t2d[target_ids] = torch.arange(target_ids.numel(), device=self.t2d.device)
 
+    @property
+    def max_draft_tokens(self) -> int | None:
+        """The most drafts one cycle can propose (a block drafter: B - 1); None = no limit."""
+        return None
+
+    def drafts_per_cycle(self, k: int) -> int:
+        """``k`` capped at ``max_draft_tokens``: what a cycle asked for K drafts proposes. The
+        proposer caps the same way, so serving, rollouts, replay and tau agree."""
+        cap = self.max_draft_tokens
+        return k if cap is None else min(k, cap)
+
     @abstractmethod
     def proposer(self, *, argmax_drafting: bool = False, weights: str = "auto") -> Proposer:
         """A fresh proposer for one request (the decode engine's side of the seam).

@@ -104,25 +104,26 @@ class GreedyTauEvaluator:
         was_training = drafter.training
         drafter.eval()
         per_prompt: list[list[SimulatedCycle]] = []
+        k = drafter.drafts_per_cycle(self.k)  # as the proposer caps it
         try:
             for rows, ids, features in self.batches:
                 lens = [len(self.prompts[i]) for i in rows]
                 drafts = draft_everywhere(
-                    drafter, features, ids, lens, slots=self.k, steps=self.max_new_tokens
+                    drafter, features, ids, lens, slots=k, steps=self.max_new_tokens
                 ).tolist()
                 for offset, row in enumerate(rows):
                     per_prompt.append(
                         walk_cycles(
                             self.texts[row],
                             drafts[offset],
-                            num_draft_tokens=self.k,
+                            num_draft_tokens=k,
                             max_new_tokens=self.max_new_tokens,
                             eos=self.target.eos_token_ids,
                         )
                     )
         finally:
             drafter.train(was_training)
-        return summarize_cycles(per_prompt, self.k)
+        return summarize_cycles(per_prompt, k)
 
 
 # -- checkpoints of training runs ------------------------------------------------------------------

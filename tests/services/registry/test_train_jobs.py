@@ -87,6 +87,38 @@ def test_draft_opd_job(client: TestClient, redis_url: str) -> None:
     assert task_of(broker_messages(redis_url)[0])[1][0] == job["id"]
 
 
+def test_a_dflash_drafter_takes_dflash_jobs_and_refuses_other_families(
+    client: TestClient, redis_url: str
+) -> None:
+    """The job's drafter family must be the registry drafter's: a fresh SFT drafter's
+    ``drafter_type``, or the family of the registry drafter a job starts from (409 otherwise,
+    and nothing is enqueued)."""
+    create_drafter(client, "blocks", architecture="dflash")
+    create_drafter(client)  # DRAFTER: eagle3
+    dflash_sft = {**SFT_SPEC, "sft": {"total_steps": 5, "drafter_type": "dflash", "block_size": 16}}
+    job = client.post(
+        "/train-jobs", json={"drafter": "blocks", "spec": dflash_sft}, headers=AUTH
+    ).json()
+    assert job["drafter"] == "blocks" and job["spec"]["sft"]["drafter_type"] == "dflash"
+    assert job["spec"]["sft"]["block_size"] == 16
+    refused = submit(client, dflash_sft)  # into the eagle3 drafter
+    assert refused.status_code == 409, refused.text
+    assert "dflash" in refused.json()["detail"] and "eagle3" in refused.json()["detail"]
+    plain = client.post("/train-jobs", json={"drafter": "blocks", "spec": SFT_SPEC}, headers=AUTH)
+    assert plain.status_code == 409 and "sft.drafter_type" in plain.json()["detail"]
+    opd_from_eagle3 = {**OPD_SPEC, "opd": {"drafter": f"registry://{DRAFTER}/1"}}
+    crossed = client.post(
+        "/train-jobs", json={"drafter": "blocks", "spec": opd_from_eagle3}, headers=AUTH
+    )
+    assert crossed.status_code == 409 and f"registry://{DRAFTER}/1" in crossed.json()["detail"]
+    opd_from_blocks = {**OPD_SPEC, "opd": {"drafter": "registry://blocks/3"}}
+    accepted = client.post(
+        "/train-jobs", json={"drafter": "blocks", "spec": opd_from_blocks}, headers=AUTH
+    )
+    assert accepted.status_code == 201, accepted.text
+    assert len(broker_messages(redis_url)) == 2  # the two accepted jobs only
+
+
 def test_the_flat_spec_layout_of_earlier_releases_is_stored_sectioned(client: TestClient) -> None:
     create_drafter(client)
     flat = {"mode": "sft", "out_dir": "/tmp/flat", "max_new_tokens": 64, "sft": {"total_steps": 9}}

@@ -22,6 +22,10 @@ PROPOSER_WEIGHTS = ("auto", "module", "float32")  # the module's own weights, an
 
 
 class DFlashDrafter(DFlashModule):
+    @property
+    def max_draft_tokens(self) -> int:
+        return self.cfg.block_size - 1
+
     def proposer(self, *, argmax_drafting: bool = False, weights: str = "auto") -> DFlashProposer:
         if weights not in PROPOSER_WEIGHTS:
             raise ValueError(

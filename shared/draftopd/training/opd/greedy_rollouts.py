@@ -266,6 +266,7 @@ def batched_greedy_rollouts(
     texts = greedy_continuations(
         target, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
+    num_draft_tokens = drafter.drafts_per_cycle(num_draft_tokens)  # as the proposer caps it
     was_training = drafter.training
     drafter.eval()
     records: list[RolloutRecord] = []

@@ -62,7 +62,7 @@ class OPDLearner:
         if not self.cfg.random_anchors:
             return plans
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
-        k = self.cfg.num_draft_tokens
+        k = self.drafter.drafts_per_cycle(self.cfg.num_draft_tokens)
         return [random_anchor_plan(p, k, generator) for p in plans]
 
     def update(self, records: Sequence[RolloutRecord]) -> dict[str, Any]:
@@ -73,9 +73,8 @@ class OPDLearner:
         plans = [p for p in self.plans(kept) if p.cycles]
         if not plans:
             raise ValueError("no record has a cycle to replay")
-        loss, info = replay_loss(
-            self.target, self.drafter, plans, self.cfg.loss, self.cfg.num_draft_tokens
-        )
+        slots = self.drafter.drafts_per_cycle(self.cfg.num_draft_tokens)
+        loss, info = replay_loss(self.target, self.drafter, plans, self.cfg.loss, slots)
         lr, timings = self.cfg.lr_at(self.step), dict[str, float]()
         assert self.optimizer is not None
         norm = optimizer_step(

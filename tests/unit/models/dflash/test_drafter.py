@@ -16,10 +16,12 @@ from draftopd.models.target import TargetModel
 from draftopd.speculative.records import RolloutRecord
 from draftopd.training.data.batches import collate, target_features
 from draftopd.training.data.regenerate import Sample
+from draftopd.training.opd.greedy_rollouts import batched_greedy_rollouts
 from draftopd.training.opd.replay import anchor_plan, collate_plans, replay_forward, replay_parity
 from draftopd.training.opd.rollouts import make_rollouts
 from draftopd.training.opd.train import OPDConfig, OPDLearner
 from draftopd.training.sft.train import choose_draft_vocab, train_sft
+from draftopd.training.tau_eval import GreedyTauEvaluator
 from tests.unit.training.helpers import tiny_sft
 
 K = 4
@@ -167,3 +169,25 @@ def test_block_draft_opd_update_lowers_the_replay_loss(
     assert first["parity_accepted"] >= 0.99 and first["parity_rejected"] >= 0.99, first
     losses = [first["loss"]] + [learner.update(block_rollouts)["loss"] for _ in range(4)]
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_k_above_the_block_is_capped_like_the_proposer(
+    sharp_target: TargetModel,
+    trained: tuple[Drafter, list[dict[str, object]]],
+    corpus: tuple[list[Sample], list[list[int]]],
+) -> None:
+    """A block drafter proposes at most B - 1 tokens a cycle: asking held-out tau, rollouts and
+    replay for more gives what B - 1 gives (the proposer caps the same way)."""
+    drafter = trained[0]
+    assert drafter.max_draft_tokens == 7 and drafter.drafts_per_cycle(12) == 7
+    prompts = [list(s.prompt_ids) for s in corpus[0][:4]]
+    big = GreedyTauEvaluator(sharp_target, prompts, num_draft_tokens=12, max_new_tokens=24)
+    exact = GreedyTauEvaluator(sharp_target, prompts, num_draft_tokens=7, max_new_tokens=24)
+    assert big.evaluate(drafter) == exact.evaluate(drafter)
+    records = batched_greedy_rollouts(
+        sharp_target, drafter, prompts, num_draft_tokens=12, max_new_tokens=24
+    )
+    assert max(len(c.proposed) for r in records for c in r.cycles) == 7
+    cfg = OPDConfig.from_dict({"lr": 1e-3, "total_steps": 2, "num_draft_tokens": 12})
+    stats = OPDLearner(sharp_target, copy.deepcopy(drafter), cfg).update(records)
+    assert stats["parity_accepted"] >= 0.99 and stats["parity_rejected"] >= 0.99, stats
