@@ -156,6 +156,12 @@ def _add_up(subparsers: Subparsers) -> None:
         default=defaults.drafter_name,
         help="registry drafter that inference serves (created if missing; default %(default)s)",
     )
+    p.add_argument(
+        "--drafter-architecture",
+        choices=("eagle3", "dflash"),
+        default=defaults.drafter_architecture,
+        help="family of the drafter up creates when it is missing (default %(default)s)",
+    )
     p.add_argument("--alias", default=defaults.drafter_alias, help="alias followed (%(default)s)")
     p.add_argument(
         "--startup-timeout",
@@ -183,6 +189,7 @@ def _run_up_command(args: argparse.Namespace) -> int:
         registry_port=args.registry_port,
         redis_port=args.redis_port,
         drafter_name=args.drafter_name,
+        drafter_architecture=args.drafter_architecture,
         drafter_alias=args.alias,
         startup_timeout_s=args.startup_timeout,
         log_level=args.log_level,

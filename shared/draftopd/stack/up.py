@@ -100,6 +100,7 @@ class StackOptions:
     registry_port: int = 8003
     redis_port: int = 0  # embedded Redis; 0 = a free port
     drafter_name: str = "smollm2-eagle3"  # the registry drafter inference follows
+    drafter_architecture: str = "eagle3"  # its family, when up creates it (eagle3 or dflash)
     drafter_alias: str = "production"
     startup_timeout_s: float = STARTUP_TIMEOUT_S
     log_level: str = "INFO"
@@ -336,16 +337,22 @@ def _ensure_drafter(plan: StackPlan) -> None:
     name = plan.options.drafter_name
     with RegistryClient(plan.registry_url, token=plan.token, timeout=30) as client:
         try:
-            built_for = client.get_drafter(name).get("target_model")
+            found = client.get_drafter(name)
+            built_for = found.get("target_model")
             if built_for != plan.options.target:
                 logger.warning("drafter %s is for target %s, not %s: pass another --drafter-name",
                                name, built_for, plan.options.target)  # fmt: skip
+            if found.get("architecture") != plan.options.drafter_architecture:
+                logger.warning("drafter %s holds %s versions, not %s: pass another "
+                               "--drafter-name", name, found.get("architecture"),
+                               plan.options.drafter_architecture)  # fmt: skip
             return
         except RegistryError as err:
             if err.status_code != 404:
                 raise CommandError(f"reading drafter {name!r} from the registry: {err}") from err
         try:
             client.create_drafter(name, target_model=plan.options.target,
+                                  architecture=plan.options.drafter_architecture,
                                   description="created by draftopd up")  # fmt: skip
         except RegistryError as err:
             raise CommandError(f"creating drafter {name!r} (--drafter-name): {err}") from err
