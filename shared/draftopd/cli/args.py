@@ -104,7 +104,9 @@ def add_config_flags(
         text = text.replace("%", "%%")
         if item.type == "bool":
             kept = default if defaults else SUPPRESS
-            group.add_argument(flag, dest=item.name, action="store_true", default=kept, help=text)
+            group.add_argument(  # --flag and --no-flag (a rerun or a row can switch it off)
+                flag, dest=item.name, action=argparse.BooleanOptionalAction, default=kept, help=text
+            )
             continue
         group.add_argument(
             flag,
