@@ -122,7 +122,8 @@ def run_costs(config: BenchConfig) -> dict[str, Any]:
     target = load_target(
         config.target, device=device, dtype=config.dtype, step=config.step, kernel=config.kernel
     )
-    drafter = _load_drafter(config.drafter or DEFAULT_DRAFTER, target)
+    family = config.method if config.method in DRAFTER_METHODS else "eagle3"
+    drafter = _load_drafter(config.drafter or DEFAULT_DRAFTER, target, architecture=family)
     steps = ("hf", "lean") if target.step == "lean" else ("hf",)
     plan = CostPlan(
         steps=steps,

@@ -35,6 +35,7 @@ COST_BLOCKS = (1, 2, 3, 4, 5, 6, 8, 12, 16)  # T, new tokens per target forward
 COST_CONTEXTS = (200, 1000)  # tokens already in the KV cache
 DRAFT_LENGTHS = (1, 4, 7)  # k of the timed drafting calls
 CYCLE_KS = (2, 4, 7)  # K of the timed whole cycles
+FAMILY_NAMES = {"eagle3": "EAGLE-3", "dflash": "DFlash"}
 
 
 @dataclass(frozen=True)
@@ -97,28 +98,42 @@ class _DraftCells:
     plain_ms: float  # a plain step in the same loop (target forward of 1 + crop)
 
 
+def _lengths(drafter: Drafter) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The k of the timed drafting calls and the K of the timed cycles: the defaults, capped at
+    what one cycle of ``drafter`` can propose, plus that most (a block drafter's B - 1)."""
+    cap = drafter.max_draft_tokens
+    if cap is None:
+        return DRAFT_LENGTHS, CYCLE_KS
+    lengths = sorted({min(k, cap) for k in DRAFT_LENGTHS} | {cap})
+    return tuple(lengths), tuple(sorted({min(k, cap) for k in CYCLE_KS} | {cap}))
+
+
 def _drafter_cells(
     target: TargetModel, drafter: Drafter, ids: torch.Tensor, plan: CostPlan, context: int
 ) -> _DraftCells:
     """Drafting alone, and whole cycles timed as the engine runs them: between two drafting calls
     the target streams its weights, which evicts the drafter's from the cache (a tau = 1 drafter:
     one committed token per cycle)."""
+    lengths, cycle_ks = _lengths(drafter)
     prompt = ids[0, :context].tolist()
     cache = target.new_decode_cache()
     out = target.forward(ids[:, : context - 1], cache, want_features=True, last_logits_only=True)
     assert out.features is not None
     proposer = drafter.proposer(weights=plan.draft_weights)
     proposer.start(prompt, out.features[0])
-    params = SamplingParams(max_new_tokens=max(DRAFT_LENGTHS) + 1)
+    params = SamplingParams(max_new_tokens=max(lengths) + 1)
     proposer.propose(prompt, 1, params, None)  # consumes the prompt's features
     last = out.features[0, -1:]  # [1, 3H]: stands in for the committed token's feature
-    draft: dict[int, list[float]] = {k: [] for k in DRAFT_LENGTHS}
-    cycle: dict[int, list[float]] = {k: [] for k in CYCLE_KS}
+    draft: dict[int, list[float]] = {k: [] for k in lengths}
+    cycle: dict[int, list[float]] = {k: [] for k in cycle_ks}
     plain: list[float] = []
 
+    history = list(prompt)  # the drafter's context grows by one committed token a call (tau = 1)
+
     def propose(k: int) -> list[int]:
-        proposer.commit([prompt[-1]], last)
-        return proposer.propose(prompt, k, params, None).tokens
+        proposer.commit([history[-1]], last)
+        history.append(history[-1])
+        return proposer.propose(history, k, params, None).tokens
 
     def run_cycle(k: int) -> None:
         block = torch.tensor([[prompt[-1], *propose(k)]], device=target.device)  # [1, k + 1]
@@ -129,12 +144,12 @@ def _drafter_cells(
         target.forward(ids[:, context - 1 : context], cache, want_features=True)
         crop_cache(cache, context - 1)
 
-    for k in DRAFT_LENGTHS:
+    for k in lengths:
         propose(k)
     for _ in range(plan.repeats):
-        for k in DRAFT_LENGTHS:
+        for k in lengths:
             draft[k].append(_timed(partial(propose, k), target.device))
-        for k in CYCLE_KS:
+        for k in cycle_ks:
             plain.append(_timed(plain_step, target.device))
             cycle[k].append(_timed(partial(run_cycle, k), target.device))
     return _DraftCells(
@@ -155,6 +170,7 @@ def measure_costs(
     ids = torch.randint(0, target.vocab_size, (1, width), generator=generator)
     ids = ids.to(target.device)  # [1, width]
     table: dict[str, Any] = {
+        "drafter": drafter.cfg.architecture if drafter is not None else None,
         "steps": list(plan.steps),
         "repeats": plan.repeats,
         "draft_weights": plan.draft_weights,
@@ -176,6 +192,7 @@ def measure_costs(
             entry["cycle_ms"] = {str(k): ms for k, ms in cells.cycle_ms.items()}
             entry["cycle_plain_ms"] = cells.plain_ms
             entry["cycle_ratio"] = {str(k): ms / cells.plain_ms for k, ms in cells.cycle_ms.items()}
+            entry["draft_ratio"] = {str(k): ms / cells.plain_ms for k, ms in cells.draft_ms.items()}
         table["contexts"][str(context)] = entry
     return table
 
@@ -206,8 +223,13 @@ def format_costs(table: dict[str, Any]) -> str:
             ratio = entry["verify_ratio"][step]
             lines.append(f"{'  / T=1':<22}" + "".join(f"{ratio[b]:>8.2f}" for b in blocks))
         if "draft_ms" in entry:
-            drafts = ", ".join(f"k={k}: {ms:.1f}" for k, ms in entry["draft_ms"].items())
-            lines.append(f"EAGLE-3 drafting alone, weights cached (ms)  {drafts}")
+            family = FAMILY_NAMES.get(table.get("drafter") or "eagle3", "drafter")
+            drafts = ", ".join(
+                f"k={k}: {ms:.1f}"
+                + (f" ({entry['draft_ratio'][k]:.2f}x)" if "draft_ratio" in entry else "")
+                for k, ms in entry["draft_ms"].items()
+            )
+            lines.append(f"{family} drafting alone, weights cached (ms, x plain step)  {drafts}")
             cycles = ", ".join(
                 f"K={k}: {ms:.1f} ms = {entry['cycle_ratio'][k]:.2f}x"
                 for k, ms in entry["cycle_ms"].items()

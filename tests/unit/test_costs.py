@@ -34,3 +34,20 @@ def test_bench_config_checks_the_step_choices() -> None:
     for field, value in (("step", "fast"), ("kernel", "cuda"), ("draft_weights", "int4")):
         with pytest.raises(ValueError, match=field):
             BenchConfig(**{field: value})
+
+
+def test_a_block_drafter_is_timed_at_its_whole_block(tiny_target: Any) -> None:
+    """A DFlash drafter of block 4 drafts at most 3: the table times k up to 3 (its whole block),
+    names the family, and gives the drafting cost as a share of a plain step."""
+    from draftopd.models.checkpoint import random_drafter_for
+
+    drafter = random_drafter_for(tiny_target, seed=0, architecture="dflash", block_size=4)
+    plan = CostPlan(steps=("lean",), contexts=(12,), blocks=(1, 4), repeats=2)
+    table = measure_costs(tiny_target, drafter, plan)
+    entry = table["contexts"]["12"]
+    assert table["drafter"] == "dflash"
+    assert set(entry["draft_ms"]) == {"1", "3"} and set(entry["cycle_ms"]) == {"2", "3"}
+    assert entry["draft_ratio"]["3"] == pytest.approx(
+        entry["draft_ms"]["3"] / entry["cycle_plain_ms"]
+    )
+    assert "DFlash drafting alone" in format_costs(table)
