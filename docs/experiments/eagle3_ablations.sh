@@ -45,5 +45,7 @@ row vocab16000 yes --draft-vocab-size 16000
 # issue 15: DFlash block drafters on the same cache and seconds; tau at K = B - 1
 row dflash-b8 yes --drafter-type dflash --block-size 8 --eval-draft-tokens 7
 row dflash-b16 yes --drafter-type dflash --block-size 16 --eval-draft-tokens 15
+row dflash-b16-hard yes --drafter-type dflash --block-size 16 --eval-draft-tokens 15 \
+  --sft-target hard
 # the settings before issue 14: target on the fly, TTT depth 7, random LM head, fp32
 row before no --feature-cache off --ttt-steps 7 --no-init-from-target --autocast off

@@ -33,6 +33,7 @@ STREAM_B_LOSSES = ("k3", "bernoulli_fkl")
 FEATURE_CACHES = ("off", "float32", "bfloat16", "float16")
 DRAFTER_TYPES = ("eagle3", "dflash")
 AUTOCASTS = ("off", "bfloat16")
+SFT_TARGETS = ("soft", "hard")  # what the SFT cross-entropy is taken against
 EVAL_MODES = ("cached", "engine")
 
 MAX_INT = 2**31 - 1  # integers travel through 32-bit database columns
@@ -265,6 +266,12 @@ class SFTConfig(LoopConfig):
         4, "training-time-test unroll length (draft slots trained); default = serving K"
     )
     step_decay: float = setting(0.8, "loss weight of unroll step j is step_decay ** j")
+    sft_target: Text = setting(
+        "soft",
+        "soft: cross-entropy to the target's distribution over the draft vocab; hard: to its top "
+        "token there (on greedy data, the data's own token when the draft vocab has it)",
+        choices=SFT_TARGETS,
+    )
     draft_vocab_size: Int = setting(8000, "draft vocab Vd: the most frequent response tokens")
     drafter_type: Text = setting(
         "eagle3", "family of a fresh drafter (init_from keeps its own)", choices=DRAFTER_TYPES
@@ -293,6 +300,7 @@ class SFTConfig(LoopConfig):
         _one_of(self.feature_cache, "feature_cache", FEATURE_CACHES)
         _one_of(self.drafter_type, "drafter_type", DRAFTER_TYPES)
         _one_of(self.autocast, "autocast", AUTOCASTS)
+        _one_of(self.sft_target, "sft_target", SFT_TARGETS)
         _at_least(self, 1, ("drafter_layers",))
         _at_least(self, 2, ("block_size",))
         _at_least(self, 1, ("batch_size", "max_seq_len", "ttt_steps", "draft_vocab_size"))

@@ -41,6 +41,7 @@ from draftopd.training.run import METRICS_FILE, TrainingRun, check_resume, open_
 from draftopd.training.schedule import make_adamw, optimizer_step
 
 logger = logging.getLogger(__name__)
+HARD_OFF_LOGIT = -1e4  # every draft token but the top one: softmax gives exactly 0 there
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,15 @@ def _initial_drafter(
     return drafter
 
 
+def hard_targets(logits: torch.Tensor, drafter: Drafter, *, draft_vocab: bool) -> torch.Tensor:
+    """Logits over the draft vocabulary whose softmax is one-hot at the target's top draft
+    token: the soft cross-entropy against them is the hard cross-entropy to that token."""
+    if not draft_vocab:
+        logits = logits.index_select(-1, drafter.d2t)
+    top = logits.argmax(-1, keepdim=True)
+    return torch.full_like(logits, HARD_OFF_LOGIT, dtype=torch.float32).scatter_(-1, top, 0.0)
+
+
 @dataclass
 class _CachedTargets:
     """The feature cache and the target's LM head restricted to the drafter's vocabulary."""
@@ -155,6 +165,9 @@ def _train_step(
         features, logits = cached.cache.batch(
             samples, max_seq_len=cfg.max_seq_len, head=cached.head
         )
+    draft_vocab = cached is not None
+    if cfg.sft_target == "hard":
+        logits, draft_vocab = hard_targets(logits, run.drafter, draft_vocab=draft_vocab), True
     enabled = cfg.autocast != "off"
     with torch.autocast(target.device.type, dtype=torch.bfloat16, enabled=enabled):
         out = run.drafter.sft_loss(
@@ -165,7 +178,7 @@ def _train_step(
             batch.attention_mask,
             slots=cfg.ttt_steps,
             decay=cfg.step_decay,
-            draft_vocab_logits=cached is not None,
+            draft_vocab_logits=draft_vocab,
         )
     norm = optimizer_step(run.optimizer, out.loss, lr=lr, grad_clip=cfg.grad_clip)
     return {
@@ -263,6 +276,7 @@ __all__ = [
     "SFTConfig",
     "SFTResult",
     "choose_draft_vocab",
+    "hard_targets",
     "init_from_target",
     "load_samples",
     "train_sft",

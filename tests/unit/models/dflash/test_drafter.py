@@ -20,7 +20,7 @@ from draftopd.training.opd.greedy_rollouts import batched_greedy_rollouts
 from draftopd.training.opd.replay import anchor_plan, collate_plans, replay_forward, replay_parity
 from draftopd.training.opd.rollouts import make_rollouts
 from draftopd.training.opd.train import OPDConfig, OPDLearner
-from draftopd.training.sft.train import choose_draft_vocab, train_sft
+from draftopd.training.sft.train import choose_draft_vocab, hard_targets, train_sft
 from draftopd.training.tau_eval import GreedyTauEvaluator
 from tests.unit.training.helpers import tiny_sft
 
@@ -191,3 +191,24 @@ def test_k_above_the_block_is_capped_like_the_proposer(
     cfg = OPDConfig.from_dict({"lr": 1e-3, "total_steps": 2, "num_draft_tokens": 12})
     stats = OPDLearner(sharp_target, copy.deepcopy(drafter), cfg).update(records)
     assert stats["parity_accepted"] >= 0.99 and stats["parity_rejected"] >= 0.99, stats
+
+
+def test_hard_targets_are_one_hot_at_the_top_draft_token(sharp_target: TargetModel) -> None:
+    drafter = random_drafter_for(sharp_target, seed=2, draft_vocab_size=96, architecture="dflash")
+    full = torch.randn(2, 5, sharp_target.vocab_size)
+    restricted = full.index_select(-1, drafter.d2t)
+    for logits, draft_vocab in ((full, False), (restricted, True)):
+        p = torch.softmax(hard_targets(logits, drafter, draft_vocab=draft_vocab), dim=-1)
+        assert p.shape == restricted.shape
+        assert torch.equal(p.argmax(-1), restricted.argmax(-1))
+        assert torch.equal(p.max(-1).values, torch.ones(2, 5)) and float(p.sum()) == 10.0
+
+
+def test_block_sft_with_hard_targets_learns(
+    sharp_target: TargetModel, corpus: tuple[list[Sample], list[list[int]]], tmp_path: Path
+) -> None:
+    cfg = tiny_sft(total_steps=60, drafter_type="dflash", block_size=4, sft_target="hard")
+    result = train_sft(sharp_target, corpus[0], tmp_path, cfg, progress=False)
+    steps = [line for line in result.history if line.get("step_loss")]
+    assert steps[-1]["step_loss"][0] < steps[0]["step_loss"][0] - 1.0, steps[-1]  # type: ignore[index]
+    assert steps[-1]["step_acc"][0] > 0.3  # type: ignore[index]
