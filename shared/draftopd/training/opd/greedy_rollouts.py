@@ -5,8 +5,10 @@ the drafter is (docs/draft_opd.md). Only the cycles depend on the drafter. So a 
 batch can
 be made with a few batched passes instead of one target forward per cycle:
 
-1. The target's greedy continuation of every prompt: batched ``generate`` that does not stop at
-   EOS, so the tokens the engine commits after an EOS inside a cycle are known too.
+1. The target's greedy continuation of every prompt, not stopping at EOS (so the tokens the
+   engine commits after an EOS inside a cycle are known too): continuous batching on the lean
+   step (``models/lean_batch.py``, as SFT data generation) where the target has it, else a
+   left-padded batched decode on the Hugging Face model.
 2. One target forward over prompt + continuation (features, logits and a KV cache). The drafter
    then drafts K tokens from every possible anchor at once (``Drafter.draft_from_anchors``, with its
    own argmax fed back, as its proposer does).
@@ -31,6 +33,7 @@ import torch
 from transformers import DynamicCache
 
 from draftopd.models.drafter import Drafter
+from draftopd.models.lean_batch import batched_greedy
 from draftopd.models.target import TargetModel
 from draftopd.speculative.records import Cycle, RolloutRecord
 
@@ -47,6 +50,8 @@ def greedy_continuations(
     target: TargetModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int
 ) -> list[list[int]]:
     """Exactly ``max_new_tokens`` greedy tokens per prompt (no stop at EOS), batched by length."""
+    if target.step == "lean":  # continuous batching: no EOS, so every prompt runs to the end
+        return batched_greedy(target.lean, prompts, max_new_tokens=max_new_tokens, slots=batch_size)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):

@@ -8,7 +8,9 @@ import torch
 from draftopd.models.checkpoint import random_drafter_for
 from draftopd.models.drafter import Drafter
 from draftopd.models.target import TargetModel
+from draftopd.speculative.engine import DecodeEngine
 from draftopd.speculative.records import RolloutRecord
+from draftopd.speculative.sampling import SamplingParams
 from draftopd.training.opd.greedy_rollouts import (
     batched_greedy_rollouts,
     greedy_continuations,
@@ -113,11 +115,18 @@ def test_batched_greedy_rollouts_with_a_random_drafter_and_eos(sharp_target: Tar
     assert sum(len(c.proposed) - c.accepted >= 2 for r in ours for c in r.cycles) > 5
 
 
+@pytest.mark.parametrize("step", ["lean", "hf"])
 def test_greedy_continuations_ignore_eos_and_keep_the_requested_length(
-    sharp_target: TargetModel,
+    sharp_target: TargetModel, step: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    prompts = _prompts(sharp_target, [4, 8], seed=2)
+    """Both paths (continuous batching on the lean step, padded batches on the HF model) give
+    the same text as one prompt alone, and as each other."""
+    monkeypatch.setattr(sharp_target, "step", step)
+    prompts = _prompts(sharp_target, [4, 8, 6], seed=2)
     texts = greedy_continuations(sharp_target, prompts, max_new_tokens=12, batch_size=2)
-    assert [len(t) for t in texts] == [12, 12]
-    alone = greedy_continuations(sharp_target, prompts[1:], max_new_tokens=12, batch_size=1)
-    assert texts[1] == alone[0]  # left padding does not change the greedy text
+    assert [len(t) for t in texts] == [12, 12, 12]
+    alone = greedy_continuations(sharp_target, prompts[1:2], max_new_tokens=12, batch_size=1)
+    assert texts[1] == alone[0]  # batching does not change the greedy text
+    engine = DecodeEngine(sharp_target)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    assert texts == [engine.generate(p, params).token_ids for p in prompts]
