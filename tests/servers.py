@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -30,3 +31,10 @@ def uvicorn_in_thread(app: Any, *, name: str = "uvicorn") -> Iterator[tuple[str,
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def ctrl_c_default() -> None:
+    """``preexec_fn`` of a child that a test interrupts with SIGINT: a shell that starts the test
+    run in the background (``cmd &``) leaves SIGINT ignored, which the child would inherit, and
+    Python then installs no KeyboardInterrupt handler. Restore the default so Ctrl-C works."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -35,10 +35,13 @@ def _job_family(session: Session, spec: Any) -> tuple[str, str] | None:
     ref = spec.sft.init_from if isinstance(spec, SFTJobSpec) else spec.opd.drafter
     if ref is None:
         return spec.sft.drafter_type, "sft.drafter_type"
-    parsed = parse_registry_ref(ref)
-    if parsed is None:
+    try:
+        parsed = parse_registry_ref(ref)
+        if parsed is None:
+            return None
+        return repository.get_drafter(session, parsed.name).architecture, ref
+    except (ValueError, NotFoundError):  # a bad reference fails the job with its reason
         return None
-    return repository.get_drafter(session, parsed.name).architecture, ref
 
 
 def create_job(session: Session, body: TrainJobCreate, drafter: Drafter) -> TrainJob:

@@ -31,6 +31,8 @@ import httpx
 import psutil
 import pytest
 
+from tests.servers import ctrl_c_default
+
 REPO = Path(__file__).resolve().parents[2]
 DRAFTER = "tiny-eagle3"
 READY_LINE = "press Ctrl-C to stop"
@@ -134,6 +136,7 @@ def running_up(target: Path, data_dir: Path, tmp_path: Path, tag: str) -> Iterat
             stdout=out,
             stderr=err,
             start_new_session=True,
+            preexec_fn=ctrl_c_default,
         )
     stack = Stack(process, stdout, stderr, data_dir, ports)
     try:

@@ -19,6 +19,7 @@ import pytest
 from draftopd.cli import jobs as cli_jobs
 from draftopd.cli import main
 from draftopd.wire.registry_client import RegistryClient
+from tests.servers import ctrl_c_default
 from tests.services.registry.helpers import TOKEN, live_registry, write_checkpoint
 
 DRAFTER = "tiny-eagle3"
@@ -155,7 +156,12 @@ def test_ctrl_c_exits_130_without_a_traceback(registry: RegistryClient) -> None:
     argv = [sys.executable, "-m", "draftopd.cli", "jobs", "watch", job_id,
             "--registry-url", _url(registry), "--interval", "0.05"]  # fmt: skip
     process = subprocess.Popen(
-        argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        argv,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=ctrl_c_default,
     )
     try:
         assert process.stderr is not None
