@@ -35,16 +35,16 @@ row() {  # row NAME CACHE(yes|no) FLAGS...
     --checkpoint-every 50 --threads 2 --max-seconds "$SECONDS_PER_ROW" --no-progress "$@"
 }
 
+# most telling rows first: the recipe, the DFlash rows beside it (issue 15), then one change each
 row baseline yes
-row autocast-off yes --autocast off
+row dflash-b16 yes --drafter-type dflash --block-size 16 --eval-draft-tokens 15
+row dflash-b8 yes --drafter-type dflash --block-size 8 --eval-draft-tokens 7
 row no-cache no --feature-cache off
-row no-target-init yes --no-init-from-target
 row ttt7 yes --ttt-steps 7
 row vocab4000 yes --draft-vocab-size 4000
+row no-target-init yes --no-init-from-target
 row vocab16000 yes --draft-vocab-size 16000
-# issue 15: DFlash block drafters on the same cache and seconds; tau at K = B - 1
-row dflash-b8 yes --drafter-type dflash --block-size 8 --eval-draft-tokens 7
-row dflash-b16 yes --drafter-type dflash --block-size 16 --eval-draft-tokens 15
+row autocast-off yes --autocast off
 row dflash-b16-hard yes --drafter-type dflash --block-size 16 --eval-draft-tokens 15 \
   --sft-target hard
 # the settings before issue 14: target on the fly, TTT depth 7, random LM head, fp32
