@@ -16,6 +16,7 @@ Heavy imports (torch, transformers) happen inside the handlers, so ``--help`` st
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -131,6 +132,40 @@ def _run_serve_command(args: argparse.Namespace) -> int:
     os.execvp(argv[0], argv)  # replaces this process; returns only on failure (OSError)
 
 
+# -- compare ------------------------------------------------------------------------------------
+def _add_compare(subparsers: Subparsers) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="paired per-prompt tau comparison of two bench reports (mean difference with a 95%% "
+        "CI, sign test)",
+    )
+    p.add_argument("baseline", metavar="A.json", help="draftopd bench --json report of A")
+    p.add_argument("candidate", metavar="B.json", help="report of B, on the same prompts")
+    p.add_argument("--labels", default="A,B", help="names of A and B (default %(default)s)")
+    p.add_argument("--json", dest="json_out", help="also write the comparison here ('-' = stdout)")
+    p.set_defaults(handler=_run_compare_command)
+
+
+def _run_compare_command(args: argparse.Namespace) -> int:
+    from draftopd.paired import format_comparison, paired_comparison, report_taus
+
+    labels = args.labels.split(",")
+    if len(labels) != 2 or not all(labels):
+        raise CommandError(f"--labels needs two names separated by a comma, got {args.labels!r}")
+    try:
+        result = paired_comparison(report_taus(args.baseline), report_taus(args.candidate))
+    except (OSError, ValueError) as err:
+        raise CommandError(str(err)) from err
+    print(format_comparison(result, labels[0], labels[1]))
+    if args.json_out:
+        text = json.dumps({"a": labels[0], "b": labels[1], **result.to_dict()}, indent=2)
+        if args.json_out == "-":
+            print(text)
+        else:
+            Path(args.json_out).write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
 # -- up -----------------------------------------------------------------------------------------
 def _add_up(subparsers: Subparsers) -> None:
     defaults = StackOptions(target="smollm2", data_dir=default_data_dir())
@@ -201,6 +236,7 @@ SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     _add_bench,
     _add_serve,
     _add_up,
+    _add_compare,
     add_train,
     add_jobs,
 )
