@@ -42,7 +42,10 @@ def main(rows: list[str]) -> None:
             continue
         s = summary(path)
         tau = f"{s['tau']:.3f}" if isinstance(s["tau"], float) else "—"
-        acc = " / ".join(f"{a:.2f}" for a in s["acceptance"]) if s["acceptance"] else "—"
+        shown = list(s["acceptance"] or [])[:4]  # type: ignore[call-overload]
+        acc = " / ".join(f"{a:.2f}" for a in shown) if shown else "—"
+        if s["acceptance"] and len(s["acceptance"]) > 4:  # type: ignore[arg-type]
+            acc += " / …"
         acc1 = f"{s['acc1']:.2f}" if isinstance(s["acc1"], float) else "—"
         name = path.parent.name.removeprefix("abl-")
         print(f"| {name} | {s['steps']} | {s['seconds']:.0f} | {tau} | {acc} | {acc1} |")
