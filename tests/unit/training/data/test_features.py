@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -150,18 +151,27 @@ def test_only_missing_or_stale_shards_are_encoded_and_mismatches_are_refused(
         FeatureSpec(tmp_path / "x", "int8")
 
 
+def _fly_and_cached(
+    target: TargetModel, data_dir: Path, tmp_path: Path, cfg: Any
+) -> tuple[Any, Any, FeatureSpec]:
+    """SFT with the target on the fly and SFT on an fp32 cache of the same data; their losses
+    agree step by step."""
+    fly = train_sft(target, data_dir, tmp_path / "fly", cfg, progress=False)
+    spec = FeatureSpec(tmp_path / "cache", "float32", MAX_SEQ)
+    build_feature_cache(target, data_dir, spec, progress=False)
+    cached = train_sft(
+        target, data_dir, tmp_path / "run", cfg, progress=False, features=spec.out_dir
+    )
+    for a, b in zip(fly.history[1:], cached.history[1:], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    return fly, cached, spec
+
+
 def test_sft_on_the_cache_trains_like_sft_on_the_fly_and_resumes_exactly(
     tiny_target: TargetModel, data_dir: Path, tmp_path: Path
 ) -> None:
     cfg = tiny_sft(total_steps=6, max_seq_len=MAX_SEQ, batch_size=4, draft_vocab_size=64)
-    fly = train_sft(tiny_target, data_dir, tmp_path / "fly", cfg, progress=False)
-    spec = FeatureSpec(tmp_path / "cache", "float32", MAX_SEQ)
-    build_feature_cache(tiny_target, data_dir, spec, progress=False)
-    cached = train_sft(
-        tiny_target, data_dir, tmp_path / "run", cfg, progress=False, features=spec.out_dir
-    )
-    for a, b in zip(fly.history[1:], cached.history[1:], strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    fly, cached, spec = _fly_and_cached(tiny_target, data_dir, tmp_path, cfg)
     for (name, p), q in zip(
         fly.drafter.named_parameters(), cached.drafter.parameters(), strict=True
     ):
@@ -220,11 +230,4 @@ def test_block_sft_reads_the_cache_too(
         total_steps=4, max_seq_len=MAX_SEQ, batch_size=4, draft_vocab_size=64,
         drafter_type="dflash", block_size=4,
     )  # fmt: skip
-    fly = train_sft(tiny_target, data_dir, tmp_path / "fly", cfg, progress=False)
-    spec = FeatureSpec(tmp_path / "cache", "float32", MAX_SEQ)
-    build_feature_cache(tiny_target, data_dir, spec, progress=False)
-    cached = train_sft(
-        tiny_target, data_dir, tmp_path / "run", cfg, progress=False, features=spec.out_dir
-    )
-    for a, b in zip(fly.history[1:], cached.history[1:], strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    _fly_and_cached(tiny_target, data_dir, tmp_path, cfg)
