@@ -109,7 +109,8 @@ class RedisRollouts:
         return path
 
     def _request(self, step: int, prompts: list[list[int]], seeds: list[int], path: Path) -> None:
-        if not self.client.sadd(job_key(self.job_id, "requested"), str(step)):
+        requested = job_key(self.job_id, "requested")
+        if self.client.sismember(requested, str(step)):
             return  # enqueued before a restart: its records are on the way or pending
         chunks = max(1, min(self.cfg.requests_per_step, len(prompts)))
         cfg = self.cfg
@@ -130,7 +131,7 @@ class RedisRollouts:
             )
             for i in range(chunks)
         ]
-        enqueue(self.client, requests)
+        enqueue(self.client, requests, mark=(requested, str(step)))  # both or neither
 
     def _collect(self, step: int, expected: int) -> list[RolloutRecord]:
         """Records until ``expected`` of version ``step`` are in; records within the allowed lag

@@ -30,7 +30,7 @@ from services.trainer.rollouts import TRAINER_GROUP, JobStatus, job_key
 
 REPO = Path(__file__).resolve().parents[2]
 JOB = "opd-it"
-STEPS, PROMPTS_PER_STEP = 5, 4
+STEPS, PROMPTS_PER_STEP = 8, 4
 
 
 def _port() -> int:
@@ -96,7 +96,7 @@ def _wait(predicate: Any, timeout: float, what: str, logs: list[Path]) -> None:
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.2)
+        time.sleep(0.05)
     tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
     pytest.fail(f"timed out waiting for {what}\n{tails}")
 
@@ -160,7 +160,9 @@ def test_draft_opd_job_with_celery_and_two_rollout_workers_survives_sigkill(
         if first.poll() is None:
             first.kill()
     final = status.get(JOB)
-    assert final["status"] == "succeeded", final
+    if final["status"] != "succeeded":
+        tails = "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in logs if p.exists())
+        pytest.fail(f"job ended {final['status']}: {final.get('error')}\n{tails}")
     assert final["step"] == STEPS and final["progress"] == 1.0
 
     entries = client.xrange(stream_key(JOB))

@@ -104,12 +104,20 @@ def ensure_group(client: redis.Redis, stream: str, group: str) -> None:
             raise
 
 
-def enqueue(client: redis.Redis, requests: list[RolloutRequest]) -> list[str]:
+def enqueue(
+    client: redis.Redis, requests: list[RolloutRequest], *, mark: tuple[str, str] | None = None
+) -> list[str]:
+    """Add ``requests`` to the request stream in one transaction. ``mark=(set_key, member)`` adds
+    ``member`` to that set in the same transaction, so a caller killed mid-way never finds its
+    mark without its requests (or the reverse)."""
     ensure_group(client, REQUEST_STREAM, WORKER_GROUP)
     pipe = client.pipeline(transaction=True)
+    if mark is not None:
+        pipe.sadd(mark[0], mark[1])
     for request in requests:
         pipe.xadd(REQUEST_STREAM, request.to_fields())  # type: ignore[arg-type]
-    return [_text(x) for x in pipe.execute()]
+    replies = pipe.execute()
+    return [_text(x) for x in replies[1 if mark is not None else 0 :]]
 
 
 def next_request(

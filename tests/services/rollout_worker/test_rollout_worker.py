@@ -255,3 +255,39 @@ def test_versions_are_published_with_absolute_paths(
     assert Path(request.drafter_path).is_absolute()
     assert Path(request.drafter_path) == tmp_path / "runs" / "rel" / "versions" / "v0"
     assert (Path(request.drafter_path) / "model.safetensors").is_file()
+
+
+def test_a_trainer_killed_while_enqueueing_leaves_no_mark_without_requests(
+    redis_url: str, tiny_target: TargetModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 'step v was requested' mark and the step's requests land together: a trainer that dies
+    before its transaction reaches Redis leaves neither, so its successor enqueues them again
+    instead of waiting for rollouts nobody was asked for."""
+    client = redis.Redis.from_url(redis_url)
+    cfg = OPDConfig(total_steps=1, prompts_per_step=2, num_draft_tokens=2, max_new_tokens=4)
+    rollouts = RedisRollouts(client, "job-kill", tmp_path, cfg)
+    path = rollouts.publish_version(
+        0, random_drafter_for(tiny_target, seed=0, draft_vocab_size=200)
+    )
+    real_pipeline = client.pipeline
+
+    def dying_pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = real_pipeline(*args, **kwargs)
+
+        def die(*_: Any, **__: Any) -> None:
+            raise redis.ConnectionError("killed before EXEC")
+
+        pipe.execute = die  # type: ignore[method-assign]
+        return pipe
+
+    monkeypatch.setattr(client, "pipeline", dying_pipeline)
+    with pytest.raises(redis.ConnectionError):
+        rollouts._request(0, [[5, 6, 7], [8, 9]], [0, 1], path)
+    monkeypatch.undo()
+    assert not client.sismember("draftopd:jobs:job-kill:requested", "0")
+    assert client.xlen("draftopd:rollout-requests") == 0
+    successor = RedisRollouts(client, "job-kill", tmp_path, cfg)
+    successor._request(0, [[5, 6, 7], [8, 9]], [0, 1], path)
+    successor._request(0, [[5, 6, 7], [8, 9]], [0, 1], path)  # once only
+    assert client.sismember("draftopd:jobs:job-kill:requested", "0")
+    assert client.xlen("draftopd:rollout-requests") == 2
