@@ -54,6 +54,56 @@ def add_train(subparsers: Subparsers) -> None:
     compare.add_argument("--png", required=True, help="output PNG path")
     compare.set_defaults(handler=_run_train_compare_command)
     _add_train_tau(stages)
+    _add_train_prompts(stages)
+
+
+def _add_train_prompts(stages: Subparsers) -> None:
+    p = stages.add_parser(
+        "prompts",
+        help="training prompts written by the target itself (self-instruct), for --prompts",
+        description="Samples user requests from the target given only the start of a user turn "
+        "(its chat template), keeps new ones clear of MT-Bench, and appends them to OUT as JSONL "
+        "(resumable: a rerun continues). docs/training.md.",
+    )
+    p.add_argument("--out", required=True, help="JSONL file to write (appended to on resume)")
+    p.add_argument("--count", type=positive_int, required=True, help="prompts wanted in OUT")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="samples per target pass")
+    p.add_argument("--max-new-tokens", type=positive_int, default=96,
+                   help="longest request; longer ones are dropped (default 96)")  # fmt: skip
+    p.add_argument("--temperature", type=float, default=1.0, help="(default 1.0)")
+    p.add_argument("--top-p", type=float, default=0.95, help="(default 0.95)")
+    add_config_flags(p, RunConfig, title="target", only=("target", "device", "dtype", "threads"))
+    p.set_defaults(handler=_run_train_prompts_command)
+
+
+def _run_train_prompts_command(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from draftopd.models.target import load_target
+    from draftopd.training.data.self_instruct import self_instruct
+
+    where = config_from_args(args, RunConfig, out_dir=".")
+    if where.threads:
+        torch.set_num_threads(where.threads)
+    target = load_target(where.target, device=where.device or "cpu", dtype=where.dtype)
+    try:
+        stats = self_instruct(
+            target,
+            args.out,
+            count=args.count,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+        )
+    except ValueError as err:
+        raise CommandError(str(err)) from err
+    print(json.dumps({"out": args.out, **stats.summary()}))
+    return 0
 
 
 def _add_train_tau(stages: Subparsers) -> None:

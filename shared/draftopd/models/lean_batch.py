@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 from draftopd.models.lean_llama import LeanLlama, StaticKVCache, rms_norm
 
+TokenChooser = Callable[[torch.Tensor], torch.Tensor]  # logits [B, vocab] -> token ids [B]
+
 
 @dataclass(frozen=True)
 class GreedyOutput:
@@ -46,6 +48,10 @@ class _Slots:
     draining: list[bool]  # finished; this step feeds its last token for the features only
     out: list[list[int]]  # generated tokens per slot
     rows: list[list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    repeats: bool = False  # some prompt comes more than once: keep prefilled K/V to copy
+    prefilled: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict
+    )
 
     def view(self, slot: int) -> StaticKVCache:
         """The slot's cache as a single-sequence ``StaticKVCache`` (views, not copies)."""
@@ -72,6 +78,64 @@ def batched_greedy(
     return [o.tokens for o in outputs]
 
 
+def batched_sample(
+    lean: LeanLlama,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    slots: int,
+    temperature: float,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    eos: frozenset[int] = frozenset(),
+) -> list[list[int]]:
+    """Sampled continuations (temperature, nucleus ``top_p``), with the same continuous batching
+    as :func:`batched_greedy`; the same ``generator`` state gives the same outputs."""
+    if temperature <= 0 or not 0 < top_p <= 1:
+        raise ValueError("sampling needs temperature > 0 and top_p in (0, 1]")
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        if top_p < 1:
+            return _nucleus(probs, top_p, generator)
+        return _exponential_race(probs, generator)
+
+    outputs = batched_greedy_outputs(
+        lean, prompts, max_new_tokens=max_new_tokens, slots=slots, eos=eos, choose=choose
+    )
+    return [o.tokens for o in outputs]
+
+
+NUCLEUS_HEAD = 1024  # candidates ranked by top-k before the nucleus cut (a full sort is slow)
+
+
+def _exponential_race(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row from ``probs`` [B, V]: argmax of p / E with E ~ Exp(1) picks index i with
+    probability p_i (about 10x faster than ``torch.multinomial`` over a 49k vocabulary)."""
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(-1)
+
+
+def _nucleus(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Nucleus sampling: the smallest head of the ranked distribution whose mass reaches
+    ``top_p``, renormalised. Rows whose head is not inside the top NUCLEUS_HEAD are ranked in
+    full, so the cut is exact either way."""
+    head = min(NUCLEUS_HEAD, probs.shape[-1])
+    ranked, order = probs.topk(head, dim=-1)
+    short = ranked.sum(-1) < top_p
+    if bool(short.any()):
+        full_ranked, full_order = probs[short].sort(dim=-1, descending=True)
+        ranked_rows = torch.zeros_like(probs)
+        order_rows = torch.zeros(probs.shape, dtype=torch.long, device=probs.device)
+        ranked_rows[~short, :head], order_rows[~short, :head] = ranked[~short], order[~short]
+        ranked_rows[short], order_rows[short] = full_ranked, full_order
+        ranked, order = ranked_rows, order_rows
+    outside = ranked.cumsum(-1) - ranked > top_p  # the head up to top_p is kept
+    ranked = ranked.masked_fill(outside, 0.0)
+    picked = _exponential_race(ranked, generator)
+    return order.gather(-1, picked[:, None]).squeeze(-1)
+
+
 @torch.inference_mode()
 def batched_greedy_outputs(
     lean: LeanLlama,
@@ -82,8 +146,10 @@ def batched_greedy_outputs(
     eos: frozenset[int] = frozenset(),
     feature_layers: tuple[int, ...] | None = None,
     on_done: Callable[[int], None] | None = None,
+    choose: TokenChooser | None = None,
 ) -> list[GreedyOutput]:
-    """:func:`batched_greedy`, plus each sequence's features when ``feature_layers`` is given."""
+    """:func:`batched_greedy`, plus each sequence's features when ``feature_layers`` is given.
+    ``choose`` replaces the argmax (``batched_sample``)."""
     if max_new_tokens < 1 or slots < 1:
         raise ValueError("max_new_tokens and slots must be positive")
     if any(len(p) < 1 for p in prompts):
@@ -104,6 +170,7 @@ def batched_greedy_outputs(
         draining=[False] * slots,
         out=[[] for _ in range(slots)],
         rows=[[] for _ in range(slots)],
+        repeats=len({tuple(p) for p in prompts}) < len(prompts),
     )
     queue = iter(range(len(prompts)))
     for slot in range(slots):
@@ -124,7 +191,7 @@ def batched_greedy_outputs(
             _fill(lean, state, slot, following, prompts, feature_layers)
 
     while any(p >= 0 for p in state.prompt):
-        tokens, features, hidden = _decode_step(lean, state, feature_layers)
+        tokens, features, hidden = _decode_step(lean, state, feature_layers, choose)
         for slot, token in enumerate(tokens):
             if state.prompt[slot] < 0:
                 continue
@@ -155,7 +222,11 @@ def _fill(
     that one, and its argmax is the first generated token."""
     prompt = list(prompts[index])
     state.rows[slot] = []
-    if len(prompt) > 1:
+    n = len(prompt) - 1
+    known = state.prefilled.get(tuple(prompt[:-1])) if feature_layers is None else None
+    if known is not None:  # the same prompt again (sampling): copy its K/V, no forward
+        state.k[:, slot, :, :n], state.v[:, slot, :, :n] = known
+    elif len(prompt) > 1:
         ids = torch.tensor(prompt[:-1], dtype=torch.long, device=lean.device)
         layers = feature_layers or ()
         _, out = lean.forward(
@@ -167,6 +238,9 @@ def _fill(
         )
         if feature_layers is not None:
             state.rows[slot].append((torch.cat([out[i] for i in layers], dim=-1), out[-1]))
+        elif state.repeats:
+            kv = (state.k[:, slot, :, :n].clone(), state.v[:, slot, :, :n].clone())
+            state.prefilled[tuple(prompt[:-1])] = kv
     state.length[slot] = len(prompt) - 1
     state.prompt[slot] = index
     state.next_id[slot] = prompt[-1]
@@ -175,9 +249,13 @@ def _fill(
 
 
 def _decode_step(
-    lean: LeanLlama, state: _Slots, feature_layers: tuple[int, ...] | None
+    lean: LeanLlama,
+    state: _Slots,
+    feature_layers: tuple[int, ...] | None,
+    choose: TokenChooser | None = None,
 ) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
-    """One token per slot (free slots compute a dummy token that nothing reads): the argmax,
+    """One token per slot (free slots compute a dummy token that nothing reads): the argmax
+    (or ``choose``'s pick),
     and with ``feature_layers`` the fused features [B, len * hidden] and final hidden [B, H]."""
     device = lean.device
     ids = torch.tensor(state.next_id, dtype=torch.long, device=device)  # [B]
@@ -214,7 +292,8 @@ def _decode_step(
         if state.prompt[slot] >= 0:  # a free slot rewrites the same (unread) position
             state.length[slot] += 1
     logits = linear(x, lean.lm_head, norm=lean.final_norm)  # [B, vocab]
-    tokens = [int(t) for t in logits.argmax(-1).tolist()]
+    picked = logits.argmax(-1) if choose is None else choose(logits)
+    tokens = [int(t) for t in picked.tolist()]
     if feature_layers is None:
         return tokens, None, None
     hidden = rms_norm(x, lean.final_norm, lean.eps)
@@ -223,4 +302,10 @@ def _decode_step(
     return tokens, fused, hidden
 
 
-__all__ = ["GreedyOutput", "batched_greedy", "batched_greedy_outputs"]
+__all__ = [
+    "GreedyOutput",
+    "TokenChooser",
+    "batched_greedy",
+    "batched_greedy_outputs",
+    "batched_sample",
+]

@@ -351,3 +351,16 @@ def test_train_compare_draws_both_runs(tmp_path: Path, capsys: pytest.CaptureFix
     no_tau.write_text(json.dumps({"step": 1, "loss": 2.0, "tau": None}) + "\n")
     assert _exit_code(["train", "compare", "--run", f"x={no_tau}", "--png", str(png)]) == 2
     assert "no tau values in the metrics of ['x']" in capsys.readouterr().err
+
+
+def test_train_prompts_writes_self_instruct_prompts(
+    tiny_target_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "self.jsonl"
+    argv = ["train", "prompts", "--target", str(tiny_target_dir), "--out", str(out)]
+    assert main([*argv, "--count", "3", "--batch-size", "4", "--max-new-tokens", "64"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["kept"] == 3 and len(out.read_text().splitlines()) == 3
+    with pytest.raises(SystemExit) as refused:
+        main([*argv, "--count", "3", "--temperature", "0"])
+    assert refused.value.code == 1 and "temperature" in capsys.readouterr().err
