@@ -31,6 +31,7 @@ from draftopd.cli.args import (
     non_negative_int,
     positive_float,
 )
+from draftopd.cli.interop import add_export, add_import
 from draftopd.cli.jobs import add_jobs
 from draftopd.cli.train import add_train
 from draftopd.stack.supervisor import STARTUP_TIMEOUT_S, check_port_free
@@ -239,4 +240,6 @@ SUBCOMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     _add_compare,
     add_train,
     add_jobs,
+    add_export,
+    add_import,
 )
