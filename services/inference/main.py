@@ -56,6 +56,8 @@ def create_app(settings: InferenceSettings | None = None) -> FastAPI:
             app.state.service = None
             if follower is not None:
                 await anyio.to_thread.run_sync(follower.stop)
+            if service.capture is not None:
+                service.capture.close()
 
     app = FastAPI(
         title="draftopd inference",

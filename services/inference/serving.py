@@ -29,6 +29,7 @@ from draftopd.prompts import Prompt, render_prompt
 from draftopd.speculative.engine import DecodeEngine, DecodeRun, Delta
 from draftopd.speculative.proposers import NgramProposer, Proposer
 from draftopd.speculative.sampling import SamplingParams
+from services.inference.capture import TrafficCapture
 from services.inference.drafters import ServedDrafter, load_served_drafter
 from services.inference.errors import (
     ClientGoneError,
@@ -109,6 +110,7 @@ class InferenceService:
         self._admitted = 0  # requests running or waiting for a slot
         self._running = 0
         self.follower: FollowStatusSource | None = None  # set when following a registry alias
+        self.capture = TrafficCapture.from_settings(settings)  # None unless capture_rate > 0
 
     @classmethod
     def load(cls, settings: InferenceSettings, metrics: ServiceMetrics) -> InferenceService:
@@ -403,6 +405,15 @@ class InferenceService:
         )
         seconds = time.perf_counter() - prepared.received_at
         self.metrics.record_run(prepared.spec.endpoint, record, seconds)
+        if finished and self.capture is not None:
+            self.capture.offer(
+                prepared.prompt_ids,
+                run.stats,
+                drafter_version=prepared.drafter_version,
+                method=prepared.method,
+                endpoint=prepared.spec.endpoint,
+                completion_tokens=run.visible,
+            )
         if not finished:
             logger.info(
                 "%s: client gone, generation stopped after %d tokens",

@@ -80,6 +80,21 @@ class InferenceSettings(BaseSettings):
     redis_url: str | None = Field(
         default=None, description="Redis carrying the alias events; None = polling only."
     )
+    # -- traffic capture (opt-in: prompts are user data; docs/traffic.md) --
+    capture_rate: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of finished requests whose prompt is appended to the traffic stream "
+        "(needs redis_url); 0 = off. Prompts go to that stream only, never to a log.",
+    )
+    capture_stream: str = Field(default="draftopd:traffic", description="The traffic stream.")
+    capture_maxlen: int = Field(
+        default=10_000, ge=1, description="Entries the traffic stream keeps (approximate)."
+    )
+    capture_retention_s: float = Field(
+        default=7 * 24 * 3600.0, gt=0, description="Age after which captured prompts are trimmed."
+    )
     artifact_cache_dir: Path | None = Field(
         default=None,
         description="Downloaded drafter versions; None = $DRAFTOPD_CACHE_DIR/drafters.",
@@ -106,6 +121,8 @@ class InferenceSettings(BaseSettings):
                 )
             if self.drafter_name is None:
                 raise ValueError("registry_url needs drafter_name (the registry drafter to serve)")
+        if self.capture_rate > 0 and self.redis_url is None:
+            raise ValueError("capture_rate > 0 needs redis_url (the traffic stream's Redis)")
         if self.default_method in DRAFTER_METHODS and not self.has_drafter_source:
             raise ValueError(
                 f"default_method {self.default_method!r} needs a drafter "
