@@ -20,10 +20,13 @@ from draftopd.training.opd.train import OPDResult
 from draftopd.training.sft.pipeline import SFTPipelineResult, sft_pipeline
 from draftopd.wire.job_specs import SFTJobSpec, parse_spec, total_steps
 from draftopd.wire.registry_client import RegistryClient, resolve_drafter_ref
+from draftopd.wire.traffic import parse_traffic_ref, snapshot
 from services.trainer.report import JobCancelled, JobReport, RedisJobReport, RegistryJobReport
 from services.trainer.rollouts import JobStatus, RedisRollouts
 
 logger = logging.getLogger(__name__)
+
+TRAFFIC_PROMPTS = "traffic_prompts.jsonl"  # a traffic-driven job's prompts, under its out_dir
 
 
 def _chain(
@@ -72,8 +75,17 @@ def run_train_job(
             opd = replace(
                 spec.opd, drafter=str(resolve_drafter_ref(spec.opd.drafter, registry, inputs))
             )
+            run = spec.run
+            source = parse_traffic_ref(run.prompts)
+            if source is not None:  # captured traffic: snapshot once, resume on the same file
+                path = out_dir / TRAFFIC_PROMPTS
+                count = snapshot(client, source, path)
+                logger.info(
+                    "job %s: %d distinct traffic prompts from %s", job_id, count, source.stream
+                )
+                run = replace(run, prompts=str(path))
             result = opd_pipeline(
-                spec.run,
+                run,
                 opd,
                 progress=False,
                 on_step=report_step,

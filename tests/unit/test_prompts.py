@@ -140,3 +140,15 @@ def test_mtbench_first_ten_load_and_render(smollm2_tokenizer: Any) -> None:
     plain = render_prompt(smollm2_tokenizer, prompts[0], chat=False)
     assert smollm2_tokenizer.decode(plain) == first[0]["content"]
     assert all(len(render_prompt(smollm2_tokenizer, p)) > 20 for p in prompts)
+
+
+def test_prompt_ids_are_used_as_they_are(tmp_path: Path) -> None:
+    path = tmp_path / "ids.jsonl"
+    path.write_text(json.dumps({"id": "t1", "prompt_ids": [5, 9, 2]}) + "\n")
+    (prompt,) = load_prompts(path)
+    assert prompt.source == "prompt_ids" and prompt.token_ids == (5, 9, 2)
+    assert render_prompt(None, prompt) == [5, 9, 2]  # no tokenizer, no template: already rendered
+    for bad in ([], [1, -2], ["a"], [True]):
+        path.write_text(json.dumps({"prompt_ids": bad}) + "\n")
+        with pytest.raises(ValueError, match="prompt_ids"):
+            load_prompts(path)

@@ -7,6 +7,10 @@ A spec is ``mode`` plus a run section and the section of its mode, made of the c
     {"mode": "sft",       "run": RunConfig, "sft": SFTConfig}
     {"mode": "draft_opd", "run": RunConfig, "opd": OPDConfig}
 
+A ``draft_opd`` job may take ``run.prompts`` from captured traffic:
+``{"source": "traffic", "stream": ..., "min_prompts": N, "max_prompts": M}``, stored as
+``traffic://STREAM?min_prompts=N&max_prompts=M`` (``draftopd.wire.traffic``).
+
 Specs are strict: a misspelt field anywhere is an error that names it. They are stored
 normalised (every field present), so a job can be rerun exactly from its stored spec.
 
@@ -23,6 +27,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from draftopd.training.configs import OPDConfig, RunConfig, SFTConfig
+from draftopd.wire.traffic import TrafficSource, parse_traffic_ref
 
 _RUN_FIELDS = frozenset(f.name for f in fields(RunConfig))
 
@@ -71,12 +76,18 @@ class DraftOPDJobSpec(BaseModel):
         )
         if isinstance(lifted, dict) and isinstance(lifted.get("opd"), dict):
             lifted["opd"] = OPDConfig.normalise(dict(lifted["opd"]))
+        run = lifted.get("run") if isinstance(lifted, dict) else None
+        if isinstance(run, dict) and isinstance(run.get("prompts"), dict):
+            # captured traffic (draftopd.wire.traffic), stored as its traffic:// reference
+            source = TrafficSource.from_spec(run["prompts"])
+            lifted["run"] = {**run, "prompts": source.to_ref()}
         return lifted
 
     @model_validator(mode="after")
     def _needs_a_drafter(self) -> DraftOPDJobSpec:
         if not self.opd.drafter:
             raise ValueError("opd.drafter: the starting checkpoint is required")
+        parse_traffic_ref(self.run.prompts)  # a malformed traffic:// reference fails here
         return self
 
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 TRAFFIC_STREAM = "draftopd:traffic"
@@ -101,8 +103,110 @@ def read(
     return out
 
 
+TRAFFIC_REF_PREFIX = "traffic://"
+SOURCE_KEYS = ("source", "stream", "min_prompts", "max_prompts")
+
+
+@dataclass(frozen=True)
+class TrafficSource:
+    """Where a train job takes its prompts from captured traffic. In a job spec it is written
+    ``"prompts": {"source": "traffic", "stream": ..., "min_prompts": N, "max_prompts": M}`` and
+    stored as its reference ``traffic://STREAM?min_prompts=N&max_prompts=M``."""
+
+    stream: str = TRAFFIC_STREAM
+    min_prompts: int = 1  # fewer distinct prompts than this fails the job (nothing to learn)
+    max_prompts: int | None = None  # the newest M distinct prompts; None = all
+
+    def __post_init__(self) -> None:
+        if not self.stream or "?" in self.stream:
+            raise ValueError(f"traffic stream name {self.stream!r} is empty or has a '?'")
+        if self.min_prompts < 1 or (self.max_prompts is not None and self.max_prompts < 1):
+            raise ValueError("min_prompts and max_prompts must be >= 1")
+        if self.max_prompts is not None and self.max_prompts < self.min_prompts:
+            raise ValueError("max_prompts must be >= min_prompts")
+
+    def to_ref(self) -> str:
+        query = f"min_prompts={self.min_prompts}"
+        if self.max_prompts is not None:
+            query += f"&max_prompts={self.max_prompts}"
+        return f"{TRAFFIC_REF_PREFIX}{self.stream}?{query}"
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> TrafficSource:
+        unknown = sorted(set(spec) - set(SOURCE_KEYS))
+        if unknown or spec.get("source") != "traffic":
+            raise ValueError(
+                f"prompts: expected {{'source': 'traffic', 'stream', 'min_prompts', "
+                f"'max_prompts'}}, got source={spec.get('source')!r}, unknown keys {unknown}"
+            )
+        try:
+            return cls(
+                stream=str(spec.get("stream", TRAFFIC_STREAM)),
+                min_prompts=int(spec.get("min_prompts", 1)),
+                max_prompts=None if spec.get("max_prompts") is None else int(spec["max_prompts"]),
+            )
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"prompts: {err}") from err
+
+
+def parse_traffic_ref(value: str | None) -> TrafficSource | None:
+    """The source of a ``traffic://`` reference; None for anything else (a file path)."""
+    if not value or not value.startswith(TRAFFIC_REF_PREFIX):
+        return None
+    stream, _, query = value[len(TRAFFIC_REF_PREFIX) :].partition("?")
+    pairs = dict(part.partition("=")[::2] for part in query.split("&") if part)
+    return TrafficSource.from_spec({"source": "traffic", "stream": stream, **pairs})
+
+
+def snapshot(client: Any, source: TrafficSource, path: str | Path) -> int:
+    """Write the distinct captured prompts of ``source`` to ``path`` as prompt JSONL
+    (``prompt_ids`` lines, oldest first; the last ones are the newest, which a held-out split
+    takes). A path that exists already is kept (a resumed job trains on the same prompts).
+    Returns the number of prompts; ValueError if fewer than ``min_prompts``."""
+    out = Path(path)
+    if out.is_file():
+        return sum(1 for line in out.read_text().splitlines() if line.strip())
+    seen: dict[str, tuple[str, TrafficRecord]] = {}
+    for entry_id, record in read(client, stream=source.stream):
+        seen.setdefault(record.key, (entry_id, record))  # the first capture of each prompt
+    kept = list(seen.items())
+    if source.max_prompts is not None:
+        kept = kept[-source.max_prompts :]
+    if len(kept) < source.min_prompts:
+        raise ValueError(
+            f"traffic stream {source.stream!r} holds {len(kept)} distinct prompts, "
+            f"{source.min_prompts} needed (is capture on? DRAFTOPD_INFERENCE_CAPTURE_RATE)"
+        )
+    lines = [
+        json.dumps(
+            {
+                "id": f"traffic-{key}",
+                "prompt_ids": r.prompt_ids,
+                "entry": entry_id,
+                "drafter_version": r.drafter_version,
+                "captured_at": r.captured_at,
+            }
+        )
+        for key, (entry_id, r) in kept
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, out)
+    return len(lines)
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-__all__ = ["TRAFFIC_STREAM", "TrafficRecord", "append", "read"]
+__all__ = [
+    "TRAFFIC_REF_PREFIX",
+    "TRAFFIC_STREAM",
+    "TrafficRecord",
+    "TrafficSource",
+    "append",
+    "parse_traffic_ref",
+    "read",
+    "snapshot",
+]
