@@ -6,7 +6,7 @@ is refused); registry writes need the printed token; an ``sft`` train job submit
 ``POST /train-jobs`` is picked up by the trainer and registers its checkpoints as versions with
 their held-out tau; a ``draft_opd`` job from ``registry://`` version 2 (rollouts on the rollout
 worker) registers version 3; ``PUT production`` makes inference serve it, and its eagle3 output is
-the plain greedy output (the README walkthrough's requests). A second ``up`` on the same data
+the plain greedy output (the walkthrough's requests, docs/walkthrough.md). A second ``up`` on the same data
 directory is refused while the first runs. SIGTERM (and Ctrl-C: SIGINT) stops every child and
 frees every port; a restart reuses the token, the database and the alias (inference serves the
 promoted version from its first request).
@@ -180,7 +180,7 @@ def _generate(http: httpx.Client, base: str, method: str | None) -> httpx.Respon
 def _sft_spec(tmp_path: Path, target: Path) -> dict[str, Any]:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(10)))
-    return {  # the sectioned layout, as the README walkthrough writes it
+    return {  # the sectioned layout, as docs/walkthrough.md writes it
         "mode": "sft",
         "run": {
             "out_dir": "runs/first-sft",  # relative: under the trainer's directory in the data dir
@@ -237,7 +237,7 @@ def _run_job(
 
 
 def _walkthrough(stack: Stack, token: str, target: Path, tmp_path: Path) -> list[int]:
-    """The README walkthrough; returns the plain greedy token ids of PROMPT."""
+    """The walkthrough (docs/walkthrough.md); returns the plain greedy token ids of PROMPT."""
     with httpx.Client(timeout=60) as http:
         plain = _generate(http, stack.inference, "none").json()
         ngram = _generate(http, stack.inference, None).json()  # no drafter yet: ngram
@@ -252,7 +252,7 @@ def _walkthrough(stack: Stack, token: str, target: Path, tmp_path: Path) -> list
         assert (job["step"], job["total_steps"], job["produced_versions"]) == (4, 4, [1, 2])
         assert (stack.data_dir / "trainer/runs/first-sft/metrics.jsonl").is_file()
 
-        # Draft-OPD from version 2, with a relative out_dir like the README's: the rollout
+        # Draft-OPD from version 2, with a relative out_dir like the walkthrough's: the rollout
         # worker (another working directory) must still find each step's drafter
         opd_body = {"drafter": DRAFTER, "base_version": 2, "spec": _opd_spec(tmp_path, target)}
         job2 = _run_job(http, stack, opd_body, auth)
