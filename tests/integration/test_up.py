@@ -6,10 +6,10 @@ is refused); registry writes need the printed token; an ``sft`` train job submit
 ``POST /train-jobs`` is picked up by the trainer and registers its checkpoints as versions with
 their held-out tau; a ``draft_opd`` job from ``registry://`` version 2 (rollouts on the rollout
 worker) registers version 3; ``PUT production`` makes inference serve it, and its eagle3 output is
-the plain greedy output (the walkthrough's requests, docs/walkthrough.md). A second ``up`` on the same data
-directory is refused while the first runs. SIGTERM (and Ctrl-C: SIGINT) stops every child and
-frees every port; a restart reuses the token, the database and the alias (inference serves the
-promoted version from its first request).
+the plain greedy output (the walkthrough's requests, docs/walkthrough.md). A second ``up`` on the
+same data directory is refused while the first runs. SIGTERM (and Ctrl-C: SIGINT) stops every
+child and frees every port; a restart reuses the token, the database and the alias (inference
+serves the promoted version from its first request).
 """
 
 from __future__ import annotations
