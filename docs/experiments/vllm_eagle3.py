@@ -90,7 +90,7 @@ def run_vllm(out: Path) -> int:
     del llm
     spec_config = {"method": "eagle3", "model": str(out / "drafter"), "num_speculative_tokens": K}
     try:
-        llm = LLM(**common, speculative_config=spec_config)
+        llm = LLM(**common, speculative_config=spec_config, disable_log_stats=False)
     except Exception as err:  # noqa: BLE001 - report where vLLM refused, then stop
         result["eagle3_loads"] = False
         result["refused"] = f"{type(err).__name__}: {err}"[:2000]
@@ -101,6 +101,7 @@ def run_vllm(out: Path) -> int:
     result["vllm_eagle3_equals_plain"] = sum(
         s == r["plain"] for s, r in zip(spec, ours["prompts"], strict=True)
     )
+    print(json.dumps(result), flush=True)  # the outputs, before anything else can fail
     drafts = accepted = 0.0
     for metric in llm.get_metrics():
         if metric.name == "vllm:spec_decode_num_drafts":
