@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Path, Response, UploadFile, status
+from fastapi import APIRouter, Depends, File, Form, Path, Query, Response, UploadFile, status
 
 from services.registry import aliases, artifacts, repository
 from services.registry.artifacts import SHA256_HEADER, Provenance
@@ -28,6 +28,7 @@ from services.registry.migrate import current_revision
 from services.registry.schemas import (
     ALIAS_PATTERN,
     MAX_INT,
+    AliasEventOut,
     AliasOut,
     AliasUpdate,
     DrafterCreate,
@@ -215,6 +216,24 @@ def put_alias(
 )
 def list_aliases(drafter: DrafterDep, session: SessionDep, base_url: BaseUrlDep) -> list[AliasOut]:
     return [AliasOut.from_row(row, base_url) for row in repository.list_aliases(session, drafter)]
+
+
+@reads.get(
+    "/drafters/{name}/events",
+    response_model=list[AliasEventOut],
+    responses=NOT_FOUND,
+    summary="A drafter's alias moves, newest first (who served what, when, and why)",
+)
+def list_events(
+    drafter: DrafterDep,
+    session: SessionDep,
+    alias: Annotated[
+        str | None, Query(pattern=ALIAS_PATTERN, description="Only this alias.")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[AliasEventOut]:
+    rows = repository.list_alias_events(session, drafter, alias=alias, limit=limit)
+    return [AliasEventOut.from_row(row, drafter.name) for row in rows]
 
 
 @reads.get(

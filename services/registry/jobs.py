@@ -182,7 +182,9 @@ def promote(session: Session, job: TrainJob) -> Alias | None:
     """Move the job's ``promote_to`` alias to its newest version once it has succeeded."""
     if job.status != "succeeded" or job.promote_to is None or not job.versions:
         return None
-    return repository.set_alias(session, job.drafter, job.promote_to, job.versions[-1])
+    return repository.set_alias(
+        session, job.drafter, job.promote_to, job.versions[-1], cause=f"train_job:{job.id}"
+    )
 
 
 def submit_job(session: Session, queue: TrainQueue, body: TrainJobCreate) -> TrainJob:

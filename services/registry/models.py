@@ -153,6 +153,22 @@ class Alias(Base):
     version: Mapped[Version] = relationship()
 
 
+class AliasEvent(Base):
+    """One move of an alias: the registry's history of what served when, and why."""
+
+    __tablename__ = "alias_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    drafter_id: Mapped[int] = mapped_column(
+        ForeignKey("drafters.id", ondelete="CASCADE"), index=True
+    )
+    alias: Mapped[str] = mapped_column(String(64))
+    from_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    to_version: Mapped[int] = mapped_column(Integer)
+    cause: Mapped[str] = mapped_column(String(256))  # "api", "train_job:<id>", ...
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class TrainJob(Base):
     __tablename__ = "train_jobs"
     __table_args__ = (

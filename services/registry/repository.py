@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from services.registry.errors import ConflictError, NotFoundError
-from services.registry.models import Alias, Drafter, Metric, TrainJob, Version, utcnow
+from services.registry.models import Alias, AliasEvent, Drafter, Metric, TrainJob, Version, utcnow
 from services.registry.schemas import DrafterCreate, MetricCreate
 from services.registry.storage import StoredArtifact
 
@@ -147,15 +147,25 @@ def list_aliases(session: Session, drafter: Drafter) -> list[Alias]:
     )
 
 
-def set_alias(session: Session, drafter: Drafter, name: str, version: Version) -> Alias:
-    """Create the alias or move it to ``version`` (a concurrent creation is retried as a move)."""
+def set_alias(
+    session: Session, drafter: Drafter, name: str, version: Version, *, cause: str = "api"
+) -> Alias:
+    """Create the alias or move it to ``version`` (a concurrent creation is retried as a move),
+    recording the move as an ``AliasEvent`` in the same commit."""
     for attempt in range(2):
         alias = find_alias(session, drafter, name)
+        previous = None if alias is None else alias.version.number
         if alias is None:
             alias = Alias(drafter_id=drafter.id, name=name)
             session.add(alias)
         alias.version_id = version.id
         alias.updated_at = utcnow()
+        session.add(
+            AliasEvent(
+                drafter_id=drafter.id, alias=name, from_version=previous,
+                to_version=version.number, cause=cause[:256],
+            )
+        )  # fmt: skip
         try:
             session.commit()
         except IntegrityError:
@@ -166,3 +176,13 @@ def set_alias(session: Session, drafter: Drafter, name: str, version: Version) -
         session.refresh(alias)
         return alias
     raise AssertionError("unreachable: the loop returns or raises")
+
+
+def list_alias_events(
+    session: Session, drafter: Drafter, *, alias: str | None = None, limit: int = 100
+) -> list[AliasEvent]:
+    """A drafter's alias moves, newest first."""
+    query = select(AliasEvent).where(AliasEvent.drafter_id == drafter.id)
+    if alias is not None:
+        query = query.where(AliasEvent.alias == alias)
+    return list(session.scalars(query.order_by(AliasEvent.id.desc()).limit(limit)))

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from draftopd.training import configs
 from draftopd.wire.job_specs import TrainJobSpec
 from draftopd.wire.text import valid_text
-from services.registry.models import Alias, Drafter, Metric, TrainJob, Version
+from services.registry.models import Alias, AliasEvent, Drafter, Metric, TrainJob, Version
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 ALIAS_PATTERN = r"^[A-Za-z][A-Za-z0-9._-]{0,63}$"
@@ -164,6 +164,24 @@ class AliasOut(BaseModel):
             artifact_url=artifact_url(base_url, row.drafter.name, row.version.number),
             updated_at=row.updated_at,
         )
+
+
+class AliasEventOut(BaseModel):
+    """One move of an alias (``GET /drafters/{name}/events``)."""
+
+    drafter: str
+    alias: str
+    from_version: int | None = Field(description="None when the move created the alias.")
+    to_version: int
+    cause: str = Field(description="'api' (a PUT), 'train_job:<id>' (its promote_to), ...")
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: AliasEvent, drafter: str) -> AliasEventOut:
+        return cls(
+            drafter=drafter, alias=row.alias, from_version=row.from_version,
+            to_version=row.to_version, cause=row.cause, created_at=row.created_at,
+        )  # fmt: skip
 
 
 class TrainJobCreate(_Request):

@@ -285,6 +285,16 @@ class RegistryClient:
         result: dict[str, Any] = self._json("GET", f"/drafters/{name}/aliases/{alias}")
         return result
 
+    def list_events(
+        self, name: str, *, alias: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """The drafter's alias moves, newest first."""
+        params: dict[str, Any] = {"limit": limit}
+        if alias is not None:
+            params["alias"] = alias
+        result: list[dict[str, Any]] = self._json("GET", f"/drafters/{name}/events", params=params)
+        return result
+
     def list_aliases(self, name: str) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._json("GET", f"/drafters/{name}/aliases")
         return result

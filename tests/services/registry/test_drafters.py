@@ -18,7 +18,7 @@ def test_health_reports_backend_and_revision(client: TestClient, db_url: str) ->
     body = response.json()
     assert body["status"] == "ok"
     assert body["database"] == ("sqlite" if db_url.startswith("sqlite") else "postgresql")
-    assert body["schema_revision"] == "0001"
+    assert body["schema_revision"] == "0002"
 
 
 def test_create_get_and_list_drafters(client: TestClient) -> None:
@@ -163,6 +163,16 @@ def test_aliases_create_move_and_list(client: TestClient) -> None:
         ("production", 2),
     ]
     assert client.get(f"/drafters/{DRAFTER}").json()["aliases"] == {"candidate": 2, "production": 2}
+    events = client.get(f"/drafters/{DRAFTER}/events").json()  # newest first, every move
+    assert [(e["alias"], e["from_version"], e["to_version"], e["cause"]) for e in events] == [
+        ("production", 1, 2, "api"),
+        ("candidate", None, 2, "api"),
+        ("production", None, 1, "api"),
+    ]
+    only = client.get(f"/drafters/{DRAFTER}/events", params={"alias": "candidate", "limit": 5})
+    assert [e["to_version"] for e in only.json()] == [2]
+    assert client.get(f"/drafters/{DRAFTER}/events", params={"limit": 0}).status_code == 422
+    assert client.get("/drafters/nobody/events").status_code == 404
 
 
 def test_alias_validation(client: TestClient) -> None:
@@ -189,6 +199,7 @@ def test_openapi_documents_every_endpoint(client: TestClient) -> None:
         "/drafters/{name}/versions/{version}/metrics": {"get", "post"},
         "/drafters/{name}/aliases": {"get"},
         "/drafters/{name}/aliases/{alias}": {"get", "put"},
+        "/drafters/{name}/events": {"get"},
         "/train-jobs": {"get", "post"},
         "/train-jobs/{job_id}": {"get", "patch"},
         "/train-jobs/{job_id}/cancel": {"post"},

@@ -73,6 +73,9 @@ def test_an_sft_job_registers_its_checkpoints_and_is_promoted(
     assert [m["benchmark"] for m in taus] == ["heldout", "heldout"]
     assert taus[1]["tau"] == pytest.approx(result["tau"])
     assert registry.get_alias(DRAFTER, "candidate")["version"] == 2
+    (event,) = registry.list_events(DRAFTER, alias="candidate")  # the promotion, and its cause
+    assert (event["from_version"], event["to_version"]) == (None, 2)
+    assert event["cause"] == f"train_job:{job['id']}"
     served = registry.download_version(DRAFTER, 2, tmp_path / "v2")
     assert sorted(p.name for p in served.iterdir()) == ["config.json", "model.safetensors"]
 
