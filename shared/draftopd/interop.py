@@ -25,7 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from draftopd.models.drafter import Drafter
-from draftopd.models.eagle3.model import Eagle3Config, Eagle3Drafter
+from draftopd.models.eagle3.model import Eagle3Config
+from draftopd.models.families import family
 from draftopd.models.target import TargetModel
 
 FORMATS = ("speculators", "sglang")
@@ -64,7 +65,7 @@ def export_drafter(
     rope and context settings are copied from it)."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} not supported; choose one of {FORMATS}")
-    if not isinstance(drafter, Eagle3Drafter):
+    if drafter.cfg.architecture != "eagle3":
         raise ValueError(
             f"export takes EAGLE-3 drafters; this one is {drafter.cfg.architecture} "
             "(DFlash export is not built yet: docs/interop.md)"
@@ -199,13 +200,15 @@ def import_drafter(directory: str | Path, target: TargetModel) -> Drafter:
     )  # servers default to the same layers draftopd does
     if len(feature_layers) != 3:
         raise ValueError(f"{root}: expected 3 aux hidden-state layers, got {aux}")
-    cfg = Eagle3Config.for_target(
+    kind = family("eagle3")
+    cfg = kind.config_for_target(
         target.config,
         feature_layers=(feature_layers[0], feature_layers[1], feature_layers[2]),
         draft_vocab_size=int(config["draft_vocab_size"]),
         target_model=target.name,
         target_fingerprint=target.fingerprint,
     )
+    assert isinstance(cfg, Eagle3Config)
     _check_shape(root, cfg, layer_config)
     try:
         tensors = load_file(str(root / WEIGHTS))
@@ -229,7 +232,7 @@ def import_drafter(directory: str | Path, target: TargetModel) -> Drafter:
         mask[d2t] = True
         if not torch.equal(tensors["t2d"].bool(), mask):
             raise ValueError(f"{root}: t2d does not mark exactly the d2t target ids")
-    drafter = Eagle3Drafter(cfg)
+    drafter = kind.build(cfg)
     missing, unexpected = drafter.load_state_dict(ours, strict=False)
     if unexpected or set(missing) - {"d2t", "t2d"}:
         raise ValueError(f"{root}: tensors mismatch: missing={missing}, unexpected={unexpected}")
