@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from draftopd.bench import _load_drafter
+from draftopd.bench import load_drafter_ref
 from draftopd.interop import export_drafter
 from draftopd.models.target import load_target
 
@@ -43,7 +43,7 @@ PAIRS = {  # speculators' name -> ours
             "self_attn.v_proj.weight",
             "self_attn.o_proj.weight",
         )
-    },  # fmt: skip
+    },
     **{f"layers.0.mlp.{n}": n for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")},
 }
 
@@ -68,7 +68,7 @@ def main() -> int:
     ref = sys.argv[1] if len(sys.argv) > 1 else "random:0"
     target = load_target("smollm2")
     verifier = str(target.config._name_or_path)
-    drafter = _load_drafter(ref, target)
+    drafter = load_drafter_ref(ref, target)
     ours = {k: v.detach().cpu() for k, v in drafter.state_dict().items()}
     ok = True
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,7 +31,7 @@ LIMIT = 20
 
 
 def prepare(drafter_ref: str, out: Path) -> None:
-    from draftopd.bench import _load_drafter
+    from draftopd.bench import load_drafter_ref
     from draftopd.interop import export_drafter
     from draftopd.models.target import load_target
     from draftopd.prompts import load_prompts, render_prompt
@@ -39,7 +39,7 @@ def prepare(drafter_ref: str, out: Path) -> None:
     from draftopd.speculative.sampling import SamplingParams
 
     target = load_target("smollm2")
-    drafter = _load_drafter(drafter_ref, target)
+    drafter = load_drafter_ref(drafter_ref, target)
     verifier = str(target.config._name_or_path)
     export_drafter(
         drafter, out / "drafter", fmt="speculators", verifier=verifier,

@@ -123,7 +123,7 @@ def run_costs(config: BenchConfig) -> dict[str, Any]:
         config.target, device=device, dtype=config.dtype, step=config.step, kernel=config.kernel
     )
     family = config.method if config.method in DRAFTER_METHODS else "eagle3"
-    drafter = _load_drafter(config.drafter or DEFAULT_DRAFTER, target, architecture=family)
+    drafter = load_drafter_ref(config.drafter or DEFAULT_DRAFTER, target, architecture=family)
     steps = ("hf", "lean") if target.step == "lean" else ("hf",)
     plan = CostPlan(
         steps=steps,
@@ -151,12 +151,12 @@ def _setup(config: BenchConfig) -> _Bench:
     rendered = [(p.id, render_prompt(target.tokenizer, p)) for p in prompts]
     drafter = None
     if config.drafter_ref:
-        drafter = _load_drafter(config.drafter_ref, target, architecture=config.method)
+        drafter = load_drafter_ref(config.drafter_ref, target, architecture=config.method)
     engine = DecodeEngine(target, num_draft_tokens=config.num_draft_tokens)
     return _Bench(config=config, target=target, engine=engine, drafter=drafter, prompts=rendered)
 
 
-def _load_drafter(ref: str, target: TargetModel, *, architecture: str = "eagle3") -> Drafter:
+def load_drafter_ref(ref: str, target: TargetModel, *, architecture: str = "eagle3") -> Drafter:
     parsed = parse_drafter_ref(ref)
     if parsed.path is not None:
         logger.info("loading drafter checkpoint %s", parsed.path)

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from draftopd.cli.args import Subparsers, add_config_flags, config_from_args, positive_int
-from draftopd.cli.jobs import _add_registry_args, _registry
+from draftopd.cli.jobs import add_registry_args, registry_session
 from draftopd.training.configs import RunConfig
 
 
@@ -36,7 +36,7 @@ def add_export(subparsers: Subparsers) -> None:
         help="K in the speculators proposal method (default 4)",
     )
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    _add_registry_args(p)
+    add_registry_args(p)
     add_config_flags(p, RunConfig, title="target", only=("target",))
     p.set_defaults(handler=_run_export_command)
 
@@ -53,13 +53,13 @@ def add_import(subparsers: Subparsers) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--drafter", help="registry drafter name to add a version to")
     where.add_argument("--out", help="write a draftopd checkpoint directory instead")
-    _add_registry_args(p)
+    add_registry_args(p)
     add_config_flags(p, RunConfig, title="target", only=("target",))
     p.set_defaults(handler=_run_import_command)
 
 
 def _run_export_command(args: argparse.Namespace) -> int:
-    from draftopd.bench import _load_drafter
+    from draftopd.bench import load_drafter_ref
     from draftopd.interop import export_drafter
     from draftopd.models.target import load_target
     from draftopd.wire.formats import parse_registry_ref
@@ -71,9 +71,9 @@ def _run_export_command(args: argparse.Namespace) -> int:
         if parse_registry_ref(ref) is not None:
             from draftopd.wire.registry_client import resolve_drafter_ref
 
-            with _registry(args) as client:
+            with registry_session(args) as client:
                 ref = str(resolve_drafter_ref(ref, client, cache))
-        drafter = _load_drafter(ref, target, architecture="eagle3")
+        drafter = load_drafter_ref(ref, target, architecture="eagle3")
     verifier = args.verifier or str(getattr(target.config, "_name_or_path", "") or where.target)
     out = export_drafter(
         drafter,
@@ -104,7 +104,7 @@ def _run_import_command(args: argparse.Namespace) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="draftopd-import-") as tmp:
         checkpoint = save_drafter(drafter.float(), Path(tmp) / "checkpoint", provenance=provenance)
-        with _registry(args) as client:
+        with registry_session(args) as client:
             names = {d["name"] for d in client.list_drafters()}
             if args.drafter not in names:
                 client.create_drafter(

@@ -43,7 +43,7 @@ def add_jobs(subparsers: Subparsers) -> None:
     listing.add_argument("--status", choices=JOB_STATUSES, help="only jobs with this status")
     listing.add_argument("--drafter", help="only jobs of this drafter")
     listing.add_argument("--limit", type=positive_int, default=20, help="at most N (default 20)")
-    _add_registry_args(listing)
+    add_registry_args(listing)
     listing.set_defaults(handler=_run_list_command)
 
     watch = actions.add_parser(
@@ -55,16 +55,16 @@ def add_jobs(subparsers: Subparsers) -> None:
     watch.add_argument(
         "--interval", type=positive_float, default=2.0, help="seconds between polls (default 2)"
     )
-    _add_registry_args(watch)
+    add_registry_args(watch)
     watch.set_defaults(handler=_run_watch_command)
 
     cancel = actions.add_parser("cancel", help="cancel a job (needs the registry's token)")
     cancel.add_argument("job_id", metavar="ID", help="the train job's id")
-    _add_registry_args(cancel)
+    add_registry_args(cancel)
     cancel.set_defaults(handler=_run_cancel_command)
 
 
-def _add_registry_args(p: argparse.ArgumentParser) -> None:
+def add_registry_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--registry-url",
         default=os.environ.get(URL_ENV, DEFAULT_URL),
@@ -78,7 +78,7 @@ def _add_registry_args(p: argparse.ArgumentParser) -> None:
 
 
 @contextmanager
-def _registry(args: argparse.Namespace) -> Iterator[RegistryClient]:
+def registry_session(args: argparse.Namespace) -> Iterator[RegistryClient]:
     """A client for ``--registry-url``; its errors become messages that name the cause."""
     url = args.registry_url
     job_id = getattr(args, "job_id", None)
@@ -104,7 +104,7 @@ def _registry(args: argparse.Namespace) -> Iterator[RegistryClient]:
 
 # -- list -----------------------------------------------------------------------------------------
 def _run_list_command(args: argparse.Namespace) -> int:
-    with _registry(args) as client:
+    with registry_session(args) as client:
         jobs = client.list_train_jobs(status=args.status, drafter=args.drafter, limit=args.limit)
     sys.stdout.write(format_table(jobs) if jobs else "no train jobs\n")
     return 0
@@ -148,7 +148,7 @@ def _number(value: float | None) -> str:
 # -- watch ----------------------------------------------------------------------------------------
 def _run_watch_command(args: argparse.Namespace) -> int:
     try:
-        with _registry(args) as client:
+        with registry_session(args) as client:
             logger.info("watching train job %s at %s", args.job_id, args.registry_url)
             job = watch_job(client, args.job_id, interval=args.interval)
     except KeyboardInterrupt:
@@ -208,7 +208,7 @@ def format_outcome(job: dict[str, Any]) -> str:
 
 # -- cancel ---------------------------------------------------------------------------------------
 def _run_cancel_command(args: argparse.Namespace) -> int:
-    with _registry(args) as client:
+    with registry_session(args) as client:
         job = client.cancel_train_job(args.job_id)
     state = job["status"] if job["status"] == "cancelled" else f"{job['status']}, cancel requested"
     sys.stdout.write(f"job {job['id']}: {state}\n")

@@ -24,6 +24,7 @@ import redis
 
 from draftopd.speculative.records import RolloutRecord, stream_key
 from draftopd.training.configs import ROLLOUT_MODES
+from draftopd.wire.text import decoded
 
 REQUEST_STREAM = "draftopd:rollout-requests"
 WORKER_GROUP = "rollout-workers"
@@ -117,7 +118,7 @@ def enqueue(
     for request in requests:
         pipe.xadd(REQUEST_STREAM, request.to_fields())  # type: ignore[arg-type]
     replies = pipe.execute()
-    return [_text(x) for x in replies[1 if mark is not None else 0 :]]
+    return [decoded(x) for x in replies[1 if mark is not None else 0 :]]
 
 
 def next_request(
@@ -139,7 +140,7 @@ def next_request(
     if not entries:
         return None
     entry_id, fields = entries[0]
-    return _text(entry_id), RolloutRequest.from_fields(fields)
+    return decoded(entry_id), RolloutRequest.from_fields(fields)
 
 
 def publish(
@@ -161,10 +162,6 @@ def publish(
     args[3] = max(per, 1)
     keys = [REQUEST_STREAM, stream_key(request.job_id)]
     return bool(client.eval(_PUBLISH, len(keys), *keys, *args))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def redis_answers(url: str) -> bool:

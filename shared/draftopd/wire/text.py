@@ -42,6 +42,11 @@ def invalid_text_path(value: Any, where: str = "") -> str | None:
     return None
 
 
+def decoded(value: Any) -> str:
+    """A Redis reply as text: bytes decoded as UTF-8, anything else through ``str``."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def valid_text(value: Any) -> Any:
     """``value`` unchanged, or a ValueError naming where it holds a lone surrogate (for the
     services' request models, as a pydantic "before" validator of every field)."""
@@ -67,4 +72,4 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-__all__ = ["invalid_text_path", "is_valid_unicode", "json_safe", "valid_text"]
+__all__ = ["decoded", "invalid_text_path", "is_valid_unicode", "json_safe", "valid_text"]

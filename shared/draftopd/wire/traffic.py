@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from draftopd.wire.text import decoded
+
 TRAFFIC_STREAM = "draftopd:traffic"
 
 
@@ -56,7 +58,7 @@ class TrafficRecord:
 
     @classmethod
     def from_fields(cls, fields: dict[Any, Any]) -> TrafficRecord:
-        text = {_text(k): _text(v) for k, v in fields.items()}
+        text = {decoded(k): decoded(v) for k, v in fields.items()}
         try:
             ids = json.loads(text["prompt_ids"])
             if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
@@ -85,7 +87,7 @@ def append(
     pipe.xadd(stream, record.to_fields(), maxlen=maxlen, approximate=False)
     pipe.xtrim(stream, minid=f"{max(oldest_ms, 0)}-0", approximate=False)
     entry, _ = pipe.execute()
-    return _text(entry)
+    return decoded(entry)
 
 
 def read(
@@ -97,7 +99,7 @@ def read(
     out = []
     for entry_id, fields in entries:
         try:
-            out.append((_text(entry_id), TrafficRecord.from_fields(fields)))
+            out.append((decoded(entry_id), TrafficRecord.from_fields(fields)))
         except ValueError:
             continue
     return out
@@ -194,10 +196,6 @@ def snapshot(client: Any, source: TrafficSource, path: str | Path) -> int:
     tmp.write_text("".join(line + "\n" for line in lines))
     os.replace(tmp, out)
     return len(lines)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 __all__ = [

@@ -65,3 +65,17 @@ def test_bad_settings_are_refused(tiny_target: Any, tmp_path: Path) -> None:
         self_instruct(tiny_target, tmp_path / "x.jsonl", count=2, temperature=0.0)
     with pytest.raises(ValueError, match="positive"):
         self_instruct(tiny_target, tmp_path / "x.jsonl", count=0)
+
+
+def test_a_target_without_the_lean_step_samples_with_generate(
+    tiny_target_dir: Path, tmp_path: Path
+) -> None:
+    from draftopd.models.target import load_target
+
+    hf = load_target(str(tiny_target_dir), step="hf")
+    none = BenchmarkFilter.from_texts(["an unrelated benchmark turn"])
+    first = self_instruct(hf, tmp_path / "a.jsonl", count=4, benchmark=none, **SETTINGS)
+    self_instruct(hf, tmp_path / "b.jsonl", count=4, benchmark=none, **SETTINGS)
+    assert (
+        first.kept == 4 and (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    )
