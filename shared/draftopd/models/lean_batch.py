@@ -111,7 +111,8 @@ NUCLEUS_HEAD = 1024  # candidates ranked by top-k before the nucleus cut (a full
 
 def _exponential_race(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One draw per row from ``probs`` [B, V]: argmax of p / E with E ~ Exp(1) picks index i with
-    probability p_i (about 10x faster than ``torch.multinomial`` over a 49k vocabulary)."""
+    probability p_i. Over a full 49k vocabulary it costs about what ``torch.multinomial`` does
+    (51 against 55 ms for 64 rows); its use is on the short nucleus head, with a generator."""
     race = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / race).argmax(-1)
 
