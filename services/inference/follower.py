@@ -14,6 +14,10 @@ path:
   keeps the holder it started with. The last two loaded versions stay in memory, so flipping the
   alias back (a rollback) swaps at once.
 
+The canary. A second follower (``CandidateFollower``) follows ``candidate_alias`` (default
+``candidate``) the same way, and serves its version to the alias's traffic share of requests
+(``InferenceService.set_candidate``). A missing candidate alias, or a share of 0, serves none.
+
 Bad versions. A ValueError while fetching or loading (sha256 mismatch, a drafter built for another
 target, unreadable weights or config) refuses that alias state (version, sha256, updated_at):
 serving goes on with the old version, the error is logged and shown in ``/health``
@@ -65,14 +69,24 @@ class AliasState:
     version: int
     sha256: str
     updated_at: str
+    traffic: float | None = None  # the alias's share of requests (the canary)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> AliasState:
-        return cls(int(data["version"]), str(data["sha256"]), str(data["updated_at"]))
+        traffic = data.get("traffic")
+        return cls(
+            int(data["version"]),
+            str(data["sha256"]),
+            str(data["updated_at"]),
+            None if traffic is None else float(traffic),
+        )
 
 
 class AliasFollower:
-    """Keeps ``service`` serving the registry version that ``settings.drafter_alias`` names."""
+    """Keeps ``service`` serving the registry version that ``alias`` (default
+    ``settings.drafter_alias``) names."""
+
+    absent_ok = False  # a missing alias is a problem (production); the canary's is not
 
     def __init__(
         self,
@@ -80,11 +94,12 @@ class AliasFollower:
         settings: InferenceSettings,
         *,
         client: RegistryClient | None = None,
+        alias: str | None = None,
     ) -> None:
         if settings.registry_url is None or settings.drafter_name is None:
             raise ValueError("following an alias needs registry_url and drafter_name")
         self.service = service
-        self.name, self.alias = settings.drafter_name, settings.drafter_alias
+        self.name, self.alias = settings.drafter_name, alias or settings.drafter_alias
         self.poll_s = settings.alias_poll_s
         self.client = client or connect(
             settings.registry_url, settings.registry_token, timeout=30.0
@@ -144,9 +159,14 @@ class AliasFollower:
             state = self._read_alias()
             if state is None:
                 return
-            served = self.service.drafter
+            if not self._wanted(state):
+                self._serve(None, state)
+                self._update(in_sync=True, problem=None)
+                return
+            served = self._served()
             label = registry_version_label(self.name, state.version)
             if served is not None and (served.version, served.sha256) == (label, state.sha256):
+                self._serve(served, state)  # the same version; the share may have moved
                 self._update(in_sync=True, problem=None)
             elif state in self._refused:  # not again until the alias is set again
                 self._update(in_sync=False, problem=self._refused[state])
@@ -157,6 +177,10 @@ class AliasFollower:
         try:
             state = AliasState.from_json(self.client.get_alias(self.name, self.alias))
         except RegistryError as err:
+            if err.status_code == 404 and self.absent_ok:
+                self._serve(None, None)
+                self._update(in_sync=True, problem=None, alias_version=None, last_checked_at=_now())
+                return None
             if err.status_code == 404:
                 problem = f"alias {self.name}/{self.alias} does not exist (yet): {err.detail}"
             else:
@@ -188,8 +212,8 @@ class AliasFollower:
         self._loaded.move_to_end((state.version, state.sha256))
         while len(self._loaded) > LOADED_KEPT:
             self._loaded.popitem(last=False)
-        previous = self.service.drafter
-        self.service.swap_drafter(holder)
+        previous = self._served()
+        self._serve(holder, state)
         self.service.metrics.drafter_swaps.labels("swapped").inc()
         self._update(in_sync=True, problem=None, swaps=self.status().swaps + 1)
         logger.info(
@@ -198,6 +222,18 @@ class AliasFollower:
             label,
             self.alias,
         )
+
+    # -- what this follower serves (production: the service's drafter) ------------------------
+    def _wanted(self, state: AliasState) -> bool:
+        """Whether the alias state asks for a drafter to be served at all."""
+        return True
+
+    def _served(self) -> ServedDrafter | None:
+        return self.service.drafter
+
+    def _serve(self, holder: ServedDrafter | None, state: AliasState | None) -> None:
+        if holder is not None:
+            self.service.swap_drafter(holder)
 
     def _load(self, state: AliasState, label: str) -> ServedDrafter:
         directory = self.client.fetch_version(
@@ -209,7 +245,7 @@ class AliasFollower:
 
     def _failed(self, state: AliasState, reason: str, *, refused: bool) -> str:
         """Log and show why ``state`` is not served; returns the problem shown in /health."""
-        served = self.service.drafter
+        served = self._served()
         still = served.version if served else "no drafter"
         logger.error("%s; still serving %s", reason, still)
         error = SwapError(
@@ -305,6 +341,39 @@ class AliasFollower:
         if client is not None:
             client.close()
         self._update(events=False)
+
+
+class CandidateFollower(AliasFollower):
+    """Follows the canary alias: its version serves its traffic share of requests."""
+
+    absent_ok = True
+
+    def __init__(
+        self,
+        service: InferenceService,
+        settings: InferenceSettings,
+        *,
+        client: RegistryClient | None = None,
+    ) -> None:
+        if not settings.candidate_alias:
+            raise ValueError("following the canary needs candidate_alias")
+        super().__init__(service, settings, client=client, alias=settings.candidate_alias)
+
+    def _wanted(self, state: AliasState) -> bool:
+        return bool(state.traffic)
+
+    def _served(self) -> ServedDrafter | None:
+        canary = self.service.canary
+        return canary.drafter if canary is not None else None
+
+    def _serve(self, holder: ServedDrafter | None, state: AliasState | None) -> None:
+        traffic = state.traffic if state is not None else None
+        if holder is None or not traffic:
+            if self.service.canary is not None:
+                logger.info("canary ended: %s serves no share", self.service.canary.drafter.version)
+            self.service.set_candidate(None, 0.0)
+        else:
+            self.service.set_candidate(holder, traffic)
 
 
 def _now() -> datetime:

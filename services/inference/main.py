@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from draftopd.wire.asgi import AuthFirst
+from draftopd.wire.registry_client import connect
 from draftopd.wire.text import json_safe
 from services.inference.api import generation, router
 from services.inference.deps import auth_first
@@ -27,7 +28,8 @@ from services.inference.errors import (
     InvalidRequestError,
     OverloadedError,
 )
-from services.inference.follower import AliasFollower
+from services.inference.follower import AliasFollower, CandidateFollower
+from services.inference.live import LiveCounters, LiveReporter
 from services.inference.metrics import ServiceMetrics
 from services.inference.serving import InferenceService, set_torch_threads
 from services.inference.settings import InferenceSettings, get_settings
@@ -46,16 +48,28 @@ def create_app(settings: InferenceSettings | None = None) -> FastAPI:
         set_torch_threads(settings.torch_threads)
         service = await anyio.to_thread.run_sync(InferenceService.load, settings, app.state.metrics)
         follower = AliasFollower(service, settings) if settings.follows_registry else None
+        canary = (
+            CandidateFollower(service, settings)
+            if settings.follows_registry and settings.candidate_alias
+            else None
+        )
+        reporter = _live_reporter(service, settings)
         if follower is not None:  # the first load happens before the first request
             service.follower = follower
             await anyio.to_thread.run_sync(follower.start)
+        if canary is not None:
+            await anyio.to_thread.run_sync(canary.start)
+        if reporter is not None:
+            reporter.start()
         app.state.service, app.state.follower = service, follower
+        app.state.canary, app.state.reporter = canary, reporter
         try:
             yield
         finally:
             app.state.service = None
-            if follower is not None:
-                await anyio.to_thread.run_sync(follower.stop)
+            for part in (canary, follower, reporter):
+                if part is not None:
+                    await anyio.to_thread.run_sync(part.stop)
             if service.capture is not None:
                 service.capture.close()
 
@@ -75,6 +89,16 @@ def create_app(settings: InferenceSettings | None = None) -> FastAPI:
     _add_error_handlers(app)
     app.add_middleware(AuthFirst, check=auth_first(settings))  # the api_key before the body
     return app
+
+
+def _live_reporter(service: InferenceService, settings: InferenceSettings) -> LiveReporter | None:
+    """Live metrics go to the registry while a registry drafter is followed."""
+    if not settings.follows_registry or settings.live_report_s <= 0:
+        return None
+    assert settings.registry_url is not None and settings.drafter_name is not None
+    client = connect(settings.registry_url, settings.registry_token, timeout=10.0)
+    service.live = LiveCounters(settings.drafter_name)
+    return LiveReporter(service.live, client, settings.drafter_name, settings.live_report_s)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

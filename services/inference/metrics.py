@@ -4,7 +4,11 @@ Speculative counters are labelled by ``drafter_version``: the drafter version st
 ``none`` for plain decoding. From them, per version:
 - tau = generated_tokens / cycles (when no request was cut by a stop string);
 - acceptance rate = accepted_tokens / draft_tokens;
-- acceptance at slot j = accepted_by_position{position=j} / drafts.
+- acceptance at slot j = accepted_by_position{position=j} / drafts;
+- tokens/s = generated_tokens / decode_seconds.
+The gauges ``draftopd_live_tau`` and ``draftopd_live_tokens_per_s`` give the last two ready-made
+(cumulative since the instance started), and ``draftopd_canary_traffic_share`` the share of
+requests routed to the candidate drafter.
 """
 
 from __future__ import annotations
@@ -51,6 +55,22 @@ class ServiceMetrics:
         self.cycles = Counter(
             "draftopd_spec_cycles_total", "Verification cycles (target passes).", label, registry=r
         )
+        self.decode_seconds = Counter(
+            "draftopd_spec_decode_seconds_total", "Decode seconds (prefill excluded).", label,
+            registry=r,
+        )  # fmt: skip
+        self.live_tau = Gauge(
+            "draftopd_live_tau", "Committed tokens per cycle on served traffic.", label, registry=r
+        )
+        self.live_tokens_per_s = Gauge(
+            "draftopd_live_tokens_per_s", "Generated tokens per decode second.", label, registry=r
+        )
+        self.canary_share = Gauge(
+            "draftopd_canary_traffic_share",
+            "Share of drafter requests routed to the candidate (0: no canary).",
+            registry=r,
+        )
+        self._totals: dict[str, list[float]] = {}  # label -> [committed, cycles, tokens, seconds]
         self.generated_tokens = Counter(
             "draftopd_generated_tokens_total", "Output tokens returned.", label, registry=r
         )
@@ -94,6 +114,16 @@ class ServiceMetrics:
         for position, accepted in enumerate(stats.accepted_by_position, start=1):
             self.accepted_by_position.labels(version, str(position)).inc(accepted)
         self.generated_tokens.labels(version).inc(record.generated_tokens)
+        self.decode_seconds.labels(version).inc(stats.decode_s)
+        totals = self._totals.setdefault(version, [0.0, 0.0, 0.0, 0.0])
+        for index, value in enumerate(
+            (stats.committed, stats.cycles, record.generated_tokens, stats.decode_s)
+        ):
+            totals[index] += value
+        if totals[1]:
+            self.live_tau.labels(version).set(totals[0] / totals[1])
+        if totals[3] > 0:
+            self.live_tokens_per_s.labels(version).set(totals[2] / totals[3])
         outcome = "finished" if record.finished else "cancelled"
         self.requests.labels(endpoint, outcome).inc()
         self.latency.labels(endpoint).observe(seconds)

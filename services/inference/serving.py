@@ -11,12 +11,17 @@
 The drafter lives in an immutable ``ServedDrafter`` holder: a request takes the holder once in
 ``prepare`` and keeps it, so ``swap_drafter`` can replace it at any time (the registry alias
 follower, ``follower.py``, does so from its own thread).
+
+The canary: ``set_candidate`` installs a second holder with a traffic share. ``prepare`` routes
+that share of the requests that would use the production drafter's family (by the method they
+name, or by default) to the candidate; each response names the version that served it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -37,6 +42,7 @@ from services.inference.errors import (
     InvalidRequestError,
     OverloadedError,
 )
+from services.inference.live import LiveCounters
 from services.inference.metrics import RunRecord, ServiceMetrics
 from services.inference.responses import Outcome
 from services.inference.schemas import (
@@ -92,6 +98,14 @@ class PreparedGeneration:
         return self.drafter_version or "none"
 
 
+@dataclass(frozen=True)
+class Canary:
+    """The candidate drafter and the share of requests routed to it."""
+
+    drafter: ServedDrafter
+    traffic: float
+
+
 class InferenceService:
     def __init__(
         self,
@@ -111,6 +125,9 @@ class InferenceService:
         self._running = 0
         self.follower: FollowStatusSource | None = None  # set when following a registry alias
         self.capture = TrafficCapture.from_settings(settings)  # None unless capture_rate > 0
+        self._canary: Canary | None = None
+        self._route = random.Random()  # the canary's coin (not seeded: a share of live traffic)
+        self.live: LiveCounters | None = None  # set when reporting live metrics to the registry
 
     @classmethod
     def load(cls, settings: InferenceSettings, metrics: ServiceMetrics) -> InferenceService:
@@ -143,6 +160,26 @@ class InferenceService:
     def swap_drafter(self, drafter: ServedDrafter | None) -> None:
         """Serve ``drafter`` from now on; running requests keep the holder they started with."""
         self._drafter = drafter
+
+    @property
+    def canary(self) -> Canary | None:
+        return self._canary
+
+    def set_candidate(self, drafter: ServedDrafter | None, traffic: float) -> None:
+        """Route ``traffic`` of the drafter requests to ``drafter`` (None or 0: no canary)."""
+        self._canary = Canary(drafter, traffic) if drafter is not None and traffic > 0 else None
+        self.metrics.canary_share.set(traffic if self._canary is not None else 0.0)
+
+    def _routed(self, drafter: ServedDrafter | None, method: str) -> ServedDrafter | None:
+        """The holder a drafter request uses: the canary's for its share, else ``drafter``."""
+        canary = self._canary
+        if (
+            canary is not None
+            and canary.drafter.architecture == method
+            and self._route.random() < canary.traffic
+        ):
+            return canary.drafter
+        return drafter
 
     def default_method(self, drafter: ServedDrafter | None) -> SpeculativeMethod:
         """The method of a request that names none, given the holder it took."""
@@ -185,6 +222,8 @@ class InferenceService:
             )
         drafter = self._drafter  # read once: a swap from now on does not touch this request
         method = spec.method or self.default_method(drafter)
+        if method in DRAFTER_METHODS:
+            drafter = self._routed(drafter, method)
         if method in DRAFTER_METHODS and (drafter is None or drafter.architecture != method):
             raise DrafterUnavailableError(self._no_drafter_message(method, drafter))
         prompt_ids = self._prompt_ids(spec)
@@ -405,6 +444,8 @@ class InferenceService:
         )
         seconds = time.perf_counter() - prepared.received_at
         self.metrics.record_run(prepared.spec.endpoint, record, seconds)
+        if finished and self.live is not None and prepared.drafter is not None:
+            self.live.add(prepared.drafter.version, run.stats, run.visible)
         if finished and self.capture is not None:
             self.capture.offer(
                 prepared.prompt_ids,

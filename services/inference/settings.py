@@ -74,6 +74,17 @@ class InferenceSettings(BaseSettings):
         default=None, description="Registry drafter whose alias is served (with registry_url)."
     )
     drafter_alias: str = Field(default="production", description="The alias followed.")
+    candidate_alias: str | None = Field(
+        default="candidate",
+        description="The canary alias followed beside drafter_alias: its version serves the "
+        "alias's traffic share of drafter requests. Empty: no canary.",
+    )
+    live_report_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="Seconds between live-metric reports (tau, tokens/s per version) to the "
+        "registry; 0: none. Only when following a registry drafter.",
+    )
     alias_poll_s: float = Field(
         default=10.0, gt=0, description="Fallback polling period of the alias (seconds)."
     )
@@ -107,7 +118,7 @@ class InferenceSettings(BaseSettings):
             parse_random_ref(value)  # a malformed random:SEED is refused at start-up
         return value or None
 
-    @field_validator("registry_url", "drafter_name", "redis_url")
+    @field_validator("registry_url", "drafter_name", "redis_url", "candidate_alias")
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value or None

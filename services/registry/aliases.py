@@ -6,6 +6,8 @@ Both an explicit ``PUT /drafters/{name}/aliases/{alias}`` and a succeeded train 
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy.orm import Session
 
 from services.registry import jobs, repository
@@ -22,10 +24,17 @@ def move_alias(
     number: int,
     *,
     base_url: str,
+    traffic: float | None = None,
+    cause: str = "api",
+    detail: dict[str, Any] | None = None,
 ) -> AliasOut:
-    """Point ``name`` at version ``number`` (404 if the drafter has no such version)."""
+    """Point ``name`` at version ``number`` with the traffic share ``traffic`` (404 if the
+    drafter has no such version)."""
     version = repository.get_version(session, drafter, number)
-    alias = AliasOut.from_row(repository.set_alias(session, drafter, name, version), base_url)
+    row = repository.set_alias(
+        session, drafter, name, version, cause=cause, traffic=traffic, detail=detail
+    )
+    alias = AliasOut.from_row(row, base_url)
     events.publish(alias)
     return alias
 

@@ -7,11 +7,13 @@ Writes need the bearer token; reads are open unless ``open_reads`` is false (``s
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Response, UploadFile, status
+from fastapi.exceptions import RequestValidationError
 
-from services.registry import aliases, artifacts, repository
+from services.registry import aliases, artifacts, live, repository
 from services.registry.artifacts import SHA256_HEADER, Provenance
 from services.registry.deps import (
     BaseUrlDep,
@@ -34,6 +36,9 @@ from services.registry.schemas import (
     DrafterCreate,
     DrafterOut,
     HealthOut,
+    LiveAck,
+    LiveOut,
+    LiveReport,
     MetricCreate,
     MetricOut,
     VersionOut,
@@ -45,6 +50,7 @@ AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"description": "Invalid field; detail[].loc names it."},
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown drafter or version."}}
+PRODUCTION = "production"
 AliasName = Annotated[str, Path(pattern=ALIAS_PATTERN, description="e.g. 'production'.")]
 
 router = APIRouter()
@@ -204,8 +210,73 @@ def put_alias(
     base_url: BaseUrlDep,
 ) -> AliasOut:
     """Creates or moves the alias, then publishes it as JSON on the Redis channel
-    ``draftopd:aliases``. An unreachable Redis does not fail the request (subscribers poll)."""
-    return aliases.move_alias(session, events, drafter, alias, body.version, base_url=base_url)
+    ``draftopd:aliases``. An unreachable Redis does not fail the request (subscribers poll).
+
+    ``traffic`` gives the alias a share of requests: inference routes that share to
+    ``candidate`` (the canary), and the registry's policy promotes or discards it by live τ."""
+    if body.traffic is not None and alias == PRODUCTION:
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("body", "traffic"), "input": body.traffic,
+              "msg": "production serves every request the canary does not: it takes no "
+                     "traffic share (give the share to 'candidate')"}]
+        )  # fmt: skip
+    return aliases.move_alias(
+        session, events, drafter, alias, body.version, base_url=base_url, traffic=body.traffic
+    )
+
+
+@writes.post(
+    "/drafters/{name}/versions/{version}/live-metrics",
+    response_model=LiveAck,
+    status_code=status.HTTP_201_CREATED,
+    responses=NOT_FOUND,
+    summary="Report live counters of a version (inference instances)",
+)
+def report_live(version: VersionDep, body: LiveReport, session: SessionDep) -> LiveAck:
+    """Counters since the instance's previous report. A repeated (instance, seq) is ignored
+    (``stored: false``), so a report retried after a lost answer counts once."""
+    return LiveAck(stored=live.record(session, version, body))
+
+
+@reads.get(
+    "/drafters/{name}/versions/{version}/live-metrics",
+    response_model=LiveOut,
+    responses=NOT_FOUND,
+    summary="A version's live tau and tokens/s, measured on served traffic",
+)
+def get_live(
+    drafter: DrafterDep,
+    version: VersionDep,
+    session: SessionDep,
+    since: Annotated[datetime | None, Query(description="Only reports from then on.")] = None,
+) -> LiveOut:
+    since = _aware(since)
+    return live.live_out(drafter.name, version, live.stats(session, version.id, since=since), since)
+
+
+@reads.get(
+    "/drafters/{name}/live-metrics",
+    response_model=list[LiveOut],
+    responses=NOT_FOUND,
+    summary="Live figures of every version that has served traffic",
+)
+def list_live(
+    drafter: DrafterDep,
+    session: SessionDep,
+    since: Annotated[datetime | None, Query(description="Only reports from then on.")] = None,
+) -> list[LiveOut]:
+    since = _aware(since)
+    rows = []
+    for version in repository.list_versions(session, drafter):
+        figures = live.stats(session, version.id, since=since)
+        if figures.reports:
+            rows.append(live.live_out(drafter.name, version, figures, since))
+    return rows
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """A query timestamp without an offset is taken as UTC."""
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
 
 
 @reads.get(

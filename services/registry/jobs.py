@@ -25,6 +25,18 @@ from services.registry.models import Alias, Drafter, TrainJob, utcnow
 from services.registry.queue import TrainQueue
 from services.registry.schemas import TrainJobCreate, TrainJobUpdate
 
+WAITING = "waiting"  # a continual job's first phase (continual.py)
+
+
+def continual_state(schedule: dict[str, Any]) -> dict[str, Any]:
+    """A new continual job's ``continual`` column: its schedule, round 0 waiting for traffic."""
+    return {
+        "schedule": schedule,
+        "state": {"round": 0, "phase": WAITING, "stream_id": None, "job": None, "version": None},
+        "history": [],
+    }
+
+
 _JOB_LOADS = (selectinload(TrainJob.drafter), selectinload(TrainJob.versions))
 
 
@@ -44,9 +56,13 @@ def _job_family(session: Session, spec: Any) -> tuple[str, str] | None:
         return None
 
 
-def create_job(session: Session, body: TrainJobCreate, drafter: Drafter) -> TrainJob:
-    """Store a validated job as ``queued`` (the caller enqueues it). A job whose drafter is of
-    another family than the registry drafter it registers versions under is a conflict."""
+def create_job(
+    session: Session, body: TrainJobCreate, drafter: Drafter, *, parent_id: str | None = None
+) -> TrainJob:
+    """Store a validated job as ``queued`` (the caller enqueues it), or a continual job as
+    ``running`` (the registry's controller runs its rounds: ``continual.py``). A job whose
+    drafter is of another family than the registry drafter it registers versions under is a
+    conflict."""
     if body.base_version is not None:
         repository.get_version(session, drafter, body.base_version)  # 404 if unknown
     spec = body.spec
@@ -63,10 +79,12 @@ def create_job(session: Session, body: TrainJobCreate, drafter: Drafter) -> Trai
         base_version=body.base_version,
         promote_to=body.promote_to,
         spec=spec.model_dump(mode="json"),
-        status="queued",
+        status="queued" if body.continual is None else "running",
         progress=0.0,
         total_steps=total_steps(spec),
         cancel_requested=False,
+        continual=None if body.continual is None else continual_state(body.continual.model_dump()),
+        parent_id=parent_id,
     )
     session.add(job)
     session.commit()
@@ -188,9 +206,11 @@ def promote(session: Session, job: TrainJob) -> Alias | None:
 
 
 def submit_job(session: Session, queue: TrainQueue, body: TrainJobCreate) -> TrainJob:
-    """Store the job and enqueue it; if the broker refuses, the job is marked failed and the
-    ``QueueUnavailableError`` propagates (503)."""
+    """Store the job and enqueue it (a continual job is only stored); if the broker refuses,
+    the job is marked failed and the ``QueueUnavailableError`` propagates (503)."""
     job = create_job(session, body, repository.get_drafter(session, body.drafter))
+    if job.continual is not None:
+        return job  # not the trainer's: the controller submits its rounds
     try:
         queue.enqueue(job.id, job.spec)
     except QueueUnavailableError as err:

@@ -22,6 +22,7 @@ from sqlalchemy.exc import OperationalError
 from draftopd.wire.asgi import AuthFirst
 from draftopd.wire.text import json_safe
 from services.registry import api, train_api
+from services.registry.controller import Controller
 from services.registry.db import make_engine, make_session_factory
 from services.registry.deps import auth_first
 from services.registry.errors import (
@@ -54,7 +55,11 @@ def create_app(settings: RegistrySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        controller = Controller(settings, app.state.sessions, app.state.events, app.state.queue)
+        controller.start()
+        app.state.controller = controller
         yield
+        controller.stop()
         app.state.events.close()
         app.state.queue.close()
         engine.dispose()

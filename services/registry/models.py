@@ -9,7 +9,10 @@
 - ``aliases``: a named pointer (``production``, ``candidate``, ...) per drafter to one version.
 - ``train_jobs``: a train job with its strict spec (JSON), status and progress. ``base_version``
   is a version *number* of the job's drafter (checked on creation; a plain column, so the
-  versions <-> train_jobs foreign keys do not form a cycle).
+  versions <-> train_jobs foreign keys do not form a cycle). A continual job carries its schedule
+  and state in ``continual``; its rounds are jobs whose ``parent_id`` names it.
+- ``alias_events``: every move of an alias, with its cause and, for automatic moves, the evidence.
+- ``live_metrics``: counters reported by inference instances per served version (deltas).
 
 Every timestamp is stored and returned in UTC.
 """
@@ -28,6 +31,7 @@ from sqlalchemy import (
     Dialect,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -147,6 +151,7 @@ class Alias(Base):
     drafter_id: Mapped[int] = mapped_column(ForeignKey("drafters.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(64))
     version_id: Mapped[int] = mapped_column(ForeignKey("versions.id", ondelete="CASCADE"))
+    traffic: Mapped[float | None] = mapped_column(Float, nullable=True)  # the canary's share
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     drafter: Mapped[Drafter] = relationship(back_populates="aliases")
@@ -165,7 +170,34 @@ class AliasEvent(Base):
     alias: Mapped[str] = mapped_column(String(64))
     from_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     to_version: Mapped[int] = mapped_column(Integer)
-    cause: Mapped[str] = mapped_column(String(256))  # "api", "train_job:<id>", ...
+    cause: Mapped[str] = mapped_column(String(256))  # "api", "train_job:<id>", "canary:promote"
+    traffic: Mapped[float | None] = mapped_column(Float, nullable=True)  # the share after it
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # the evidence
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class LiveMetric(Base):
+    """One report of an inference instance for one version: counters since its previous report.
+
+    ``accepted`` and ``accepted_sq`` are the sums over cycles of the accepted drafts and of their
+    squares, so the registry has the mean and the variance of the per-cycle τ (accepted + 1)."""
+
+    __tablename__ = "live_metrics"
+    __table_args__ = (
+        UniqueConstraint("version_id", "instance", "seq"),
+        Index("ix_live_metrics_version_id_created_at", "version_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id", ondelete="CASCADE"))
+    instance: Mapped[str] = mapped_column(String(128))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    requests: Mapped[int] = mapped_column(Integer)
+    cycles: Mapped[int] = mapped_column(BigInteger)
+    accepted: Mapped[int] = mapped_column(BigInteger)
+    accepted_sq: Mapped[int] = mapped_column(BigInteger)
+    generated_tokens: Mapped[int] = mapped_column(BigInteger)
+    decode_s: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -191,6 +223,8 @@ class TrainJob(Base):
     tau: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    continual: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    parent_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 

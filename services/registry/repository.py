@@ -148,10 +148,18 @@ def list_aliases(session: Session, drafter: Drafter) -> list[Alias]:
 
 
 def set_alias(
-    session: Session, drafter: Drafter, name: str, version: Version, *, cause: str = "api"
+    session: Session,
+    drafter: Drafter,
+    name: str,
+    version: Version,
+    *,
+    cause: str = "api",
+    traffic: float | None = None,
+    detail: dict[str, Any] | None = None,
 ) -> Alias:
-    """Create the alias or move it to ``version`` (a concurrent creation is retried as a move),
-    recording the move as an ``AliasEvent`` in the same commit."""
+    """Create the alias or move it to ``version`` with the traffic share ``traffic`` (a
+    concurrent creation is retried as a move), recording the move as an ``AliasEvent`` (with
+    ``detail``, the evidence of an automatic move) in the same commit."""
     for attempt in range(2):
         alias = find_alias(session, drafter, name)
         previous = None if alias is None else alias.version.number
@@ -159,11 +167,12 @@ def set_alias(
             alias = Alias(drafter_id=drafter.id, name=name)
             session.add(alias)
         alias.version_id = version.id
+        alias.traffic = traffic
         alias.updated_at = utcnow()
         session.add(
             AliasEvent(
                 drafter_id=drafter.id, alias=name, from_version=previous,
-                to_version=version.number, cause=cause[:256],
+                to_version=version.number, cause=cause[:256], traffic=traffic, detail=detail,
             )
         )  # fmt: skip
         try:

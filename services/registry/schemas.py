@@ -142,6 +142,13 @@ class MetricOut(MetricCreate):
 
 class AliasUpdate(_Request):
     version: int = Field(ge=1, le=MAX_INT, description="The version number the alias points to.")
+    traffic: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="The share of requests inference routes to this alias (the canary; read from "
+        "'candidate'). Refused on 'production', which serves the rest. None: no share.",
+    )
 
 
 class AliasOut(BaseModel):
@@ -152,6 +159,7 @@ class AliasOut(BaseModel):
     version: int
     sha256: str
     artifact_url: str
+    traffic: float | None = Field(default=None, description="Share of requests routed to it.")
     updated_at: datetime
 
     @classmethod
@@ -162,6 +170,7 @@ class AliasOut(BaseModel):
             version=row.version.number,
             sha256=row.version.sha256,
             artifact_url=artifact_url(base_url, row.drafter.name, row.version.number),
+            traffic=row.traffic,
             updated_at=row.updated_at,
         )
 
@@ -173,15 +182,79 @@ class AliasEventOut(BaseModel):
     alias: str
     from_version: int | None = Field(description="None when the move created the alias.")
     to_version: int
-    cause: str = Field(description="'api' (a PUT), 'train_job:<id>' (its promote_to), ...")
+    cause: str = Field(
+        description="'api' (a PUT), 'train_job:<id>' (its promote_to), 'canary:promote', "
+        "'canary:discard', 'guard:rollback', 'continual:<job id>'"
+    )
+    traffic: float | None = Field(default=None, description="The alias's share after the move.")
+    detail: dict[str, Any] | None = Field(
+        default=None, description="For an automatic move: the live figures it was decided on."
+    )
     created_at: datetime
 
     @classmethod
     def from_row(cls, row: AliasEvent, drafter: str) -> AliasEventOut:
         return cls(
             drafter=drafter, alias=row.alias, from_version=row.from_version,
-            to_version=row.to_version, cause=row.cause, created_at=row.created_at,
+            to_version=row.to_version, cause=row.cause, traffic=row.traffic, detail=row.detail,
+            created_at=row.created_at,
         )  # fmt: skip
+
+
+class LiveReport(_Request):
+    """Counters one inference instance observed for one version since its previous report."""
+
+    instance: str = Field(
+        min_length=1, max_length=128, description="The reporting instance (unique per process)."
+    )
+    seq: int = Field(
+        ge=0, le=2**62, description="Report number of this instance; a repeat is ignored."
+    )
+    requests: int = Field(ge=0, le=MAX_INT)
+    cycles: int = Field(ge=0, le=2**62, description="Verification cycles.")
+    accepted: int = Field(ge=0, le=2**62, description="Sum over cycles of accepted drafts.")
+    accepted_sq: int = Field(ge=0, le=2**62, description="Sum over cycles of accepted^2.")
+    generated_tokens: int = Field(ge=0, le=2**62)
+    decode_s: float = Field(ge=0, le=1e12, description="Decode seconds of those requests.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LiveReport:
+        if self.accepted_sq < self.accepted:
+            raise ValueError("accepted_sq must be >= accepted (each cycle's accepted is >= 0)")
+        return self
+
+
+class LiveAck(BaseModel):
+    stored: bool = Field(description="False: this (instance, seq) was stored before.")
+
+
+class LiveOut(BaseModel):
+    """A version's live figures over a window, summed over instances."""
+
+    drafter: str
+    version: int
+    since: datetime | None = Field(description="Start of the window; None: all reports.")
+    reports: int
+    requests: int
+    cycles: int
+    tau: float | None = Field(description="Mean committed tokens per cycle (accepted + 1).")
+    tau_stderr: float | None = Field(description="Standard error of tau (cycles as samples).")
+    tokens_per_s: float | None = Field(description="Generated tokens / decode seconds.")
+    last_report_at: datetime | None
+
+
+class ContinualSchedule(_Request):
+    """A continual Draft-OPD job's schedule (``POST /train-jobs`` with ``continual``)."""
+
+    min_new_prompts: int = Field(
+        ge=1, le=MAX_INT, description="Start a round once this many new prompts were captured."
+    )
+    traffic: float = Field(
+        default=0.1, gt=0, le=1, description="The canary share of each round's version."
+    )
+    max_rounds: int | None = Field(
+        default=None, ge=1, le=MAX_INT, description="Stop (succeeded) after this many rounds."
+    )
 
 
 class TrainJobCreate(_Request):
@@ -195,6 +268,24 @@ class TrainJobCreate(_Request):
         pattern=ALIAS_PATTERN,
         description="Alias moved to the job's last version when it succeeds.",
     )
+    continual: ContinualSchedule | None = Field(
+        default=None,
+        description="Run as a continual job: a round each time enough new traffic prompts have "
+        "arrived (draft_opd with traffic prompts only).",
+    )
+
+    @model_validator(mode="after")
+    def _continual_needs_traffic(self) -> TrainJobCreate:
+        if self.continual is None:
+            return self
+        prompts = self.spec.run.prompts or ""
+        if self.spec.mode != "draft_opd" or not prompts.startswith("traffic://"):
+            raise ValueError(
+                "continual: needs a draft_opd spec whose run.prompts is a traffic source"
+            )
+        if self.promote_to is not None:
+            raise ValueError("continual: promotion is the canary's; leave promote_to out")
+        return self
 
 
 class TrainJobUpdate(_Request):
@@ -229,6 +320,10 @@ class TrainJobOut(BaseModel):
     base_version: int | None
     promote_to: str | None
     produced_versions: list[int] = Field(description="Version numbers this job registered.")
+    continual: dict[str, Any] | None = Field(
+        default=None, description="A continual job's schedule and state (round, phase, ...)."
+    )
+    parent_id: str | None = Field(default=None, description="The continual job of a round.")
     spec: dict[str, Any]
     created_at: datetime
     updated_at: datetime
@@ -249,6 +344,8 @@ class TrainJobOut(BaseModel):
             base_version=row.base_version,
             promote_to=row.promote_to,
             produced_versions=[version.number for version in row.versions],
+            continual=row.continual,
+            parent_id=row.parent_id,
             spec=row.spec,
             created_at=row.created_at,
             updated_at=row.updated_at,

@@ -18,6 +18,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.registry.policy import Policy
+
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "draftopd" / "registry"
 
 
@@ -59,6 +61,37 @@ class RegistrySettings(BaseSettings):
         description="Largest unpacked size of an artifact's files (413 above: a gzip bomb is "
         "refused while it is read).",
     )
+    policy_interval_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="Seconds between the controller's ticks (canary, guard, continual rounds); "
+        "0 turns the controller off (e.g. on all replicas but one).",
+    )
+    policy_z: float = Field(default=1.96, gt=0, description="Confidence bound, in std errors.")
+    canary_min_cycles: int = Field(
+        default=200, ge=1, description="Live cycles each side needs before a canary verdict."
+    )
+    canary_max_cycles: int = Field(
+        default=20000, ge=1, description="An inconclusive canary is discarded after this."
+    )
+    canary_min_gain: float = Field(
+        default=0.0, ge=0, description="Promote only when live tau is better by more than this."
+    )
+    guard_window_s: float = Field(
+        default=600.0, ge=0, description="How long after a production swap the guard watches."
+    )
+    guard_min_cycles: int = Field(
+        default=100, ge=1, description="Live cycles of the new version before the guard judges."
+    )
+    guard_margin: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="Roll back when live tau falls below (1 - margin) x the previous version's.",
+    )
+    guard_lookback_s: float = Field(
+        default=3600.0, gt=0, description="The previous version's live tau: this long before."
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8003, ge=0, le=65535)
 
@@ -71,6 +104,19 @@ class RegistrySettings(BaseSettings):
     @property
     def broker_url(self) -> str:
         return self.celery_broker_url or self.redis_url
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(
+            z=self.policy_z,
+            canary_min_cycles=self.canary_min_cycles,
+            canary_max_cycles=self.canary_max_cycles,
+            canary_min_gain=self.canary_min_gain,
+            guard_window_s=self.guard_window_s,
+            guard_min_cycles=self.guard_min_cycles,
+            guard_margin=self.guard_margin,
+            guard_lookback_s=self.guard_lookback_s,
+        )
 
 
 @lru_cache

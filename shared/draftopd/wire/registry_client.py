@@ -275,10 +275,34 @@ class RegistryClient:
         )
         return result
 
-    def put_alias(self, name: str, alias: str, version: int) -> dict[str, Any]:
-        result: dict[str, Any] = self._json(
-            "PUT", f"/drafters/{name}/aliases/{alias}", json={"version": version}
+    def put_alias(
+        self, name: str, alias: str, version: int, *, traffic: float | None = None
+    ) -> dict[str, Any]:
+        """Point ``alias`` at ``version``; ``traffic`` gives it a share of requests (the canary
+        on ``candidate``)."""
+        body: dict[str, Any] = {"version": version}
+        if traffic is not None:
+            body["traffic"] = traffic
+        result: dict[str, Any] = self._json("PUT", f"/drafters/{name}/aliases/{alias}", json=body)
+        return result
+
+    def report_live(self, name: str, version: int, report: dict[str, Any]) -> bool:
+        """Send one live report (counters since the previous one); False: a repeat."""
+        result = self._json(
+            "POST", f"/drafters/{name}/versions/{version}/live-metrics", json=report
         )
+        return bool(result["stored"])
+
+    def get_live(self, name: str, version: int, *, since: str | None = None) -> dict[str, Any]:
+        """A version's live tau and tokens/s (since ``since``, an ISO time, if given)."""
+        params = {} if since is None else {"since": since}
+        result: dict[str, Any] = self._json(
+            "GET", f"/drafters/{name}/versions/{version}/live-metrics", params=params
+        )
+        return result
+
+    def list_live(self, name: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._json("GET", f"/drafters/{name}/live-metrics")
         return result
 
     def get_alias(self, name: str, alias: str) -> dict[str, Any]:
@@ -308,13 +332,18 @@ class RegistryClient:
         *,
         base_version: int | None = None,
         promote_to: str | None = None,
+        continual: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        body = {
+        """Submit a job; ``continual`` ({"min_new_prompts": N, "traffic": s}) makes it a
+        continual Draft-OPD job on captured traffic."""
+        body: dict[str, Any] = {
             "drafter": drafter,
             "spec": spec,
             "base_version": base_version,
             "promote_to": promote_to,
         }
+        if continual is not None:
+            body["continual"] = continual
         result: dict[str, Any] = self._json("POST", "/train-jobs", json=body)
         return result
 

@@ -139,7 +139,7 @@ def test_metrics_aliases_and_jobs_through_the_client(
     assert registry.get_train_job(job["id"])["status"] == "running"
     assert [j["id"] for j in registry.list_train_jobs(status="running")] == [job["id"]]
     assert registry.list_train_jobs(status="queued") == []
-    assert registry.health()["schema_revision"] == "0002"
+    assert registry.health()["schema_revision"] == "0003"
 
 
 def test_concurrent_uploads_get_distinct_numbers(

@@ -18,7 +18,7 @@ def test_health_reports_backend_and_revision(client: TestClient, db_url: str) ->
     body = response.json()
     assert body["status"] == "ok"
     assert body["database"] == ("sqlite" if db_url.startswith("sqlite") else "postgresql")
-    assert body["schema_revision"] == "0002"
+    assert body["schema_revision"] == "0003"
 
 
 def test_create_get_and_list_drafters(client: TestClient) -> None:
@@ -200,6 +200,8 @@ def test_openapi_documents_every_endpoint(client: TestClient) -> None:
         "/drafters/{name}/aliases": {"get"},
         "/drafters/{name}/aliases/{alias}": {"get", "put"},
         "/drafters/{name}/events": {"get"},
+        "/drafters/{name}/live-metrics": {"get"},
+        "/drafters/{name}/versions/{version}/live-metrics": {"get", "post"},
         "/train-jobs": {"get", "post"},
         "/train-jobs/{job_id}": {"get", "patch"},
         "/train-jobs/{job_id}/cancel": {"post"},

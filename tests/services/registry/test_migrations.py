@@ -20,7 +20,8 @@ from services.registry.models import Base
 from tests.services.registry.conftest import scratch_postgres
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
-REGISTRY_TABLES = {"drafters", "versions", "metrics", "aliases", "alias_events", "train_jobs"}
+REGISTRY_TABLES = {"drafters", "versions", "metrics", "aliases", "alias_events", "train_jobs",
+                   "live_metrics"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -93,4 +94,5 @@ def test_alembic_cli_reads_the_url_from_the_environment(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "Running upgrade  -> 0001" in result.stderr
     assert "Running upgrade 0001 -> 0002" in result.stderr
+    assert "Running upgrade 0002 -> 0003" in result.stderr
     assert tables(url) == REGISTRY_TABLES | {"alembic_version"}
