@@ -10,12 +10,8 @@ with that step's drafter version; both workers took requests; the killed job fin
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,27 +23,24 @@ from draftopd.models.checkpoint import random_drafter_for, save_drafter
 from draftopd.models.target import TargetModel
 from draftopd.speculative.records import RolloutRecord, stream_key
 from services.trainer.rollouts import TRAINER_GROUP, JobStatus, job_key
+from tests.processes import (
+    celery_argv,
+    free_port,
+    log_tails,
+    service_env,
+    spawn,
+    uvicorn_argv,
+    wait_until,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 JOB = "opd-it"
 STEPS, PROMPTS_PER_STEP = 8, 4
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _env(redis_url: str, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'shared'}", **extra}
+    env = service_env(**extra)
     env.update(DRAFTOPD_TRAINER_REDIS_URL=redis_url, DRAFTOPD_ROLLOUT_REDIS_URL=redis_url)
     return env
-
-
-def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    handle = log.open("wb")
-    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
 
 
 def _celery(redis_url: str, log: Path) -> subprocess.Popen[bytes]:
@@ -57,9 +50,7 @@ def _celery(redis_url: str, log: Path) -> subprocess.Popen[bytes]:
         DRAFTOPD_TRAINER_LOCK_TTL_S="3",
         DRAFTOPD_TRAINER_TORCH_THREADS="1",
     )
-    argv = [sys.executable, "-m", "celery", "-A", "services.trainer.celery_app", "worker"]
-    argv += ["-Q", "train", "--pool", "solo", "--loglevel", "INFO", "--without-gossip"]
-    return _spawn(argv, env, log)
+    return spawn(celery_argv(), env, log)
 
 
 @pytest.fixture
@@ -75,15 +66,8 @@ def workers(
             DRAFTOPD_ROLLOUT_BLOCK_MS="100",
             DRAFTOPD_ROLLOUT_TORCH_THREADS="1",
         )
-        argv = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "services.rollout_worker.main:create_app",
-        ]
-        argv += ["--host", "127.0.0.1", "--port", str(_port())]
-        procs.append(_spawn(argv, env, tmp_path / f"{name}.log"))
+        argv = uvicorn_argv("services.rollout_worker.main:create_app", free_port())
+        procs.append(spawn(argv, env, tmp_path / f"{name}.log"))
     yield procs
     for proc in procs:
         proc.terminate()
@@ -92,13 +76,7 @@ def workers(
 
 
 def _wait(predicate: Any, timeout: float, what: str, logs: list[Path]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
-    pytest.fail(f"timed out waiting for {what}\n{tails}")
+    wait_until(predicate, timeout, what, logs)
 
 
 def test_draft_opd_job_with_celery_and_two_rollout_workers_survives_sigkill(
@@ -161,8 +139,7 @@ def test_draft_opd_job_with_celery_and_two_rollout_workers_survives_sigkill(
             first.kill()
     final = status.get(JOB)
     if final["status"] != "succeeded":
-        tails = "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in logs if p.exists())
-        pytest.fail(f"job ended {final['status']}: {final.get('error')}\n{tails}")
+        pytest.fail(f"job ended {final['status']}: {final.get('error')}\n{log_tails(logs, 4000)}")
     assert final["step"] == STEPS and final["progress"] == 1.0
 
     entries = client.xrange(stream_key(JOB))
