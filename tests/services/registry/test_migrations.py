@@ -20,8 +20,15 @@ from services.registry.models import Base
 from tests.services.registry.conftest import scratch_postgres
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
-REGISTRY_TABLES = {"drafters", "versions", "metrics", "aliases", "alias_events", "train_jobs",
-                   "live_metrics"}
+REGISTRY_TABLES = {
+    "drafters",
+    "versions",
+    "metrics",
+    "aliases",
+    "alias_events",
+    "train_jobs",
+    "live_metrics",
+}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
