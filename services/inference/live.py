@@ -6,8 +6,9 @@ accepted drafts over cycles and of their squares (so the registry has the varian
 version's counters since its previous report every ``live_report_s`` to
 ``POST /drafters/{name}/versions/{v}/live-metrics``, numbered ``(instance, seq)``: a report whose
 answer was lost is re-sent with the same number and counts once. A report the registry could not
-take stays queued, in order, and is re-sent at the next interval (at most ``MAX_QUEUED`` are
-kept); a report for a version the registry no longer has (404) is dropped.
+take (unreachable, a 5xx, 408, 429) stays queued, in order, and is re-sent at the next interval
+(at most ``MAX_QUEUED`` are kept); one it refuses for good (a 404: the version is gone; a 401 or
+403: the token) is dropped. A problem is logged when it starts or changes, not at every try.
 
 Squares without per-cycle records: acceptance is a prefix, so ``accepted_by_position[j-1]`` is
 the number of cycles that accepted at least j drafts, and the sum of a² over cycles is
@@ -110,6 +111,7 @@ class LiveReporter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.sent = 0
+        self.last_problem: str | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="live-reporter", daemon=True)
@@ -136,16 +138,26 @@ class LiveReporter:
             try:
                 self.client.report_live(self.name, version, report)
             except RegistryError as err:
-                if err.status_code != 404:  # a 404: the version is gone, nothing to report under
+                retry = err.status_code >= 500 or err.status_code in (408, 429)
+                if retry:
                     kept.append((version, seq, tally))
-                    logger.warning("live report for v%d not taken (%s); retrying", version, err)
+                # a 404 (the version is gone) or another 4xx (a 401/403: the token; a 422)
+                # will not pass by retrying: the report is dropped
+                self._problem(f"live report refused ({err}); {'retrying' if retry else 'dropped'}")
                 continue
             except (httpx.HTTPError, OSError) as err:
                 kept.append((version, seq, tally))
-                logger.warning("live report for v%d not sent (%s); retrying", version, err)
+                self._problem(f"live report not sent ({err!r}); retrying")
                 continue
             self.sent += 1
+            self._problem(None)
         self._queue = kept
+
+    def _problem(self, problem: str | None) -> None:
+        """Log a problem when it starts or changes, not at every interval."""
+        if problem is not None and problem != self.last_problem:
+            logger.warning("%s", problem)
+        self.last_problem = problem
 
     def _next_seq(self) -> int:
         self._seq += 1
