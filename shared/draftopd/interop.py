@@ -68,7 +68,8 @@ def export_drafter(
     if drafter.cfg.architecture != "eagle3":
         raise ValueError(
             f"export takes EAGLE-3 drafters; this one is {drafter.cfg.architecture} "
-            "(DFlash export is not built yet: docs/interop.md)"
+            "(our DFlash has no q/k norms, drafts through a reduced head and may learn its mask "
+            "embedding, none of which the published DFlash layout holds: docs/interop.md)"
         )
     if dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} not supported; choose one of {sorted(_DTYPES)}")
