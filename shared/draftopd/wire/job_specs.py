@@ -60,6 +60,15 @@ class SFTJobSpec(BaseModel):
         )
         return _lift(data, "sft", sft_data)
 
+    @model_validator(mode="after")
+    def _no_traffic(self) -> SFTJobSpec:
+        if parse_traffic_ref(self.run.prompts) is not None:
+            raise ValueError(
+                "run.prompts: captured traffic is a prompt source for draft_opd jobs only (SFT "
+                "needs target-written responses: give it a prompt file or the corpus)"
+            )
+        return self
+
 
 class DraftOPDJobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
