@@ -57,10 +57,18 @@ RUN = {"out_dir": "r"}
             "gamma",
         ),
         ({"mode": "sft", "out_dir": "r", "steps": 3}, "steps"),
-        ({"mode": "sft", "run": {"out_dir": "r", "prompts": "traffic://t?min_prompts=2"}},
-         "draft_opd jobs only"),  # fmt: skip
-        ({"mode": "draft_opd", "run": {"out_dir": "r", "prompts": {"source": "traffic", "x": 1}},
-          "opd": {"drafter": "c"}}, "unknown keys"),  # fmt: skip
+        (
+            {"mode": "sft", "run": {"out_dir": "r", "prompts": "traffic://t?min_prompts=2"}},
+            "draft_opd jobs only",
+        ),
+        (
+            {
+                "mode": "draft_opd",
+                "run": {"out_dir": "r", "prompts": {"source": "traffic", "x": 1}},
+                "opd": {"drafter": "c"},
+            },
+            "unknown keys",
+        ),
     ],
 )
 def test_bad_specs_name_the_field(data: dict, where: str) -> None:
