@@ -4,7 +4,8 @@ Start the stack with capture on and a policy sized for a demo, then run this scr
 
     DRAFTOPD_INFERENCE_CAPTURE_RATE=1 DRAFTOPD_INFERENCE_LIVE_REPORT_S=2 \\
     DRAFTOPD_INFERENCE_MAX_CONCURRENCY=2 DRAFTOPD_REGISTRY_POLICY_INTERVAL_S=2 \\
-    DRAFTOPD_REGISTRY_CANARY_MIN_CYCLES=300 DRAFTOPD_REGISTRY_GUARD_MIN_CYCLES=100 \\
+    DRAFTOPD_REGISTRY_CANARY_MIN_CYCLES=300 DRAFTOPD_REGISTRY_CANARY_MAX_CYCLES=3000 \\
+    DRAFTOPD_REGISTRY_GUARD_MIN_CYCLES=100 \\
     .venv/bin/draftopd up --data-dir /tmp/demo-stack &
     .venv/bin/python docs/experiments/live_loop_demo.py --data-dir /tmp/demo-stack
 
@@ -166,10 +167,16 @@ def main() -> None:
                     "eval_every": args.opd_steps, "checkpoint_every": args.opd_steps,
                     "eval_max_new_tokens": 32},
         }  # fmt: skip
-        job = client.create_train_job(
-            name, spec, continual={"min_new_prompts": 16, "traffic": 0.5, "max_rounds": 1}
-        )
-        print(f"continual job {job['id']}", flush=True)
+        running = [
+            j for j in client.list_train_jobs(status="running", drafter=name) if j["continual"]
+        ]
+        if running:  # a rerun on the same stack resumes the continual job it left
+            job = running[0]
+        else:
+            job = client.create_train_job(
+                name, spec, continual={"min_new_prompts": 16, "traffic": 0.5, "max_rounds": 1}
+            )
+        print(f"continual job {job['id']} ({job['continual']['state']['phase']})", flush=True)
         _wait(lambda: client.get_train_job(job["id"])["status"] != "running", 3600,
               "the continual round and its canary")  # fmt: skip
         finished = client.get_train_job(job["id"])

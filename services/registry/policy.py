@@ -13,8 +13,12 @@ its standard error over cycles) with a confidence bound ``z``:
 - **Guard.** For ``guard_window_s`` after any move of ``production`` (an explicit PUT, a job's
   ``promote_to``, a promotion; not a rollback), the new version's live τ since the move is
   compared with the previous version's over the ``guard_lookback_s`` before it. Once the new one
-  has ``guard_min_cycles``: roll back when ``τ_new + z·se < (1 − guard_margin)·τ_previous``. A
-  silently broken drafter (τ ≈ 1.0) after a good one is caught within the first reports. No
+  has ``guard_min_cycles``: roll back when ``τ_new + z·se < 1 + (1 − guard_margin)·(τ_previous
+  − 1)``, i.e. when the new version lost more than ``guard_margin`` of the previous one's
+  speculative gain (the tokens a cycle commits beyond the one plain decoding would). The margin
+  is on the gain, not on τ, so a drafter with a small gain (τ 1.07) is guarded as well as one
+  with a large gain (τ 2.6). A silently broken drafter (τ ≈ 1.0) loses all of it and is caught
+  within the first reports. No
   baseline (the previous version served fewer cycles than ``guard_min_cycles`` in the lookback)
   means no judgement.
 
@@ -52,7 +56,7 @@ class Policy:
     canary_min_gain: float = 0.0
     guard_window_s: float = 600.0
     guard_min_cycles: int = 100
-    guard_margin: float = 0.1
+    guard_margin: float = 0.5
     guard_lookback_s: float = 3600.0
 
 
@@ -101,13 +105,13 @@ def judge_swap(new: LiveStats, previous: LiveStats, policy: Policy) -> Verdict:
     if new.cycles < policy.guard_min_cycles:
         return Verdict("wait", "too few cycles", detail)
     assert new.tau is not None and previous.tau is not None
-    floor = (1.0 - policy.guard_margin) * previous.tau
+    floor = 1.0 + (1.0 - policy.guard_margin) * (previous.tau - 1.0)
     bound = policy.z * _diff_stderr(new, previous)
     detail.update(floor=floor, bound=bound, margin=policy.guard_margin, z=policy.z)
     if new.tau + bound < floor:
         return Verdict(
             "rollback", f"live tau {new.tau:.3f} fell below {floor:.3f} (previous "
-            f"{previous.tau:.3f} less {policy.guard_margin:.0%})", detail,
+            f"{previous.tau:.3f}, less {policy.guard_margin:.0%} of its gain)", detail,
         )  # fmt: skip
     return Verdict("keep", "live tau holds", detail)
 

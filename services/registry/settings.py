@@ -84,10 +84,11 @@ class RegistrySettings(BaseSettings):
         default=100, ge=1, description="Live cycles of the new version before the guard judges."
     )
     guard_margin: float = Field(
-        default=0.1,
+        default=0.5,
         ge=0,
         lt=1,
-        description="Roll back when live tau falls below (1 - margin) x the previous version's.",
+        description="Roll back when live tau falls below 1 + (1 - margin) x (the previous "
+        "version's live tau - 1): the new version lost more than this share of the gain.",
     )
     guard_lookback_s: float = Field(
         default=3600.0, gt=0, description="The previous version's live tau: this long before."

@@ -215,6 +215,10 @@ def test_the_verdicts_follow_the_confidence_bound() -> None:
     assert judge_swap(_stats(60, 1.3, 0.5), _stats(500, 1.5, 0.5), guard).action == "keep"
     assert judge_swap(_stats(20, 0.0, 0.0), _stats(500, 1.5, 0.5), guard).action == "wait"
     assert judge_swap(_stats(60, 0.0, 0.0), _stats(20, 1.5, 0.5), guard).action == "keep"
+    # the margin is on the gain: a lost drafter after a weak one (tau 1.07 -> 1.00) is caught
+    weak = judge_swap(_stats(2000, 0.0, 0.0), _stats(5000, 0.07, 0.07), Policy())
+    assert weak.action == "rollback" and weak.detail["floor"] == pytest.approx(1.035)
+    assert judge_swap(_stats(2000, 0.05, 0.05), _stats(5000, 0.07, 0.07), Policy()).action == "keep"
 
 
 def _opd_spec(prompts: str) -> dict[str, Any]:
