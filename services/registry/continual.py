@@ -66,6 +66,8 @@ class ContinualRunner:
         session.expire_all()
         parent = jobs.get_job(session, job_id)
         data = copy.deepcopy(parent.continual or {})
+        if "state" not in data:  # not a continual job (a JSON null from an older row)
+            return
         state, history = data["state"], data["history"]
         round_job = jobs.find_job(session, state["job"]) if state.get("job") else None
         if parent.cancel_requested:

@@ -172,7 +172,9 @@ class AliasEvent(Base):
     to_version: Mapped[int] = mapped_column(Integer)
     cause: Mapped[str] = mapped_column(String(256))  # "api", "train_job:<id>", "canary:promote"
     traffic: Mapped[float | None] = mapped_column(Float, nullable=True)  # the share after it
-    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # the evidence
+    detail: Mapped[dict[str, Any] | None] = mapped_column(  # the evidence
+        JSON(none_as_null=True), nullable=True
+    )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -223,7 +225,9 @@ class TrainJob(Base):
     tau: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    continual: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    continual: Mapped[dict[str, Any] | None] = mapped_column(  # None is SQL NULL, not JSON null
+        JSON(none_as_null=True), nullable=True
+    )
     parent_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

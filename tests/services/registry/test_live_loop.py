@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from services.registry.live import LiveStats
 from services.registry.main import create_app
+from services.registry.models import TrainJob
 from services.registry.policy import Policy, judge_canary, judge_swap
 from services.registry.settings import RegistrySettings
 from tests.services.registry.helpers import AUTH, DRAFTER, checkpoint_tar, create_drafter, upload
@@ -251,6 +253,11 @@ def test_a_continual_job_needs_traffic_prompts_and_is_stored_not_queued(
     }  # fmt: skip
     _tick(app_client)  # no traffic, no production: nothing starts
     assert app_client.get("/train-jobs").json()[0]["id"] == job["id"]  # no round job
+    plain = {"drafter": DRAFTER, "spec": _opd_spec("prompts.jsonl")}
+    assert app_client.post("/train-jobs", json=plain, headers=AUTH).status_code == 201
+    with app_client.app.state.sessions() as session:  # type: ignore[attr-defined]
+        continual = session.scalars(select(TrainJob.id).where(TrainJob.continual.is_not(None)))
+        assert list(continual) == [job["id"]]  # a job without a schedule stores SQL NULL
     app_client.post(f"/train-jobs/{job['id']}/cancel", headers=AUTH)
     _tick(app_client)
     assert app_client.get(f"/train-jobs/{job['id']}").json()["status"] == "cancelled"
