@@ -21,9 +21,9 @@ import redis
 
 from draftopd.models.target import load_target
 from draftopd.prompts import render_prompt
-from draftopd.wire.rollout_queue import RolloutRequest, enqueue
 from draftopd.speculative.records import RolloutRecord, stream_key
 from draftopd.training.data.corpus import load_training_prompts
+from draftopd.wire.rollout_queue import RolloutRequest, enqueue
 
 
 def _metric(base: str, name: str) -> float:

@@ -19,15 +19,19 @@ test_lean_llama.py compares logits and greedy tokens against Hugging Face's forw
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from draftopd.kernels import small_gemm
+
+T = TypeVar("T")
 
 _SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
 KERNELS = ("auto", "native", "torch")
@@ -65,6 +69,46 @@ def select_kernel(kernel: str, weight: torch.Tensor) -> ModuleType | None:
             "compiler (see draftopd/kernels); use 'auto' or 'torch'"
         )
     return module
+
+
+# module -> ((precision, embedding, parameter versions), its lean decode-time step)
+_LEAN_STEPS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[Any, ...], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def cached_lean_step(
+    module: torch.nn.Module,
+    weights: str,
+    build: Callable[[ModuleType, str], T],
+    *,
+    embedding: torch.nn.Module | None,
+    strict: bool = True,
+) -> T | None:
+    """A drafter's lean decode-time step with ``weights`` ("float32", "bfloat16", "int8", or
+    "auto" = bfloat16 where it applies), built by ``build(kernel, precision)``; None for
+    "module" or where the native kernel does not apply (not a float32 CPU drafter, no kernel:
+    an error for an explicit precision when ``strict``). Built once per weight version: an
+    optimizer step bumps the parameters' versions, so training never drafts with stale packed
+    weights. Held beside the module (a weak map): copies and pickles skip it."""
+    choices = ("auto", "module", *WEIGHT_FORMATS)
+    if weights not in choices:
+        raise ValueError(f"draft weights {weights!r} not supported; choose one of {choices}")
+    if weights == "module":
+        return None
+    kernel = select_kernel("auto", next(module.parameters()))
+    if kernel is None:
+        if weights != "auto" and strict:
+            raise ValueError(f"draft weights {weights!r} need the native CPU kernel")
+        return None
+    precision = "bfloat16" if weights == "auto" else weights
+    key = (precision, id(embedding), tuple(p._version for p in module.parameters()))
+    cached = _LEAN_STEPS.get(module)
+    if cached is None or cached[0] != key:
+        cached = (key, build(kernel, precision))
+        _LEAN_STEPS[module] = cached
+    step: T = cached[1]
+    return step
 
 
 class StaticKVCache:
@@ -176,6 +220,16 @@ def fold_sin(sin: torch.Tensor) -> torch.Tensor:
     sign = torch.ones(sin.shape[-1], dtype=sin.dtype, device=sin.device)
     sign[: sin.shape[-1] // 2] = -1
     return sin * sign
+
+
+def rope_tables(head_dim: int, theta: float, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, folded sin) [positions, head_dim] of the drafters' ``apply_rope`` (Llama layout,
+    ``models/eagle3/model.py``), the sin folded for ``grouped_attention``'s roll form."""
+    arange = torch.arange(0, head_dim, 2, dtype=torch.float32)
+    inv_freq = 1.0 / (theta ** (arange / head_dim))
+    angles = torch.arange(positions, dtype=torch.float32)[:, None] * inv_freq  # [P, dim/2]
+    emb = torch.cat([angles, angles], dim=-1)  # [P, dim]
+    return emb.cos(), fold_sin(emb.sin())
 
 
 def causal_mask(

@@ -12,13 +12,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from draftopd.models.dflash.model import DFlashConfig, DFlashModule
 from draftopd.models.dflash.proposer import DFlashProposer
 from draftopd.models.drafter import SFTLossOutput
 
-PROPOSER_WEIGHTS = ("auto", "module", "float32")  # the module's own weights, any device
+if TYPE_CHECKING:
+    from draftopd.models.dflash.lean import LeanDFlash
+
+PROPOSER_WEIGHTS = ("auto", "module", "float32", "bfloat16", "int8")
 
 
 class DFlashDrafter(DFlashModule):
@@ -27,12 +32,26 @@ class DFlashDrafter(DFlashModule):
         return self.cfg.block_size - 1
 
     def proposer(self, *, argmax_drafting: bool = False, weights: str = "auto") -> DFlashProposer:
+        """``weights``: "module" drafts with the module's pass; "float32", "bfloat16", "int8"
+        with the lean pass in that precision, and "auto" in bfloat16, where the native kernel
+        runs (a float32 CPU drafter); elsewhere every choice is the module's pass."""
         if weights not in PROPOSER_WEIGHTS:
             raise ValueError(
                 f"draft weights {weights!r} not supported by dflash; choose one of "
                 f"{PROPOSER_WEIGHTS}"
             )
-        return DFlashProposer(self, argmax_drafting=argmax_drafting)
+        return DFlashProposer(self, argmax_drafting=argmax_drafting, lean=self.lean_step(weights))
+
+    def lean_step(self, weights: str = "auto") -> LeanDFlash | None:
+        """The lean decode-time pass (``lean.py``) or None (see ``proposer``)."""
+        from draftopd.models.dflash.lean import LeanDFlash
+        from draftopd.models.lean_llama import cached_lean_step
+
+        embedding = self._embedding[0] if self._embedding else None
+        return cached_lean_step(
+            self, weights, lambda kernel, precision: LeanDFlash(self, kernel, weights=precision),
+            embedding=embedding, strict=False,
+        )  # fmt: skip
 
     def draft_from_anchors(
         self,

@@ -7,13 +7,18 @@ drafts). ``propose`` then runs one pass over ``[anchor token, MASK x (B-1)]`` an
 1..k. Greedy decoding (or ``argmax_drafting``) proposes each slot's argmax with a one-hot q;
 sampling draws each slot from its own q, which is exactly the distribution the drafts come from
 (the slots do not depend on each other's draws), so verification stays lossless.
+
+With ``lean`` (``lean.py``, the native kernel) the context lives in a preallocated cache and the
+block pass runs on packed weights; without, the module's pass and a ``ContextCache``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from draftopd.models.dflash.lean import LeanDFlash
 from draftopd.models.dflash.model import ContextCache, DFlashModule
+from draftopd.models.lean_llama import StaticKVCache
 from draftopd.speculative.proposers import Proposal
 from draftopd.speculative.sampling import SamplingParams, probs_from_logits
 
@@ -21,18 +26,37 @@ from draftopd.speculative.sampling import SamplingParams, probs_from_logits
 class DFlashProposer:
     needs_features = True
 
-    def __init__(self, drafter: DFlashModule, *, argmax_drafting: bool = False) -> None:
+    def __init__(
+        self,
+        drafter: DFlashModule,
+        *,
+        argmax_drafting: bool = False,
+        lean: LeanDFlash | None = None,
+    ) -> None:
         self.drafter = drafter
         self.argmax_drafting = argmax_drafting
+        self.lean = lean
         self.cache: ContextCache | None = None
+        self.static: StaticKVCache | None = None  # the lean pass's context cache
 
     @property
     def max_drafts(self) -> int:
         return self.drafter.cfg.block_size - 1
 
+    @property
+    def context_length(self) -> int:
+        if self.lean is not None:
+            return self.static.length if self.static is not None else 0
+        return self.cache.length if self.cache is not None else 0
+
     @torch.inference_mode()
     def _extend(self, features: torch.Tensor | None) -> None:
         if features is None or features.shape[0] == 0:
+            return
+        if self.lean is not None:
+            if self.static is None:
+                self.static = self.lean.new_cache()
+            self.lean.extend(features, self.static)
             return
         device = self.drafter.fc.weight.device
         start = 0 if self.cache is None else self.cache.length
@@ -49,6 +73,8 @@ class DFlashProposer:
 
     def start(self, prompt_ids: list[int], features: torch.Tensor | None) -> None:
         self.cache = None
+        if self.static is not None:
+            self.static.length = 0
         self._extend(features)
 
     def commit(self, committed: list[int], features: torch.Tensor | None) -> None:
@@ -60,17 +86,22 @@ class DFlashProposer:
         self, context: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
     ) -> Proposal:
         k = min(k, self.max_drafts)
-        if k <= 0 or self.cache is None:
+        if k <= 0 or self.context_length == 0:
             return Proposal(tokens=[], q=None)
         anchor = len(context) - 1
-        assert self.cache.length == anchor, (self.cache.length, anchor)
-        device = self.drafter.fc.weight.device
-        logits = self.drafter.blocks(
-            self.cache,
-            torch.tensor([[context[-1]]], device=device),
-            torch.tensor([[anchor]], device=device),
-            all_context=True,
-        )[0, 0, :k]  # [k, draft_vocab]
+        assert self.context_length == anchor, (self.context_length, anchor)
+        if self.lean is not None:
+            assert self.static is not None
+            logits = self.lean.propose(context[-1], k, self.static)  # [k, draft_vocab]
+        else:
+            assert self.cache is not None
+            device = self.drafter.fc.weight.device
+            logits = self.drafter.blocks(
+                self.cache,
+                torch.tensor([[context[-1]]], device=device),
+                torch.tensor([[anchor]], device=device),
+                all_context=True,
+            )[0, 0, :k]  # [k, draft_vocab]
         d2t = self.drafter.d2t
         if params.greedy or self.argmax_drafting:
             return Proposal(tokens=[int(t) for t in d2t[logits.argmax(-1)].tolist()], q=None)

@@ -28,9 +28,9 @@ from draftopd.models.lean_llama import (
     PackedLinear,
     StaticKVCache,
     causal_mask,
-    fold_sin,
     grouped_attention,
     rms_norm,
+    rope_tables,
 )
 
 if TYPE_CHECKING:
@@ -68,12 +68,7 @@ class LeanEagle3:
 
     def _rope_table(self, positions: int) -> None:
         """apply_rope's cos and sin (models/eagle3/model.py), sin folded for the roll form."""
-        dim = self.head_dim
-        arange = torch.arange(0, dim, 2, dtype=torch.float32)
-        inv_freq = 1.0 / (self.cfg.rope_theta ** (arange / dim))
-        angles = torch.arange(positions, dtype=torch.float32)[:, None] * inv_freq  # [P, dim/2]
-        emb = torch.cat([angles, angles], dim=-1)  # [P, dim]
-        self._cos, self._sin = emb.cos(), fold_sin(emb.sin())
+        self._cos, self._sin = rope_tables(self.head_dim, self.cfg.rope_theta, positions)
 
     def new_cache(self, capacity: int = 1024) -> StaticKVCache:
         return StaticKVCache(

@@ -12,7 +12,6 @@ The first family behind the drafter seam (``models/drafter.py``).
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -246,27 +245,14 @@ class Eagle3Drafter(Drafter):
         apply (not a float32 CPU drafter, no kernel). Built once per weight version: an
         optimizer step bumps the parameters' versions, so training never drafts with stale
         packed weights."""
-        from draftopd.models.eagle3.lean import DRAFT_WEIGHTS, LeanEagle3
-        from draftopd.models.lean_llama import select_kernel
+        from draftopd.models.eagle3.lean import LeanEagle3
+        from draftopd.models.lean_llama import cached_lean_step
 
-        choices = ("auto", "module", *DRAFT_WEIGHTS)
-        if weights not in choices:
-            raise ValueError(f"draft weights {weights!r} not supported; choose one of {choices}")
-        if weights == "module":
-            return None
-        kernel = select_kernel("auto", self.fc.weight)
-        if kernel is None:
-            if weights != "auto":
-                raise ValueError(f"draft weights {weights!r} need the native CPU kernel")
-            return None
-        precision = "bfloat16" if weights == "auto" else weights
         embedding = self._embedding[0] if self._embedding else None
-        key = (precision, id(embedding), tuple(p._version for p in self.parameters()))
-        cached = _LEAN_STEPS.get(self)
-        if cached is None or cached[0] != key:
-            cached = (key, LeanEagle3(self, kernel, weights=precision))
-            _LEAN_STEPS[self] = cached  # held beside the module: copies and pickles skip it
-        return cached[1]
+        return cached_lean_step(
+            self, weights, lambda kernel, precision: LeanEagle3(self, kernel, weights=precision),
+            embedding=embedding,
+        )  # fmt: skip
 
     # -- the Drafter seam (models/drafter.py) --------------------------------------------------
     def proposer(self, *, argmax_drafting: bool = False, weights: str = "auto") -> Eagle3Proposer:
@@ -306,12 +292,6 @@ class Eagle3Drafter(Drafter):
         from draftopd.models.eagle3.unroll import unroll_from_anchors
 
         return unroll_from_anchors(self, features, input_ids, anchors, num_slots, chain_inputs)
-
-
-# drafter -> ((precision, embedding, parameter versions), its lean decode-time forward)
-_LEAN_STEPS: weakref.WeakKeyDictionary[Eagle3Drafter, tuple[tuple[Any, ...], LeanEagle3]] = (
-    weakref.WeakKeyDictionary()
-)
 
 
 def random_drafter(cfg: Eagle3Config, *, seed: int = 0, std: float = 0.02) -> Eagle3Drafter:
