@@ -26,6 +26,7 @@ from draftopd.speculative.sampling import SamplingParams
 from services.inference.main import create_app
 from services.inference.settings import InferenceSettings
 from tests.servers import uvicorn_in_thread
+from tests.services.inference.registry_setup import LiveRegistry, running_registry
 
 PROMPTS = [
     "The quick brown fox",
@@ -135,3 +136,35 @@ def sse_events(lines: Iterator[str]) -> list[Any]:
         payload = line[len("data: ") :]
         events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
+
+
+# -- a real registry that inference follows (test_registry_follow.py, test_canary.py) ----------
+
+
+@pytest.fixture
+def registry(tmp_path: Path, redis_url: str) -> Iterator[LiveRegistry]:
+    with running_registry(tmp_path / "registry", redis_url) as live:
+        yield live
+
+
+@pytest.fixture
+def follow(
+    make_settings: Callable[..., InferenceSettings],
+    registry: LiveRegistry,
+    redis_url: str,
+    tmp_path: Path,
+) -> Callable[..., InferenceSettings]:
+    """Inference settings that follow ``name``/production (events on, slow fallback polling)."""
+
+    def make(name: str, **overrides: Any) -> InferenceSettings:
+        values: dict[str, Any] = {
+            "registry_url": registry.base_url,
+            "drafter_name": name,
+            "redis_url": redis_url,
+            "alias_poll_s": 60.0,  # events must do the work unless a test polls faster
+            "artifact_cache_dir": tmp_path / "inference-cache",
+        }
+        values.update(overrides)
+        return make_settings(**values)
+
+    return make

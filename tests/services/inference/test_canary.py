@@ -5,7 +5,7 @@ it), /metrics carries live tau per version, and live reports reach the registry.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,41 +17,17 @@ from services.inference.live import LiveCounters, Tally
 from services.inference.main import create_app
 from services.inference.settings import InferenceSettings
 from tests.services.inference.conftest import PROMPTS, Reference, metric, metric_samples
-from tests.services.inference.registry_setup import (
-    TOKEN,
-    LiveRegistry,
-    running_registry,
-    wait_for,
-)
+from tests.services.inference.registry_setup import TOKEN, LiveRegistry, wait_for
 
 MAX_NEW = 12
 
 
 @pytest.fixture
-def registry(tmp_path: Path, redis_url: str) -> Iterator[LiveRegistry]:
-    with running_registry(tmp_path / "registry", redis_url) as live:
-        yield live
+def canary_settings(follow: Callable[..., InferenceSettings]) -> Callable[..., InferenceSettings]:
+    """Following production and the candidate, reporting live metrics every 0.2 s."""
 
-
-@pytest.fixture
-def canary_settings(
-    make_settings: Callable[..., InferenceSettings],
-    registry: LiveRegistry,
-    redis_url: str,
-    tmp_path: Path,
-) -> Callable[..., InferenceSettings]:
     def make(name: str, **overrides: Any) -> InferenceSettings:
-        values: dict[str, Any] = {
-            "registry_url": registry.base_url,
-            "registry_token": TOKEN,
-            "drafter_name": name,
-            "redis_url": redis_url,
-            "alias_poll_s": 60.0,
-            "live_report_s": 0.2,
-            "artifact_cache_dir": tmp_path / "inference-cache",
-        }
-        values.update(overrides)
-        return make_settings(**values)
+        return follow(name, registry_token=TOKEN, live_report_s=0.2, **overrides)
 
     return make
 

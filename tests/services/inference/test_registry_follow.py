@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,38 +20,9 @@ from draftopd.models.tiny import build_tiny_target
 from services.inference.main import create_app
 from services.inference.settings import InferenceSettings
 from tests.services.inference.conftest import PROMPTS, Reference, metric, metric_samples
-from tests.services.inference.registry_setup import LiveRegistry, running_registry, wait_for
+from tests.services.inference.registry_setup import LiveRegistry, wait_for
 
 MAX_NEW = 12
-
-
-@pytest.fixture
-def registry(tmp_path: Path, redis_url: str) -> Iterator[LiveRegistry]:
-    with running_registry(tmp_path / "registry", redis_url) as live:
-        yield live
-
-
-@pytest.fixture
-def follow(
-    make_settings: Callable[..., InferenceSettings],
-    registry: LiveRegistry,
-    redis_url: str,
-    tmp_path: Path,
-) -> Callable[..., InferenceSettings]:
-    """Inference settings that follow ``name``/production (events on, slow fallback polling)."""
-
-    def make(name: str, **overrides: Any) -> InferenceSettings:
-        values: dict[str, Any] = {
-            "registry_url": registry.base_url,
-            "drafter_name": name,
-            "redis_url": redis_url,
-            "alias_poll_s": 60.0,  # events must do the work unless a test polls faster
-            "artifact_cache_dir": tmp_path / "inference-cache",
-        }
-        values.update(overrides)
-        return make_settings(**values)
-
-    return make
 
 
 def _generate(client: TestClient, reference: Reference, prompt: str = PROMPTS[0]) -> str:
