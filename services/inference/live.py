@@ -21,56 +21,28 @@ import logging
 import os
 import socket
 import threading
-from dataclasses import dataclass
-from typing import Any
 
 import httpx
 
 from draftopd.speculative.engine import DecodeStats
+from draftopd.wire.live import LiveCounts
 from draftopd.wire.registry_client import RegistryClient, RegistryError
 
 logger = logging.getLogger(__name__)
 MAX_QUEUED = 10_000  # unacknowledged reports kept while the registry is unreachable
 
 
-@dataclass
-class Tally:
-    requests: int = 0
-    cycles: int = 0
-    accepted: int = 0
-    accepted_sq: int = 0
-    generated_tokens: int = 0
-    decode_s: float = 0.0
-
-    def add(self, other: Tally) -> None:
-        self.requests += other.requests
-        self.cycles += other.cycles
-        self.accepted += other.accepted
-        self.accepted_sq += other.accepted_sq
-        self.generated_tokens += other.generated_tokens
-        self.decode_s += other.decode_s
-
-    @classmethod
-    def of_run(cls, stats: DecodeStats, generated_tokens: int) -> Tally:
-        squares = sum((2 * j - 1) * n for j, n in enumerate(stats.accepted_by_position, start=1))
-        return cls(
-            requests=1,
-            cycles=stats.cycles,
-            accepted=stats.accepted_tokens,
-            accepted_sq=squares,
-            generated_tokens=generated_tokens,
-            decode_s=stats.decode_s,
-        )
-
-    def fields(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "cycles": self.cycles,
-            "accepted": self.accepted,
-            "accepted_sq": self.accepted_sq,
-            "generated_tokens": self.generated_tokens,
-            "decode_s": self.decode_s,
-        }
+def run_counts(stats: DecodeStats, generated_tokens: int) -> LiveCounts:
+    """One finished request's counts (the squares from ``accepted_by_position``, see above)."""
+    squares = sum((2 * j - 1) * n for j, n in enumerate(stats.accepted_by_position, start=1))
+    return LiveCounts(
+        requests=1,
+        cycles=stats.cycles,
+        accepted=stats.accepted_tokens,
+        accepted_sq=squares,
+        generated_tokens=generated_tokens,
+        decode_s=stats.decode_s,
+    )
 
 
 class LiveCounters:
@@ -79,7 +51,7 @@ class LiveCounters:
     def __init__(self, drafter_name: str) -> None:
         self.prefix = f"{drafter_name}@"
         self._lock = threading.Lock()
-        self._tallies: dict[int, Tally] = {}
+        self._tallies: dict[int, LiveCounts] = {}
 
     def add(self, version_label: str, stats: DecodeStats, generated_tokens: int) -> None:
         """Count one finished request served by ``version_label`` (registry versions only)."""
@@ -87,11 +59,11 @@ class LiveCounters:
         if not version_label.startswith(self.prefix) or not number.isdigit():
             return
         with self._lock:
-            self._tallies.setdefault(int(number), Tally()).add(
-                Tally.of_run(stats, generated_tokens)
+            self._tallies.setdefault(int(number), LiveCounts()).add(
+                run_counts(stats, generated_tokens)
             )
 
-    def take(self) -> dict[int, Tally]:
+    def take(self) -> dict[int, LiveCounts]:
         with self._lock:
             taken, self._tallies = self._tallies, {}
         return taken
@@ -107,7 +79,9 @@ class LiveReporter:
         self.interval_s = interval_s
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"[:128]
         self._seq = 0
-        self._queue: list[tuple[int, int, Tally]] = []  # (version, seq, tally) not yet acknowledged
+        self._queue: list[
+            tuple[int, int, LiveCounts]
+        ] = []  # (version, seq, tally) not yet acknowledged
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.sent = 0
@@ -134,7 +108,7 @@ class LiveReporter:
             del self._queue[:dropped]
         kept = []
         for version, seq, tally in self._queue:
-            report = {"instance": self.instance, "seq": seq, **tally.fields()}
+            report = {"instance": self.instance, "seq": seq, **tally.report_fields()}
             try:
                 self.client.report_live(self.name, version, report)
             except RegistryError as err:

@@ -13,7 +13,6 @@ are correlated, so the policy's bound is a little optimistic; ``docs/traffic.md`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -21,41 +20,17 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from draftopd.wire.live import LiveCounts
 from services.registry.models import LiveMetric, Version, utcnow
 from services.registry.schemas import LiveOut, LiveReport
 
 
-@dataclass(frozen=True)
-class LiveStats:
+@dataclass
+class LiveStats(LiveCounts):
+    """A version's reports summed over a window."""
+
     reports: int = 0
-    requests: int = 0
-    cycles: int = 0
-    accepted: int = 0
-    accepted_sq: int = 0
-    generated_tokens: int = 0
-    decode_s: float = 0.0
     last_report_at: datetime | None = None
-
-    @property
-    def tau(self) -> float | None:
-        return 1.0 + self.accepted / self.cycles if self.cycles else None
-
-    @property
-    def variance(self) -> float | None:
-        """Variance of the per-cycle committed tokens (that of accepted: the +1 shifts it)."""
-        if not self.cycles:
-            return None
-        mean = self.accepted / self.cycles
-        return max(self.accepted_sq / self.cycles - mean * mean, 0.0)
-
-    @property
-    def stderr(self) -> float | None:
-        variance = self.variance
-        return math.sqrt(variance / self.cycles) if variance is not None else None
-
-    @property
-    def tokens_per_s(self) -> float | None:
-        return self.generated_tokens / self.decode_s if self.decode_s > 0 else None
 
 
 def record(session: Session, version: Version, report: LiveReport) -> bool:

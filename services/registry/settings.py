@@ -20,6 +20,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.registry.policy import Policy
 
+_POLICY = Policy()  # the policy's defaults: declared once, in policy.py
+
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "draftopd" / "registry"
 
 
@@ -67,31 +69,43 @@ class RegistrySettings(BaseSettings):
         description="Seconds between the controller's ticks (canary, guard, continual rounds); "
         "0 turns the controller off (e.g. on all replicas but one).",
     )
-    policy_z: float = Field(default=1.96, gt=0, description="Confidence bound, in std errors.")
+    policy_z: float = Field(default=_POLICY.z, gt=0, description="Confidence bound, in std errors.")
     canary_min_cycles: int = Field(
-        default=200, ge=1, description="Live cycles each side needs before a canary verdict."
+        default=_POLICY.canary_min_cycles,
+        ge=1,
+        description="Live cycles each side needs before a canary verdict.",
     )
     canary_max_cycles: int = Field(
-        default=20000, ge=1, description="An inconclusive canary is discarded after this."
+        default=_POLICY.canary_max_cycles,
+        ge=1,
+        description="An inconclusive canary is discarded after this.",
     )
     canary_min_gain: float = Field(
-        default=0.0, ge=0, description="Promote only when live tau is better by more than this."
+        default=_POLICY.canary_min_gain,
+        ge=0,
+        description="Promote only when live tau is better by more than this.",
     )
     guard_window_s: float = Field(
-        default=600.0, ge=0, description="How long after a production swap the guard watches."
+        default=_POLICY.guard_window_s,
+        ge=0,
+        description="How long after a production swap the guard watches.",
     )
     guard_min_cycles: int = Field(
-        default=100, ge=1, description="Live cycles of the new version before the guard judges."
+        default=_POLICY.guard_min_cycles,
+        ge=1,
+        description="Live cycles of the new version before the guard judges.",
     )
     guard_margin: float = Field(
-        default=0.5,
+        default=_POLICY.guard_margin,
         ge=0,
         lt=1,
         description="Roll back when live tau falls below 1 + (1 - margin) x (the previous "
         "version's live tau - 1): the new version lost more than this share of the gain.",
     )
     guard_lookback_s: float = Field(
-        default=3600.0, gt=0, description="The previous version's live tau: this long before."
+        default=_POLICY.guard_lookback_s,
+        gt=0,
+        description="The previous version's live tau: this long before.",
     )
     host: str = "127.0.0.1"
     port: int = Field(default=8003, ge=0, le=65535)

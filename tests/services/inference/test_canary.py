@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from draftopd.speculative.engine import DecodeStats
-from services.inference.live import LiveCounters, Tally
+from services.inference.live import LiveCounters, run_counts
 from services.inference.main import create_app
 from services.inference.settings import InferenceSettings
 from tests.services.inference.conftest import PROMPTS, Reference, metric, metric_samples
@@ -107,7 +107,7 @@ def test_live_counters_keep_the_squares_of_accepted_drafts() -> None:
     stats = DecodeStats()
     for proposed, accepted in ((4, 0), (4, 3), (4, 4), (2, 1), (0, 0)):
         stats.add(proposed, accepted)
-    tally = Tally.of_run(stats, generated_tokens=13)
+    tally = run_counts(stats, generated_tokens=13)
     assert (tally.cycles, tally.accepted) == (5, 8)
     assert tally.accepted_sq == 0 + 9 + 16 + 1 + 0
     counters = LiveCounters("d")
