@@ -70,6 +70,7 @@ class OPDLossOutput:
             "loss_b": self.stream_b,
             "slots_a": self.count_a,
             "slots_b": self.count_b,
+            "weight_b": self.weight_b,
         }
 
 

@@ -236,6 +236,34 @@ def replay_parity(logits: torch.Tensor, batch: ReplayBatch, drafter: Drafter) ->
     }
 
 
+def anchor_stats(
+    target_logits: torch.Tensor, batch: ReplayBatch, prompt_lens: Sequence[int]
+) -> dict[str, float | None]:
+    """Where the replayed cycles start, for the mechanism analysis of docs/draft_opd.md: the
+    anchors' mean relative position in the response (0 = first response token, 1 = last), and the
+    target's top-1 probability where slot 1 is predicted (position A) against its mean over every
+    response position. Anchors at positions the target itself is unsure of show up as a lower
+    anchor top-1 probability."""
+    b, length = batch.input_ids.shape
+    top1 = torch.softmax(target_logits.float(), dim=-1).amax(-1)  # [b, T]
+    lengths = batch.attention_mask.sum(1)
+    starts = torch.tensor(list(prompt_lens), device=top1.device)
+    positions = torch.arange(length, device=top1.device)
+    # logits at p predict token p+1: the response is predicted from positions start-1 .. len-2
+    response = (positions[None] >= starts[:, None] - 1) & (positions[None] < lengths[:, None] - 1)
+    cycles = batch.slot_valid[:, :, 0]
+    if not bool(cycles.any()) or not bool(response.any()):
+        return {"anchor_rel_pos": None, "target_top1_anchor": None, "target_top1_response": None}
+    span = (lengths - starts).clamp(min=2).float()[:, None]
+    rel = ((batch.anchors - starts[:, None] + 1).float() / (span - 1)).clamp(0, 1)
+    at_anchor = top1.gather(1, batch.anchors.clamp(max=length - 1))
+    return {
+        "anchor_rel_pos": float(rel[cycles].mean()),
+        "target_top1_anchor": float(at_anchor[cycles].mean()),
+        "target_top1_response": float(top1[response].mean()),
+    }
+
+
 def replay_loss(
     target: TargetModel,
     drafter: Drafter,
@@ -263,6 +291,9 @@ def replay_loss(
     )
     info = {
         **replay_parity(drafter_logits.detach(), batch, drafter),
+        **anchor_stats(logits, batch, [p.prompt_len for p in plans]),
+        "norm_a": cfg.lambda_a * out.count_a,
+        "norm_b": cfg.lambda_b * out.weight_b,
         "target_s": t1 - t0,
         "replay_s": time.perf_counter() - t1,
     }
@@ -275,6 +306,7 @@ __all__ = [
     "ReplayTargets",
     "SequencePlan",
     "anchor_plan",
+    "anchor_stats",
     "collate_plans",
     "random_anchor_plan",
     "replay_forward",

@@ -17,6 +17,7 @@ from draftopd.training.data.regenerate import Sample
 from draftopd.training.opd.replay import (
     SequencePlan,
     anchor_plan,
+    anchor_stats,
     collate_plans,
     random_anchor_plan,
     replay_forward,
@@ -92,6 +93,19 @@ def test_replay_targets_of_the_hand_made_example(tiny_target: TargetModel) -> No
     assert targets.labels_a[0, 0, 0] == A and targets.labels_a[0, 2, 0] == D
     assert targets.labels_b[0, 1, 1:3].tolist() == [X, Y]
     torch.testing.assert_close(targets.p[0, 1, 1], torch.softmax(logits[0, 4], -1))  # A+2-1
+
+
+def test_anchor_stats_of_the_hand_made_example() -> None:
+    """Anchors 2, 3, 5 of a 5-token response after a 3-token prompt sit at response offsets 0, 1
+    and 3 of 0..4; the target's top-1 probability is read at the anchors (which predict slot 1)
+    and averaged over the five positions that predict the response (2..6)."""
+    batch = collate_plans([anchor_plan(_record(_example_cycles()))], pad_id=0, num_slots=K)
+    top1 = torch.tensor([0.9, 0.9, 0.4, 0.5, 0.8, 0.6, 0.7, 0.9])  # per position, over 4 tokens
+    probs = torch.stack([torch.tensor([q, (1 - q) / 3, (1 - q) / 3, (1 - q) / 3]) for q in top1])
+    stats = anchor_stats(probs.log()[None], batch, [3])
+    assert stats["anchor_rel_pos"] == pytest.approx((0 + 1 / 4 + 3 / 4) / 3)
+    assert stats["target_top1_anchor"] == pytest.approx((0.4 + 0.5 + 0.6) / 3)
+    assert stats["target_top1_response"] == pytest.approx((0.4 + 0.5 + 0.8 + 0.6 + 0.7) / 5)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,102 @@
+#!/bin/sh
+# Issue 16: Draft-OPD past the SFT plateau, at a size that fits one session on 2 cores.
+#
+# 1. base: an EAGLE-3 SFT run with the recipe's flags (docs/training.md) on N corpus prompts,
+#    long enough that its MT-Bench tau has flattened (issue 14, third try: 1,500 prompts flatten
+#    near 1.37 by step 300-450); MT-Bench tau at every checkpoint shows the plateau.
+# 2. arms from the base's last checkpoint, on fresh corpus prompts (never seen by the base), the
+#    same optimizer steps and sequences per step, the same target tokens:
+#      opd            the paper's recipe: both streams, gamma 0.8, LR 3e-4, cosine, 5% warmup;
+#      sft            continued SFT on the target's greedy answers to the same prompts, LR 3e-4;
+#      opd-no-b       ablation: stream B off (lambda_b 0);
+#      opd-random     ablation: the same number of blocks at random anchors;
+#      opd-fkl        ablation: all forward KL (Bernoulli forward KL on stream B too).
+#    SEEDS seeds (prompt order) for opd and sft, one for the ablations.
+# 3. MT-Bench tau (first 20 questions, K = 4) at every checkpoint of every arm, then all 80
+#    questions for the base and every arm's last checkpoint, and the paired comparison.
+# Every stage is skipped when its output exists: rerun to resume.
+#
+#   sh docs/experiments/opd_plateau.sh base|arms|tau|all
+set -eu
+N="${N:-1500}"             # base prompts
+BASE_STEPS="${BASE_STEPS:-500}"
+ARM_STEPS="${ARM_STEPS:-40}"
+PER_STEP="${PER_STEP:-8}"
+SEEDS="${SEEDS:-0}"
+ABLATIONS="${ABLATIONS:-opd-no-b}"
+CORPUS=4000                # one corpus list for every stage; the last 32 are held out
+OUT="${OUT:-runs/plateau}"
+DRAFTOPD="${DRAFTOPD:-.venv/bin/draftopd}"
+mkdir -p "$OUT"
+stage="${1:-all}"
+
+base() {
+  echo "== base SFT: $N prompts, $BASE_STEPS steps ($(date +%T))"
+  "$DRAFTOPD" train sft --out "$OUT/base" --corpus-size "$CORPUS" --limit "$N" --heldout 32 \
+    --max-new-tokens 128 --gen-batch-size 64 --max-seq-len 384 --feature-cache bfloat16 \
+    --draft-vocab-size 8000 --init-from-target --autocast bfloat16 --steps "$BASE_STEPS" \
+    --batch-size 8 --lr 1e-3 --warmup 50 --min-lr-ratio 0.2 --eval-every 100 \
+    --eval-draft-tokens 4 --eval-max-new-tokens 128 --checkpoint-every 50 --threads 2 --no-progress
+  [ -f "$OUT/base_tau.json" ] || "$DRAFTOPD" train tau --run "base=$OUT/base" --limit 20 \
+    --max-new-tokens 128 --num-draft-tokens 4 --threads 2 --json "$OUT/base_tau.json"
+}
+
+base_ckpt() { ls -d "$OUT/base/checkpoints/step-"* | tail -1; }
+
+common() {  # the run flags every arm shares: fresh prompts after the base's
+  echo --corpus-size "$CORPUS" --skip "$N" --limit "$((ARM_STEPS * PER_STEP))" --heldout 32 \
+    --steps "$ARM_STEPS" --lr 3e-4 --eval-every 0 --eval-max-new-tokens 64 \
+    --checkpoint-every "$((ARM_STEPS / 5))" --threads 2 --no-progress
+}
+
+opd() {  # opd NAME SEED FLAGS...
+  name="$1"; seed="$2"; shift 2
+  echo "== arm $name seed $seed: $* ($(date +%T))"
+  # shellcheck disable=SC2046
+  "$DRAFTOPD" train opd --out "$OUT/$name-s$seed" --drafter "$(base_ckpt)" --seed "$seed" \
+    --prompts-per-step "$PER_STEP" --num-draft-tokens 4 --max-new-tokens 128 \
+    --rollout-mode batched --rollout-batch-size "$PER_STEP" --eval-draft-tokens 4 \
+    --gamma 0.8 --warmup-fraction 0.05 $(common) "$@"
+}
+
+sft() {  # sft SEED
+  echo "== arm sft seed $1 ($(date +%T))"
+  # shellcheck disable=SC2046
+  "$DRAFTOPD" train sft --out "$OUT/sft-s$1" --init-from "$(base_ckpt)" --seed "$1" \
+    --batch-size "$PER_STEP" --max-new-tokens 128 --gen-batch-size 64 --max-seq-len 384 \
+    --feature-cache bfloat16 --autocast bfloat16 --warmup-fraction 0.05 --eval-draft-tokens 4 \
+    $(common)
+}
+
+arms() {
+  for seed in $SEEDS; do
+    opd opd "$seed"
+    sft "$seed"
+  done
+  for a in $ABLATIONS; do
+    case "$a" in
+      opd-no-b) opd opd-no-b 0 --lambda-b 0 ;;
+      opd-random) opd opd-random 0 --random-anchors ;;
+      opd-fkl) opd opd-fkl 0 --stream-b-loss bernoulli_fkl ;;
+    esac
+  done
+}
+
+tau() {
+  runs=""
+  for d in "$OUT"/opd*-s* "$OUT"/sft-s*; do
+    [ -d "$d/checkpoints" ] && runs="$runs --run $(basename "$d")=$d"
+  done
+  echo "== MT-Bench tau per checkpoint, 20 questions ($(date +%T))"
+  # shellcheck disable=SC2086
+  [ -f "$OUT/arms_tau.json" ] || "$DRAFTOPD" train tau $runs --init "$(base_ckpt)" --limit 20 \
+    --max-new-tokens 128 --num-draft-tokens 4 --threads 2 --json "$OUT/arms_tau.json"
+}
+
+case "$stage" in
+  base) base ;;
+  arms) arms ;;
+  tau) tau ;;
+  all) base; arms; tau ;;
+esac
+echo "== done $stage ($(date +%T))"
