@@ -244,7 +244,7 @@ def anchor_stats(
     target's top-1 probability where slot 1 is predicted (position A) against its mean over every
     response position. Anchors at positions the target itself is unsure of show up as a lower
     anchor top-1 probability."""
-    b, length = batch.input_ids.shape
+    length = batch.input_ids.shape[1]
     top1 = torch.softmax(target_logits.float(), dim=-1).amax(-1)  # [b, T]
     lengths = batch.attention_mask.sum(1)
     starts = torch.tensor(list(prompt_lens), device=top1.device)
