@@ -76,7 +76,12 @@ def paired_comparison(a: dict[str, float], b: dict[str, float]) -> PairedCompari
 
 
 def report_taus(path: str | Path) -> dict[str, float]:
-    """{prompt id: speculative τ} of a ``draftopd bench --json`` report."""
+    """{prompt id: speculative τ} of a ``draftopd bench --json`` report, or of one checkpoint of a
+    ``draftopd train tau`` run file (``RUN/tau_eval.jsonl``: its last checkpoint, or the one at
+    step N with ``RUN/tau_eval.jsonl@N``; prompts are keyed by their index in the evaluation)."""
+    text, _, step = str(path).partition("@")
+    if text.endswith(".jsonl"):
+        return _tau_eval_taus(Path(text), step)
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     rows = data.get("per_prompt") if isinstance(data, dict) else None
     if not isinstance(rows, list) or not rows:
@@ -88,6 +93,16 @@ def report_taus(path: str | Path) -> dict[str, float]:
             raise ValueError(f"{path}: prompt {row.get('id')!r} has no speculative tau")
         taus[str(row["id"])] = float(spec["tau"])
     return taus
+
+
+def _tau_eval_taus(path: Path, step: str) -> dict[str, float]:
+    lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    if step:
+        lines = [x for x in lines if str(x.get("step")) == step]
+    if not lines or "per_prompt_tau" not in lines[-1]:
+        where = f" at step {step}" if step else ""
+        raise ValueError(f"{path}: no checkpoint with per-prompt tau{where}")
+    return {str(i): float(t) for i, t in enumerate(lines[-1]["per_prompt_tau"])}
 
 
 def format_comparison(result: PairedComparison, label_a: str, label_b: str) -> str:

@@ -54,3 +54,18 @@ def test_compare_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert report_taus(b) == {"1": 1.5, "2": 2.0, "3": 2.0}
     with pytest.raises(SystemExit):
         main(["compare", str(a), str(tmp_path / "missing.json")])
+
+
+def test_tau_eval_run_files_compare_by_checkpoint(tmp_path: Path) -> None:
+    """`draftopd train tau` writes RUN/tau_eval.jsonl: the last line by default, @N picks a step."""
+    lines = [
+        {"step": 0, "tau": 1.2, "per_prompt_tau": [1.0, 1.5]},
+        {"step": 40, "tau": 1.4, "per_prompt_tau": [1.25, 1.75]},
+    ]
+    run = tmp_path / "tau_eval.jsonl"
+    run.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert report_taus(run) == {"0": 1.25, "1": 1.75}
+    assert report_taus(f"{run}@0") == {"0": 1.0, "1": 1.5}
+    with pytest.raises(ValueError, match="at step 7"):
+        report_taus(f"{run}@7")
+    assert main(["compare", f"{run}@0", str(run)]) == 0

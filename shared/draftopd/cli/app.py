@@ -140,8 +140,13 @@ def _add_compare(subparsers: Subparsers) -> None:
         help="paired per-prompt tau comparison of two bench reports (mean difference with a 95%% "
         "CI, sign test)",
     )
-    p.add_argument("baseline", metavar="A.json", help="draftopd bench --json report of A")
-    p.add_argument("candidate", metavar="B.json", help="report of B, on the same prompts")
+    p.add_argument(
+        "baseline",
+        metavar="A.json",
+        help="draftopd bench --json report of A, or a `draftopd train tau` run file "
+        "RUN/tau_eval.jsonl (its last checkpoint; RUN/tau_eval.jsonl@N for step N)",
+    )
+    p.add_argument("candidate", metavar="B.json", help="the same for B, on the same prompts")
     p.add_argument("--labels", default="A,B", help="names of A and B (default %(default)s)")
     p.add_argument("--json", dest="json_out", help="also write the comparison here ('-' = stdout)")
     p.set_defaults(handler=_run_compare_command)
