@@ -49,8 +49,15 @@ def add_train(subparsers: Subparsers) -> None:
         action="append",
         required=True,
         metavar="LABEL=METRICS_JSONL",
-        help="a run to draw (repeat the flag), e.g. --run opd=runs/opd/metrics.jsonl",
+        help="a run to draw (repeat the flag), e.g. --run opd=runs/opd/metrics.jsonl; runs "
+        "with the same label are seeds of one arm (mean and 95%% CI band)",
     )
+    compare.add_argument(
+        "--base",
+        metavar="LABEL=METRICS_JSONL",
+        help="the run the arms branched from, drawn before the branch point (step 0)",
+    )
+    compare.add_argument("--title", help="figure title")
     compare.add_argument("--png", required=True, help="output PNG path")
     compare.set_defaults(handler=_run_train_compare_command)
     _add_train_tau(stages)
@@ -277,8 +284,9 @@ def _run_train_compare_command(args: argparse.Namespace) -> int:
     from draftopd.training.curves import plot_comparison
 
     runs = _labelled(args.run, "LABEL=METRICS_JSONL")
+    base = _labelled([args.base], "LABEL=METRICS_JSONL")[0] if args.base else None
     try:
-        out = plot_comparison(runs, args.png)
+        out = plot_comparison(runs, args.png, base=base, title=args.title)
     except ImportError as err:
         raise CommandError(f"plotting needs matplotlib ({err})") from err
     logger.info("wrote %s", out)

@@ -124,28 +124,97 @@ def tau_points(metrics_path: str | Path, x: str) -> list[tuple[float, float]]:
     ]
 
 
-def plot_comparison(runs: Sequence[tuple[str, str | Path]], png_path: str | Path) -> Path:
-    """Two panels, tau against step and against seconds, for ``runs`` = [(label, metrics)]."""
+@dataclass(frozen=True)
+class SeedBand:
+    """tau of one arm at each x over its seeds: mean and the 95% t-interval half-width (0 with
+    one seed). Only the x values every seed reached are kept, so the band never mixes seeds."""
+
+    x: list[float]
+    mean: list[float]
+    half: list[float]
+    seeds: int
+
+
+def seed_band(curves: Sequence[Sequence[tuple[float, float]]]) -> SeedBand:
+    """``curves`` = one [(x, tau)] list per seed. Seconds differ between seeds, so for x =
+    seconds each seed's point i is paired with the others' point i (their x is averaged)."""
+    from scipy import stats
+
+    n = len(curves)
+    if n == 0 or any(not c for c in curves):
+        raise ValueError("every seed needs at least one tau point")
+    length = min(len(c) for c in curves)
+    xs, means, halves = [], [], []
+    for i in range(length):
+        taus = [c[i][1] for c in curves]
+        mean = sum(taus) / n
+        half = 0.0
+        if n > 1:
+            sd = (sum((t - mean) ** 2 for t in taus) / (n - 1)) ** 0.5
+            half = float(stats.t.ppf(0.975, n - 1)) * sd / n**0.5
+        xs.append(sum(c[i][0] for c in curves) / n)
+        means.append(mean)
+        halves.append(half)
+    return SeedBand(xs, means, halves, n)
+
+
+def plot_comparison(
+    runs: Sequence[tuple[str, str | Path]],
+    png_path: str | Path,
+    *,
+    base: tuple[str, str | Path] | None = None,
+    title: str | None = None,
+) -> Path:
+    """The plateau figure: tau against optimizer steps and against training seconds, for ``runs``
+    = [(label, metrics or tau_eval jsonl)]. Runs sharing a label are seeds of one arm: drawn as
+    the mean with a 95% CI band. ``base`` is the run the arms branched from; it is drawn before
+    the branch point (its steps and seconds shifted so that its end is 0), so the SFT plateau and
+    what each arm does after it are on one axis."""
     if not runs:
         raise ValueError("give at least one run (LABEL=METRICS_JSONL)")
-    series = {label: (tau_points(p, "step"), tau_points(p, "elapsed_s")) for label, p in runs}
-    empty = [label for label, (steps, _) in series.items() if not steps]
-    if empty:
-        raise ValueError(f"no tau values in the metrics of {empty}")
+    grouped: dict[str, list[str | Path]] = {}
+    for label, path in runs:
+        grouped.setdefault(label, []).append(path)
+    bands: dict[str, tuple[SeedBand, SeedBand | None]] = {}
+    for label, paths in grouped.items():
+        steps = [tau_points(p, "step") for p in paths]
+        if any(not s for s in steps):
+            raise ValueError(f"no tau values in the metrics of {[label]}")
+        seconds = [tau_points(p, "elapsed_s") for p in paths]
+        by_time = seed_band(seconds) if all(seconds) else None
+        bands[label] = (seed_band(steps), by_time)
     from matplotlib.figure import Figure  # optional dependency: only this function needs it
 
     figure = Figure(figsize=(10, 4), layout="constrained")
-    by_step, by_time = figure.subplots(1, 2, sharey=True)
-    for label, (steps, seconds) in series.items():
-        by_step.plot(*zip(*steps, strict=True), marker="o", label=label)
-        if seconds:
-            by_time.plot(*zip(*seconds, strict=True), marker="o", label=label)
-    by_step.set_xlabel("optimizer step")
-    by_time.set_xlabel("training seconds")
+    by_step, by_time_axis = figure.subplots(1, 2, sharey=True)
+    if base is not None:
+        label, path = base
+        for axis, x in ((by_step, "step"), (by_time_axis, "elapsed_s")):
+            points = tau_points(path, x)
+            if points:
+                end = points[-1][0]
+                shifted = [p[0] - end for p in points]
+                name = f"{label} (before the branch)"
+                axis.plot(shifted, [p[1] for p in points], marker="o", color="grey", label=name)
+                axis.axvline(0, color="grey", linestyle=":", linewidth=1)
+    for label, (steps, seconds) in bands.items():
+        name = f"{label} ({steps.seeds} seeds)" if steps.seeds > 1 else label
+        for axis, band in ((by_step, steps), (by_time_axis, seconds)):
+            if band is None:
+                continue
+            line = axis.plot(band.x, band.mean, marker="o", label=name)[0]
+            if band.seeds > 1:
+                low = [m - h for m, h in zip(band.mean, band.half, strict=True)]
+                high = [m + h for m, h in zip(band.mean, band.half, strict=True)]
+                axis.fill_between(band.x, low, high, color=line.get_color(), alpha=0.2)
+    by_step.set_xlabel("optimizer step" + (" (0 = branch point)" if base else ""))
+    by_time_axis.set_xlabel("training seconds" + (" (0 = branch point)" if base else ""))
     by_step.set_ylabel("tau (tokens per cycle)")
-    by_step.legend()
+    by_step.legend(fontsize="small")
     by_step.grid(alpha=0.3)
-    by_time.grid(alpha=0.3)
+    by_time_axis.grid(alpha=0.3)
+    if title:
+        figure.suptitle(title)
     out = Path(png_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, format="png", dpi=120)
@@ -155,8 +224,10 @@ def plot_comparison(runs: Sequence[tuple[str, str | Path]], png_path: str | Path
 __all__ = [
     "CURVE_AXES",
     "PlateauReport",
+    "SeedBand",
     "plateau_report",
     "plot_comparison",
     "plot_training_curve",
+    "seed_band",
     "tau_points",
 ]

@@ -353,6 +353,15 @@ def test_train_compare_draws_both_runs(tmp_path: Path, capsys: pytest.CaptureFix
     assert "no tau values in the metrics of ['x']" in capsys.readouterr().err
 
 
+def test_train_compare_groups_seeds_and_draws_the_base(tmp_path: Path) -> None:
+    seeds = [_write_metrics(tmp_path / f"opd-s{i}.jsonl") for i in range(3)]
+    base = _write_metrics(tmp_path / "base.jsonl")
+    png = tmp_path / "plateau.png"
+    argv = ["train", "compare", "--png", str(png), "--base", f"sft={base}", "--title", "EAGLE-3"]
+    assert main([*argv, *[f"--run=opd={p}" for p in seeds]]) == 0
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
 def test_train_prompts_writes_self_instruct_prompts(
     tiny_target_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,0 +1,31 @@
+"""The plateau figure's seed bands (docs/draft_opd.md): mean and 95% t-interval over seeds."""
+
+from __future__ import annotations
+
+import pytest
+from scipy import stats
+
+from draftopd.training.curves import seed_band
+
+
+def test_one_seed_has_no_band() -> None:
+    band = seed_band([[(0, 1.2), (10, 1.3)]])
+    assert band.mean == [1.2, 1.3] and band.half == [0.0, 0.0] and band.seeds == 1
+
+
+def test_three_seeds_give_the_t_interval_on_the_points_all_reached() -> None:
+    band = seed_band([[(0, 1.0), (10, 1.2)], [(0, 1.0), (10, 1.4)], [(0, 1.0), (10, 1.6), (20, 9)]])
+    assert band.x == [0, 10]  # step 20 only one seed reached: not drawn
+    assert band.mean == pytest.approx([1.0, 1.4])
+    half = stats.t.ppf(0.975, 2) * 0.2 / 3**0.5  # sd of 1.2, 1.4, 1.6 is 0.2
+    assert band.half == pytest.approx([0.0, half])
+
+
+def test_seconds_are_paired_by_index_and_averaged() -> None:
+    band = seed_band([[(0.0, 1.0), (100.0, 1.1)], [(0.0, 1.0), (120.0, 1.3)]])
+    assert band.x == [0.0, 110.0]
+
+
+def test_a_seed_without_points_is_refused() -> None:
+    with pytest.raises(ValueError, match="every seed"):
+        seed_band([[(0, 1.0)], []])
