@@ -197,9 +197,9 @@ def plot_comparison(
                 name = f"{label} (before the branch)"
                 axis.plot(shifted, [p[1] for p in points], marker="o", color="grey", label=name)
                 axis.axvline(0, color="grey", linestyle=":", linewidth=1)
-    for label, (steps, seconds) in bands.items():
-        name = f"{label} ({steps.seeds} seeds)" if steps.seeds > 1 else label
-        for axis, band in ((by_step, steps), (by_time_axis, seconds)):
+    for label, (step_band, time_band) in bands.items():
+        name = f"{label} ({step_band.seeds} seeds)" if step_band.seeds > 1 else label
+        for axis, band in ((by_step, step_band), (by_time_axis, time_band)):
             if band is None:
                 continue
             line = axis.plot(band.x, band.mean, marker="o", label=name)[0]
