@@ -3,7 +3,7 @@
 #
 # 1. base: an EAGLE-3 SFT run with the recipe's flags (docs/training.md) on N corpus prompts,
 #    long enough that its MT-Bench tau has flattened (issue 14, third try: 1,500 prompts flatten
-#    near 1.37 by step 300-450); MT-Bench tau at every checkpoint shows the plateau.
+#    near 1.37 by step 300-450); MT-Bench tau (80 questions) at every checkpoint shows it.
 # 2. arms from the base's last checkpoint, on fresh corpus prompts (never seen by the base), the
 #    same optimizer steps and sequences per step, the same target tokens:
 #      opd            the paper's recipe: both streams, gamma 0.8, LR 3e-4, cosine, 5% warmup;
@@ -12,16 +12,19 @@
 #      opd-random     ablation: the same number of blocks at random anchors;
 #      opd-fkl        ablation: all forward KL (Bernoulli forward KL on stream B too).
 #    SEEDS seeds (prompt order) for opd and sft, one for the ablations.
-# 3. MT-Bench tau (first 20 questions, K = 4) at every checkpoint of every arm, then all 80
-#    questions for the base and every arm's last checkpoint, and the paired comparison.
-# Every stage is skipped when its output exists: rerun to resume.
+# 3. MT-Bench tau on all 80 questions (first turn, greedy, 128 new tokens, K = 4) at every
+#    checkpoint of every arm (step 0 = the base's last checkpoint), then the report: the table,
+#    the paired per-prompt comparisons and the plateau figure (opd_plateau_report.py).
+# Every stage is skipped when its output exists: rerun to resume. `tau` scores the runs that have
+# no tau_eval.jsonl yet, so it can run after the first seed and again after the others.
 #
-#   sh docs/experiments/opd_plateau.sh base|arms|tau|all
+#   sh docs/experiments/opd_plateau.sh base|arms|tau|report|all
+#   SEEDS="1 2" ABLATIONS= sh docs/experiments/opd_plateau.sh arms   # more seeds later
 set -eu
 N="${N:-1500}"             # base prompts
 BASE_STEPS="${BASE_STEPS:-500}"
 ARM_STEPS="${ARM_STEPS:-40}"
-PER_STEP="${PER_STEP:-8}"
+PER_STEP="${PER_STEP:-16}"
 SEEDS="${SEEDS:-0}"
 ABLATIONS="${ABLATIONS:-opd-no-b}"
 CORPUS=4000                # one corpus list for every stage; the last 32 are held out
@@ -37,7 +40,7 @@ base() {
     --draft-vocab-size 8000 --init-from-target --autocast bfloat16 --steps "$BASE_STEPS" \
     --batch-size 8 --lr 1e-3 --warmup 50 --min-lr-ratio 0.2 --eval-every 100 \
     --eval-draft-tokens 4 --eval-max-new-tokens 128 --checkpoint-every 50 --threads 2 --no-progress
-  [ -f "$OUT/base_tau.json" ] || "$DRAFTOPD" train tau --run "base=$OUT/base" --limit 20 \
+  [ -f "$OUT/base_tau.json" ] || "$DRAFTOPD" train tau --run "base=$OUT/base" --limit 80 \
     --max-new-tokens 128 --num-draft-tokens 4 --threads 2 --json "$OUT/base_tau.json"
 }
 
@@ -68,35 +71,47 @@ sft() {  # sft SEED
     $(common)
 }
 
-arms() {
-  for seed in $SEEDS; do
-    opd opd "$seed"
-    sft "$seed"
-  done
+ablations() {
   for a in $ABLATIONS; do
     case "$a" in
       opd-no-b) opd opd-no-b 0 --lambda-b 0 ;;
       opd-random) opd opd-random 0 --random-anchors ;;
       opd-fkl) opd opd-fkl 0 --stream-b-loss bernoulli_fkl ;;
+      *) echo "unknown ablation $a" >&2; exit 2 ;;
     esac
+  done
+}
+
+arms() {  # the first seed, then the ablations, then the other seeds
+  first=1
+  for seed in $SEEDS; do
+    opd opd "$seed"
+    sft "$seed"
+    if [ "$first" = 1 ]; then ablations; first=0; fi
   done
 }
 
 tau() {
   runs=""
   for d in "$OUT"/opd*-s* "$OUT"/sft-s*; do
-    [ -d "$d/checkpoints" ] && runs="$runs --run $(basename "$d")=$d"
+    [ -f "$d/metrics.jsonl" ] && [ ! -f "$d/tau_eval.jsonl" ] && runs="$runs --run $(basename "$d")=$d"
   done
-  echo "== MT-Bench tau per checkpoint, 20 questions ($(date +%T))"
+  [ -n "$runs" ] || return 0
+  echo "== MT-Bench tau per checkpoint, 80 questions:$runs ($(date +%T))"
   # shellcheck disable=SC2086
-  [ -f "$OUT/arms_tau.json" ] || "$DRAFTOPD" train tau $runs --init "$(base_ckpt)" --limit 20 \
-    --max-new-tokens 128 --num-draft-tokens 4 --threads 2 --json "$OUT/arms_tau.json"
+  "$DRAFTOPD" train tau $runs --init "$(base_ckpt)" --limit 80 --max-new-tokens 128 \
+    --num-draft-tokens 4 --threads 2
+}
+
+report() {
+  .venv/bin/python docs/experiments/opd_plateau_report.py "$OUT"
 }
 
 case "$stage" in
   base) base ;;
   arms) arms ;;
   tau) tau ;;
-  all) base; arms; tau ;;
+  report) report ;;
+  all) base; arms; tau; report ;;
 esac
 echo "== done $stage ($(date +%T))"

@@ -42,10 +42,18 @@ class PlateauReport:
 
 
 def plateau_report(
-    metrics_path: str | Path, *, tolerance: float = 0.02, lr_floor: float = 0.10
+    metrics_path: str | Path,
+    *,
+    tolerance: float = 0.02,
+    lr_floor: float = 0.10,
+    taus_path: str | Path | None = None,
 ) -> PlateauReport:
+    """The plateau rule on a run's metrics.jsonl; ``taus_path`` takes the tau evaluations from
+    another file with step and tau (``draftopd train tau``'s RUN/tau_eval.jsonl: MT-Bench tau
+    instead of held-out tau), the LR still from the run's metrics."""
     lines = read_metrics(metrics_path)
-    evals = [(int(r["step"]), float(r["tau"])) for r in lines if r.get("tau") is not None]
+    tau_lines = lines if taus_path is None else read_metrics(taus_path)
+    evals = [(int(r["step"]), float(r["tau"])) for r in tau_lines if r.get("tau") is not None]
     lrs = [(int(r["step"]), float(r["lr"])) for r in lines if r.get("lr") is not None]
     if len(evals) < 2 or not lrs:
         raise ValueError(f"{metrics_path} needs at least two tau evaluations and an LR")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from scipy import stats
 
-from draftopd.training.curves import seed_band
+from draftopd.training.curves import plateau_report, seed_band
 
 
 def test_one_seed_has_no_band() -> None:
@@ -29,3 +32,16 @@ def test_seconds_are_paired_by_index_and_averaged() -> None:
 def test_a_seed_without_points_is_refused() -> None:
     with pytest.raises(ValueError, match="every seed"):
         seed_band([[(0, 1.0)], []])
+
+
+def test_the_plateau_rule_can_read_tau_from_a_train_tau_file(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(
+        "".join(
+            json.dumps({"step": s, "lr": 1e-3, "tau": 1.0 + s / 100}) + "\n" for s in range(101)
+        )
+    )
+    taus = tmp_path / "tau_eval.jsonl"
+    taus.write_text("".join(json.dumps({"step": s, "tau": 1.5}) + "\n" for s in (0, 50, 100)))
+    assert not plateau_report(metrics).reached  # held-out tau rises 1.75 -> 2.0
+    assert plateau_report(metrics, taus_path=taus).reached  # MT-Bench tau is flat

@@ -1,0 +1,177 @@
+"""Issue 16's report from the runs of opd_plateau.sh: the table (arm x seed: MT-Bench tau at the
+branch point and at the end, acceptance by position, seconds, target tokens), the mechanism
+figures of the Draft-OPD runs (replay parity, where the anchors fall, how the loss normaliser
+splits between the streams), the paired per-prompt comparisons on all 80 MT-Bench questions and
+the plateau figure.
+
+    .venv/bin/python docs/experiments/opd_plateau_report.py runs/plateau [--png docs/img/x.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+from draftopd.paired import format_comparison, paired_comparison
+from draftopd.training.curves import plateau_report, plot_comparison
+from draftopd.training.run import read_metrics
+
+RUN = re.compile(r"^(?P<arm>(opd|sft)[a-z-]*)-s(?P<seed>\d+)$")
+
+
+def tau_lines(run: Path) -> list[dict]:
+    path = run / "tau_eval.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def per_prompt(line: dict) -> dict[str, float]:
+    return {str(i): float(t) for i, t in enumerate(line["per_prompt_tau"])}
+
+
+def mean_of(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def arm_row(run: Path) -> dict:
+    metrics = [r for r in read_metrics(run / "metrics.jsonl") if "step" in r and "loss" in r]
+    taus = tau_lines(run)
+    row: dict = {
+        "run": run.name,
+        "steps": taus[-1]["step"],
+        "tau_start": taus[0]["tau"],
+        "tau_end": taus[-1]["tau"],
+        "tau_curve": [(t["step"], t["tau"]) for t in taus],
+        "acceptance_start": taus[0]["acceptance_by_position"],
+        "acceptance_end": taus[-1]["acceptance_by_position"],
+        "seconds": taus[-1]["elapsed_s"],
+    }
+    manifest = run / "data" / "manifest.json"
+    if "rollout_tokens" in (metrics[0] if metrics else {}):
+        row["target_tokens"] = sum(r["rollout_tokens"] for r in metrics)
+        row["rollout_s"] = sum(r["rollout_s"] for r in metrics)
+        row["parity_min"] = min(
+            min(r[k] for r in metrics if r.get(k) is not None)
+            for k in ("parity_accepted", "parity_rejected")
+        )
+        norm_a = sum(r.get("norm_a") or 0 for r in metrics)
+        norm_b = sum(r.get("norm_b") or 0 for r in metrics)
+        row["stream_a_share"] = norm_a / (norm_a + norm_b) if norm_a + norm_b else None
+        row["slots_a"] = sum(r["slots_a"] for r in metrics)
+        row["slots_b"] = sum(r["slots_b"] for r in metrics)
+        for key in ("anchor_rel_pos", "target_top1_anchor", "target_top1_response"):
+            row[key] = mean_of(metrics, key)
+        head, tail = metrics[:5], metrics[-5:]
+        row["rollout_tau_first5"] = mean_of(head, "rollout_tau")
+        row["rollout_tau_last5"] = mean_of(tail, "rollout_tau")
+    elif manifest.is_file():
+        data = json.loads(manifest.read_text())
+        row["target_tokens"] = data["response_tokens"]
+        row["data_s"] = sum(s.get("generate_s", 0.0) for s in data["shards"])
+    return row
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="the experiment directory (runs/plateau)")
+    parser.add_argument("--png", type=Path, help="plateau figure (default OUT/plateau.png)")
+    parser.add_argument("--json", type=Path, help="report JSON (default OUT/report.json)")
+    args = parser.parse_args()
+    out: Path = args.out
+    report: dict = {}
+
+    base_tau = out / "base" / "tau_eval.jsonl"
+    if base_tau.is_file():
+        lines = tau_lines(out / "base")
+        report["base"] = [(x["step"], x["tau"]) for x in lines]
+        print("## base SFT: MT-Bench tau (80 questions, K = 4) per checkpoint")
+        print(" ".join(f"{s}:{t:.3f}" for s, t in report["base"]))
+        plateau = plateau_report(out / "base" / "metrics.jsonl", taus_path=base_tau)
+        report["base_plateau"] = plateau.describe()
+        print("MT-Bench", plateau.describe())
+        held = plateau_report(out / "base" / "metrics.jsonl")
+        report["base_heldout_plateau"] = held.describe()
+        print("held-out", held.describe())
+
+    runs = sorted(
+        d for d in out.iterdir() if RUN.match(d.name) and (d / "tau_eval.jsonl").is_file()
+    )
+    rows = [arm_row(d) for d in runs]
+    report["arms"] = rows
+    print("\n## arms (MT-Bench 80 questions, K = 4)")
+    print(
+        "| run | steps | tau start | tau end | change | acceptance at the end | s | target tokens |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        change = r["tau_end"] / r["tau_start"] - 1
+        acc = " / ".join(f"{a:.3f}" for a in r["acceptance_end"])
+        print(
+            f"| {r['run']} | {r['steps']} | {r['tau_start']:.4f} | {r['tau_end']:.4f} | "
+            f"{100 * change:+.2f}% | {acc} | {r['seconds']:.0f} | {r.get('target_tokens', 'n/a')} |"
+        )
+    opd_rows = [r for r in rows if "parity_min" in r]
+    if opd_rows:
+        print("\n## Draft-OPD mechanism")
+        print(
+            "| run | parity min | stream-A share of the normaliser | slots A / B | anchor rel. "
+            "position | target top-1 at anchors / over the response | rollout tau first 5 -> "
+            "last 5 steps | rollout s |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for r in opd_rows:
+            print(
+                f"| {r['run']} | {r['parity_min']:.4f} | {fmt(r['stream_a_share'])} | "
+                f"{r['slots_a']} / {r['slots_b']} | {fmt(r['anchor_rel_pos'])} | "
+                f"{fmt(r['target_top1_anchor'])} / {fmt(r['target_top1_response'])} | "
+                f"{fmt(r['rollout_tau_first5'])} -> {fmt(r['rollout_tau_last5'])} | "
+                f"{r['rollout_s']:.0f} |"
+            )
+
+    by_name = {r["run"]: d for r, d in zip(rows, runs, strict=True)}
+    comparisons = {}
+    print("\n## paired per-prompt comparisons (80 questions; final checkpoints)")
+    seeds = sorted({int(RUN.match(n)["seed"]) for n in by_name})
+    pairs = [(f"sft-s{s}", f"opd-s{s}") for s in seeds]
+    pairs += [("sft-s0", n) for n in by_name if n.startswith("opd-") and n.endswith("-s0")]
+    for a, b in pairs:
+        if a in by_name and b in by_name:
+            result = paired_comparison(
+                per_prompt(tau_lines(by_name[a])[-1]), per_prompt(tau_lines(by_name[b])[-1])
+            )
+            comparisons[f"{b} vs {a}"] = result.to_dict()
+            print(format_comparison(result, a, b))
+    pooled = {}
+    for arm in ("opd", "sft"):
+        names = [f"{arm}-s{s}" for s in seeds if f"{arm}-s{s}" in by_name]
+        if names:
+            finals = [per_prompt(tau_lines(by_name[n])[-1]) for n in names]
+            pooled[arm] = {k: statistics.fmean(f[k] for f in finals) for k in finals[0]}
+    if len(pooled) == 2 and len(seeds) > 1:
+        result = paired_comparison(pooled["sft"], pooled["opd"])
+        comparisons["opd vs sft, per-prompt mean over seeds"] = result.to_dict()
+        print("mean over seeds:", format_comparison(result, "sft", "opd"))
+    report["comparisons"] = comparisons
+
+    png = args.png or out / "plateau.png"
+    arms = [(RUN.match(n)["arm"], by_name[n] / "tau_eval.jsonl") for n in by_name]
+    if arms:
+        base = ("base SFT", base_tau) if base_tau.is_file() else None
+        plot_comparison(arms, png, base=base, title="EAGLE-3 on SmolLM2: MT-Bench tau (80 q, K=4)")
+        print(f"\nwrote {png}")
+    path = args.json or out / "report.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
