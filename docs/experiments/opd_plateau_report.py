@@ -5,6 +5,11 @@ splits between the streams), the paired per-prompt comparisons on all 80 MT-Benc
 the plateau figure.
 
     .venv/bin/python docs/experiments/opd_plateau_report.py runs/plateau [--png docs/img/x.png]
+        [--registry-url http://127.0.0.1:8003 --token T --drafter smollm2-plateau]
+
+With --registry-url, the base's and every arm's final checkpoint become versions of --drafter
+(the base first, each arm's parent), each with its MT-Bench tau posted as a metric, so the
+registry holds the comparison.
 """
 
 from __future__ import annotations
@@ -75,6 +80,42 @@ def arm_row(run: Path) -> dict:
     return row
 
 
+def register(args: argparse.Namespace, out: Path, rows: list[dict]) -> dict[str, int]:
+    """Upload the base and each arm's final checkpoint; post each one's MT-Bench tau."""
+    from draftopd.wire.registry_client import RegistryClient
+
+    versions: dict[str, int] = {}
+    with RegistryClient(args.registry_url, token=args.token) as client:
+        if args.drafter not in {d["name"] for d in client.list_drafters()}:
+            description = "issue 16: Draft-OPD against continued SFT from one SFT plateau"
+            client.create_drafter(args.drafter, target_model="smollm2", description=description)
+        base_lines = tau_lines(out / "base") if (out / "base" / "tau_eval.jsonl").is_file() else []
+        entries = [("base", base_lines[-1])] if base_lines else []
+        entries += [(r["run"], tau_lines(out / r["run"])[-1]) for r in rows]
+        for name, line in entries:
+            version = client.upload_version(
+                args.drafter, line["checkpoint"], parent_version=versions.get("base")
+            )
+            number = int(version["version"])
+            versions[name] = number
+            extra = {
+                "run": name,
+                "step": line["step"],
+                "cycles": line["cycles"],
+                "acceptance_by_position": line["acceptance_by_position"],
+            }
+            client.post_metrics(
+                args.drafter,
+                number,
+                benchmark="mt_bench_80_greedy_k4",
+                tau=line["tau"],
+                hardware="2-vCPU EPYC, CPU",
+                extra=extra,
+            )
+            print(f"registered {name} as {args.drafter} v{number} (tau {line['tau']:.4f})")
+    return versions
+
+
 def fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
@@ -84,6 +125,9 @@ def main() -> int:
     parser.add_argument("out", type=Path, help="the experiment directory (runs/plateau)")
     parser.add_argument("--png", type=Path, help="plateau figure (default OUT/plateau.png)")
     parser.add_argument("--json", type=Path, help="report JSON (default OUT/report.json)")
+    parser.add_argument("--registry-url", help="upload the checkpoints and their tau here")
+    parser.add_argument("--token", help="the registry's bearer token")
+    parser.add_argument("--drafter", default="smollm2-plateau", help="registry drafter name")
     args = parser.parse_args()
     out: Path = args.out
     report: dict = {}
@@ -167,6 +211,8 @@ def main() -> int:
         base = ("base SFT", base_tau) if base_tau.is_file() else None
         plot_comparison(arms, png, base=base, title="EAGLE-3 on SmolLM2: MT-Bench tau (80 q, K=4)")
         print(f"\nwrote {png}")
+    if args.registry_url:
+        report["registry"] = register(args, out, rows)
     path = args.json or out / "report.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")
