@@ -264,13 +264,22 @@ def batched_greedy_rollouts(
     batch_size: int = 8,
     job_id: str = "local",
     drafter_version: str = "0",
+    texts: Sequence[Sequence[int]] | None = None,
 ) -> list[RolloutRecord]:
-    """One greedy ``RolloutRecord`` per prompt, as ``make_rollouts`` writes at temperature 0."""
+    """One greedy ``RolloutRecord`` per prompt, as ``make_rollouts`` writes at temperature 0.
+
+    ``texts`` are the prompts' greedy continuations (``greedy_continuations``) when the caller
+    already has them. They do not depend on the drafter, so a trainer can write them for all its
+    prompts once, in large batches, and roll out every step with its current drafter on them:
+    the records are the same."""
     if any(len(p) < 2 for p in prompts):
         raise ValueError("every prompt needs at least 2 tokens (the drafter reads prompt[:-1])")
-    texts = greedy_continuations(
-        target, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
-    )
+    if texts is None:
+        texts = greedy_continuations(
+            target, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+    elif len(texts) != len(prompts) or any(len(t) != max_new_tokens for t in texts):
+        raise ValueError(f"texts must be one {max_new_tokens}-token continuation per prompt")
     num_draft_tokens = drafter.drafts_per_cycle(num_draft_tokens)  # as the proposer caps it
     was_training = drafter.training
     drafter.eval()
@@ -283,7 +292,7 @@ def batched_greedy_rollouts(
                     target,
                     drafter,
                     [list(prompts[i]) for i in rows],
-                    [texts[i] for i in rows],
+                    [list(texts[i]) for i in rows],
                     num_draft_tokens=num_draft_tokens,
                     max_new_tokens=max_new_tokens,
                     job_id=job_id,

@@ -35,10 +35,14 @@ def make_rollouts(
     drafter_version: str = "0",
     mode: str = "engine",
     batch_size: int = 8,
+    texts: Sequence[Sequence[int]] | None = None,
 ) -> list[RolloutRecord]:
     """Speculative decoding of each prompt with recording on: one record per sequence.
-    ``batch_size`` is used by the batched mode only."""
+    ``batch_size`` and ``texts`` (the prompts' greedy continuations, when known) are used by the
+    batched mode only."""
     check_rollout_mode(mode, temperature)
+    if texts is not None and mode != "batched":
+        raise ValueError("texts are for the batched greedy mode")
     if mode == "batched":
         return batched_greedy_rollouts(
             target,
@@ -49,6 +53,7 @@ def make_rollouts(
             batch_size=batch_size,
             job_id=job_id,
             drafter_version=drafter_version,
+            texts=texts,
         )
     engine = DecodeEngine(target, num_draft_tokens=num_draft_tokens)
     was_training = drafter.training

@@ -13,7 +13,7 @@ from draftopd.models.drafter import Drafter
 from draftopd.models.target import TargetModel
 from draftopd.training.data.regenerate import Sample
 from draftopd.training.opd.rollouts import fresh_records, make_rollouts
-from draftopd.training.opd.train import OPDConfig, OPDLearner, train_opd
+from draftopd.training.opd.train import TEXTS_FILE, LocalRollouts, OPDConfig, OPDLearner, train_opd
 from draftopd.training.run import latest_checkpoint
 
 
@@ -143,6 +143,41 @@ def test_train_opd_is_on_policy_every_step_and_resumes_exactly(
             sharp_target, half_trained_drafter, prompts, tmp_path / "b", _cfg(lr=1e-4),
             progress=False,
         )  # fmt: skip
+
+
+def test_batched_rollouts_on_greedy_texts_written_once_train_the_same(
+    sharp_target: TargetModel,
+    half_trained_drafter: Drafter,
+    corpus: tuple[list[Sample], list[list[int]]],
+    tmp_path: Path,
+) -> None:
+    """Greedy text does not depend on the drafter: the batched mode writes every prompt's text
+    once (kept in rollout_texts.jsonl) and rolls out each step with the current drafter on it.
+    The run equals one that decodes every step's prompts afresh, and a resumed run reads the
+    texts back instead of writing them again."""
+    prompts = _prompts(corpus)
+    cfg = _cfg(rollout_mode="batched", rollout_batch_size=2, checkpoint_every=2)
+    fresh = train_opd(
+        sharp_target, copy.deepcopy(half_trained_drafter), prompts, tmp_path / "fresh", cfg,
+        progress=False, rollouts=LocalRollouts(sharp_target, cfg),
+    )  # fmt: skip
+    shared = train_opd(
+        sharp_target, copy.deepcopy(half_trained_drafter), prompts, tmp_path / "shared", cfg,
+        progress=False,
+    )  # fmt: skip
+    keys = ("loss", "rollout_tau", "rollout_tokens", "slots_a", "slots_b", "parity_rejected")
+    assert [[x.get(k) for k in keys] for x in shared.history] == [
+        [x.get(k) for k in keys] for x in fresh.history
+    ]
+    texts = (tmp_path / "shared" / TEXTS_FILE).read_text().splitlines()
+    assert len(texts) == len(prompts) and not (tmp_path / "fresh" / TEXTS_FILE).exists()
+    source = LocalRollouts(sharp_target, cfg, prompts=prompts, out_dir=tmp_path / "shared")
+    again = source.greedy_texts(prompts[:3])
+    assert len((tmp_path / "shared" / TEXTS_FILE).read_text().splitlines()) == len(prompts)
+    assert [len(t) for t in again] == [cfg.max_new_tokens] * 3
+    with pytest.raises(ValueError, match="batched greedy"):
+        make_rollouts(sharp_target, half_trained_drafter, prompts[:1], num_draft_tokens=2,
+                      max_new_tokens=4, texts=again[:1])  # fmt: skip
 
 
 @pytest.mark.parametrize(
