@@ -185,7 +185,8 @@ def main() -> int:
     print("\n## paired per-prompt comparisons (80 questions; final checkpoints)")
     seeds = sorted({int(RUN.match(n)["seed"]) for n in by_name})
     pairs = [(f"sft-s{s}", f"opd-s{s}") for s in seeds]
-    pairs += [("sft-s0", n) for n in by_name if n.startswith("opd-") and n.endswith("-s0")]
+    ablations = [n for n in by_name if RUN.match(n)["arm"] not in ("opd", "sft")]
+    pairs += [("sft-s0", n) for n in ablations] + [("opd-s0", n) for n in ablations]
     for a, b in pairs:
         if a in by_name and b in by_name:
             result = paired_comparison(
