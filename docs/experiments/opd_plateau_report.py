@@ -21,7 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from draftopd.paired import format_comparison, paired_comparison
+from draftopd.paired import format_comparison, paired_comparison, report_taus
 from draftopd.training.curves import plateau_report, plot_comparison
 from draftopd.training.run import read_metrics
 
@@ -31,10 +31,6 @@ RUN = re.compile(r"^(?P<arm>(opd|sft)[a-z-]*)-s(?P<seed>\d+)$")
 def tau_lines(run: Path) -> list[dict]:
     path = run / "tau_eval.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
-def per_prompt(line: dict) -> dict[str, float]:
-    return {str(i): float(t) for i, t in enumerate(line["per_prompt_tau"])}
 
 
 def mean_of(rows: list[dict], key: str) -> float | None:
@@ -190,7 +186,8 @@ def main() -> int:
     for a, b in pairs:
         if a in by_name and b in by_name:
             result = paired_comparison(
-                per_prompt(tau_lines(by_name[a])[-1]), per_prompt(tau_lines(by_name[b])[-1])
+                report_taus(by_name[a] / "tau_eval.jsonl"),
+                report_taus(by_name[b] / "tau_eval.jsonl"),
             )
             comparisons[f"{b} vs {a}"] = result.to_dict()
             print(format_comparison(result, a, b))
@@ -198,7 +195,7 @@ def main() -> int:
     for arm in ("opd", "sft"):
         names = [f"{arm}-s{s}" for s in seeds if f"{arm}-s{s}" in by_name]
         if names:
-            finals = [per_prompt(tau_lines(by_name[n])[-1]) for n in names]
+            finals = [report_taus(by_name[n] / "tau_eval.jsonl") for n in names]
             pooled[arm] = {k: statistics.fmean(f[k] for f in finals) for k in finals[0]}
     if len(pooled) == 2 and len(seeds) > 1:
         result = paired_comparison(pooled["sft"], pooled["opd"])

@@ -245,7 +245,8 @@ def anchor_stats(
     response position. Anchors at positions the target itself is unsure of show up as a lower
     anchor top-1 probability."""
     length = batch.input_ids.shape[1]
-    top1 = torch.softmax(target_logits.float(), dim=-1).amax(-1)  # [b, T]
+    logits = target_logits.float()
+    top1 = (logits.amax(-1) - logits.logsumexp(-1)).exp()  # [b, T], no [b, T, V] softmax kept
     lengths = batch.attention_mask.sum(1)
     starts = torch.tensor(list(prompt_lens), device=top1.device)
     positions = torch.arange(length, device=top1.device)

@@ -183,7 +183,10 @@ class LocalRollouts:
         if path is None or not path.is_file():
             return
         for line in path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut short by a crash: that prompt is written again
+                continue
             if row.get("max_new_tokens") == self.cfg.max_new_tokens:
                 self.texts[tuple(row["prompt"])] = list(row["text"])
 
