@@ -141,8 +141,11 @@ class Drafter(nn.Module, ABC):
         slots: int,  # draft slots trained per position (TTT depth for a chain drafter)
         decay: float,  # loss weight of slot j is decay ** j
         draft_vocab_logits: bool = False,  # logits already over the draft vocab, d2t order
+        max_anchors: int = 0,  # block drafters: random response anchors per sequence (0 = all)
+        generator: torch.Generator | None = None,  # draws those anchors
     ) -> SFTLossOutput:
-        """The family's SFT objective on target-written sequences."""
+        """The family's SFT objective on target-written sequences (a chain drafter trains every
+        response position and ignores ``max_anchors``)."""
 
     @abstractmethod
     def draft_from_anchors(

@@ -278,6 +278,9 @@ class SFTConfig(LoopConfig):
     )
     block_size: Int = setting(8, "dflash: block size B (the anchor + B-1 drafted slots)")
     drafter_layers: Int = setting(1, "dflash: decoder layers")
+    block_anchors: Int = setting(
+        0, "dflash: block SFT on this many random response anchors per sequence and step; 0 = all"
+    )
     init_from_target: bool = setting(
         False, "fresh drafter: LM head rows and final norm copied from the target"
     )
@@ -302,6 +305,7 @@ class SFTConfig(LoopConfig):
         _one_of(self.autocast, "autocast", AUTOCASTS)
         _one_of(self.sft_target, "sft_target", SFT_TARGETS)
         _at_least(self, 1, ("drafter_layers",))
+        _at_least(self, 0, ("block_anchors",))
         _at_least(self, 2, ("block_size",))
         _at_least(self, 1, ("batch_size", "max_seq_len", "ttt_steps", "draft_vocab_size"))
         _at_least(self, 1, ("max_new_tokens", "gen_batch_size"))

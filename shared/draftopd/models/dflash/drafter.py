@@ -2,7 +2,7 @@
 
 - ``proposer``: one pass per cycle (``proposer.py``).
 - ``sft_loss`` (the DFlash recipe, docs/draft_opd.md "Block drafters"): every response position
-  of a sequence is an anchor; its block predicts the next B-1 target tokens from the context
+  of a sequence is an anchor (or a random draw of them, ``max_anchors`` per sequence); its block predicts the next B-1 target tokens from the context
   strictly before the anchor. Slot k's loss is the soft cross-entropy to the target's
   distribution of that token over the draft vocabulary, weighted ``decay ** (k-1)`` (the paper's
   ``exp(-(k-1)/gamma)`` is ``decay = exp(-1/gamma)``), normalised by the weights.
@@ -78,10 +78,13 @@ class DFlashDrafter(DFlashModule):
         slots: int,
         decay: float,
         draft_vocab_logits: bool = False,
+        max_anchors: int = 0,
+        generator: torch.Generator | None = None,
     ) -> SFTLossOutput:
-        """Block SFT with every response position (that has a next token) as an anchor. All
-        B-1 slots come from the one pass and are all trained: ``slots`` (a chain drafter's TTT
-        depth) does not apply."""
+        """Block SFT with every response position (that has a next token) as an anchor, or
+        ``max_anchors`` of them per sequence drawn uniformly with ``generator`` (the DFlash
+        recipe's random anchors). All B-1 slots come from the one pass and are all trained:
+        ``slots`` (a chain drafter's TTT depth) does not apply."""
         slots = self.cfg.block_size - 1
         batch, length = input_ids.shape
         device = input_ids.device
@@ -92,7 +95,12 @@ class DFlashDrafter(DFlashModule):
         count = int(usable.sum(1).max())
         if count == 0:
             raise ValueError("no response position to anchor a block on")
-        order = torch.argsort((~usable).to(torch.int8), dim=1, stable=True)[:, :count]
+        if max_anchors:  # a uniform draw of usable positions: random keys, usable ones first
+            count = min(count, max_anchors)
+            keys = torch.rand(usable.shape, generator=generator).to(device)
+            order = torch.argsort(keys + (~usable).float(), dim=1)[:, :count]
+        else:
+            order = torch.argsort((~usable).to(torch.int8), dim=1, stable=True)[:, :count]
         anchors = order  # [b, C] usable positions first (padded with unusable ones)
         valid_anchor = usable.gather(1, anchors)  # [b, C]
         logits = self.draft_from_anchors(features, input_ids, anchors, slots)  # [b, C, K, Vd]

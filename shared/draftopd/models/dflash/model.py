@@ -150,7 +150,7 @@ class DFlashLayer(nn.Module):
         x: torch.Tensor,  # [batch, S, H] block slots (all blocks of the batch row, flattened)
         positions: torch.Tensor,  # [batch, S]
         context: tuple[torch.Tensor, torch.Tensor],  # this layer's context keys and values
-        attn_mask: torch.Tensor | None,  # bool [batch, 1, S, T + S]; None = see everything
+        anchors: torch.Tensor | None,  # [batch, C] (S = C * B); None = every slot sees everything
     ) -> torch.Tensor:
         cfg = self.cfg
         normed = self.input_layernorm(x)
@@ -159,16 +159,60 @@ class DFlashLayer(nn.Module):
         k = apply_rope(self._heads(self.k_proj(normed), cfg.num_key_value_heads), positions,
                        cfg.rope_theta)  # fmt: skip
         v = self._heads(self.v_proj(normed), cfg.num_key_value_heads)
-        keys = torch.cat([context[0].to(k.dtype), k], dim=2)
-        values = torch.cat([context[1].to(v.dtype), v], dim=2)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=attn_mask,
-            enable_gqa=cfg.num_key_value_heads != cfg.num_attention_heads,
-        )  # fmt: skip
+        if anchors is None:
+            out = F.scaled_dot_product_attention(
+                q, torch.cat([context[0].to(k.dtype), k], dim=2),
+                torch.cat([context[1].to(v.dtype), v], dim=2),
+                enable_gqa=cfg.num_key_value_heads != cfg.num_attention_heads,
+            )  # fmt: skip
+        else:
+            out = block_attention(q, k, v, context, anchors, cfg.block_size)
         batch, _, seq, _ = out.shape
         h = x + self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
         normed = self.post_attention_layernorm(h)
         return h + self.down_proj(F.silu(self.gate_proj(normed)) * self.up_proj(normed))
+
+
+def block_attention(
+    q: torch.Tensor,  # [batch, heads, C * B, d] block queries (RoPE applied)
+    k: torch.Tensor,  # [batch, kv_heads, C * B, d] block keys (RoPE applied)
+    v: torch.Tensor,  # [batch, kv_heads, C * B, d]
+    context: tuple[torch.Tensor, torch.Tensor],  # context keys/values [batch, kv_heads, T, d]
+    anchors: torch.Tensor,  # [batch, C] absolute anchor positions
+    block_size: int,
+) -> torch.Tensor:
+    """Attention [batch, heads, C * B, d] of every block under ``block_mask``'s rule, without the
+    dense [C * B, T + C * B] score matrix: each slot scores the T context positions (those at or
+    after its anchor masked) and the B slots of its own block, one softmax over both. The cost is
+    C * B * (T + B) scores instead of C * B * (T + C * B), which is what makes block SFT over
+    every response anchor of a sequence affordable."""
+    batch, heads, slots, dim = q.shape
+    kv_heads, blocks = k.shape[1], anchors.shape[1]
+    group = heads // kv_heads
+    ctx_k, ctx_v = context[0].to(k.dtype), context[1].to(v.dtype)
+    length = ctx_k.shape[2]
+    qg = q.reshape(batch, kv_heads, group * slots, dim) * dim**-0.5
+    ctx_scores = (qg @ ctx_k.transpose(-1, -2)).view(
+        batch, kv_heads, group, blocks, block_size, length
+    )
+    sees = torch.arange(length, device=q.device) < anchors[:, None, None, :, None, None]
+    ctx_scores = ctx_scores.masked_fill(~sees, float("-inf"))
+    qb = qg.view(batch, kv_heads, group, blocks, block_size, dim).transpose(2, 3)
+    kb = k.view(batch, kv_heads, blocks, block_size, dim)
+    vb = v.view(batch, kv_heads, blocks, block_size, dim)
+    qb = qb.reshape(batch, kv_heads, blocks, group * block_size, dim)
+    own_scores = (qb @ kb.transpose(-1, -2)).view(
+        batch, kv_heads, blocks, group, block_size, block_size
+    )
+    scores = torch.cat([ctx_scores, own_scores.transpose(2, 3)], dim=-1)
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    p_ctx, p_own = probs.split([length, block_size], dim=-1)
+    out = (p_ctx.reshape(batch, kv_heads, group * slots, length) @ ctx_v).view(
+        batch, kv_heads, group, blocks, block_size, dim
+    )
+    p_own = p_own.transpose(2, 3).reshape(batch, kv_heads, blocks, group * block_size, block_size)
+    own = (p_own @ vb).view(batch, kv_heads, blocks, group, block_size, dim).transpose(2, 3)
+    return (out + own).reshape(batch, heads, slots, dim)
 
 
 def block_mask(anchors: torch.Tensor, context_length: int, block_size: int) -> torch.Tensor:
@@ -248,11 +292,9 @@ class DFlashModule(Drafter):
         x = self.block_inputs(anchor_ids).to(self.fc.weight.dtype)
         offsets = torch.arange(cfg.block_size, device=anchors.device)
         positions = (anchors[..., None] + offsets).reshape(batch, count * cfg.block_size)
-        mask = None
-        if not (all_context and count == 1):
-            mask = block_mask(anchors, context.length, cfg.block_size)
+        rule = None if all_context and count == 1 else anchors
         for layer, k, v in zip(self.decoder_layers, context.keys, context.values, strict=True):
-            x = layer(x, positions, (k, v), mask)
+            x = layer(x, positions, (k, v), rule)
         x = x.view(batch, count, cfg.block_size, -1)[:, :, 1:]
         return self.lm_head(self.norm(x)).float()
 
@@ -262,5 +304,6 @@ __all__ = [
     "DFlashConfig",
     "DFlashLayer",
     "DFlashModule",
+    "block_attention",
     "block_mask",
 ]

@@ -271,8 +271,10 @@ class Eagle3Drafter(Drafter):
         slots: int,
         decay: float,
         draft_vocab_logits: bool = False,
+        max_anchors: int = 0,
+        generator: torch.Generator | None = None,
     ) -> SFTLossOutput:
-        """Training-time test over ``slots`` unrolled steps (``ttt.py``)."""
+        """Training-time test over ``slots`` unrolled steps (``ttt.py``), at every position."""
         from draftopd.models.eagle3.ttt import ttt_unroll
 
         out = ttt_unroll(

@@ -179,6 +179,8 @@ def _train_step(
             slots=cfg.ttt_steps,
             decay=cfg.step_decay,
             draft_vocab_logits=draft_vocab,
+            max_anchors=cfg.block_anchors,
+            generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.step),
         )
     norm = optimizer_step(run.optimizer, out.loss, lr=lr, grad_clip=cfg.grad_clip)
     return {

@@ -89,6 +89,31 @@ def test_sft_loss_counts_only_response_slots(sharp_target: TargetModel) -> None:
     assert drafter.lm_head.weight.grad is not None
 
 
+def test_block_sft_on_random_anchors_draws_them_among_the_response_anchors(
+    sharp_target: TargetModel, corpus: tuple[list[Sample], list[list[int]]]
+) -> None:
+    drafter = random_drafter_for(sharp_target, seed=2, draft_vocab_size=96, architecture="dflash")
+    batch = collate(corpus[0][:3], pad_id=0)
+    features, logits = target_features(sharp_target, batch.input_ids, batch.attention_mask)
+    args = (features, batch.input_ids, logits, batch.loss_mask, batch.attention_mask)
+
+    def loss(max_anchors: int, seed: int = 0) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            out = drafter.sft_loss(
+                *args, slots=7, decay=0.8, max_anchors=max_anchors, generator=generator
+            )
+        return out.loss
+
+    every = loss(0)
+    # a draw at least as large as the usable anchors takes them all: the same loss
+    torch.testing.assert_close(loss(10_000), every)
+    # a smaller draw is a different subset per seed, reproducible from the generator
+    assert float(loss(3, seed=1)) == float(loss(3, seed=1))
+    assert float(loss(3, seed=1)) != float(loss(3, seed=2))
+    assert float(loss(3, seed=1)) != float(every)
+
+
 def test_checkpoint_round_trip(
     sharp_target: TargetModel, trained: tuple[Drafter, list[dict[str, object]]], tmp_path: Path
 ) -> None:

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from draftopd.models.dflash.drafter import DFlashDrafter, random_dflash
-from draftopd.models.dflash.model import ContextCache, DFlashConfig, block_mask
+import torch.nn.functional as F
+
+from draftopd.models.dflash.model import ContextCache, DFlashConfig, block_attention, block_mask
 
 H, V, B, T = 32, 50, 4, 12
 
@@ -57,6 +59,26 @@ def test_block_mask_sees_the_context_before_its_anchor_and_its_own_block() -> No
         [False, False, True, True],
         [False, False, True, True],
     ]
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "block"), [(4, 2, 4), (3, 3, 2), (6, 2, 8)])
+def test_block_attention_equals_dense_attention_under_the_block_mask(
+    heads: int, kv_heads: int, block: int
+) -> None:
+    generator = torch.Generator().manual_seed(heads + block)
+    anchors = torch.tensor([[0, 7, 3], [11, 11, 1]])  # anchor 0 sees its own block only
+    slots, dim = anchors.shape[1] * block, 8
+    q = torch.randn(2, heads, slots, dim, generator=generator)
+    k, v = (torch.randn(2, kv_heads, slots, dim, generator=generator) for _ in range(2))
+    ctx = tuple(torch.randn(2, kv_heads, T, dim, generator=generator) for _ in range(2))
+    dense = F.scaled_dot_product_attention(
+        q, torch.cat([ctx[0], k], 2), torch.cat([ctx[1], v], 2),
+        attn_mask=block_mask(anchors, T, block), enable_gqa=heads != kv_heads,
+    )  # fmt: skip
+    sparse = block_attention(q, k, v, (ctx[0], ctx[1]), anchors, block)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+    wrong = block_attention(q, k, v, (ctx[0], ctx[1]), anchors + 1, block)
+    assert not torch.allclose(wrong, dense, atol=1e-3)
 
 
 @pytest.mark.parametrize("mask_token_id", [None, 7])
