@@ -15,11 +15,16 @@
 # 3. MT-Bench tau on all 80 questions (first turn, greedy, 128 new tokens, K = 4) at every
 #    checkpoint of every arm (step 0 = the base's last checkpoint), then the report: the table,
 #    the paired per-prompt comparisons and the plateau figure (opd_plateau_report.py).
+# FAMILY=dflash-b8 runs the arms of a second drafter family from the DFlash base that
+# dflash_matched.sh trains on the same data (runs/plateau/dflash-b8): arms are named
+# dflash-b8-opd-s0 etc., drafted at K = B - 1 (set K), continued SFT with SFT_FLAGS (the base's
+# block-SFT flags, e.g. "--block-anchors 32"). The base stage is EAGLE-3's only.
 # Every stage is skipped when its output exists: rerun to resume. `tau` scores the runs that have
 # no tau_eval.jsonl yet, so it can run after the first seed and again after the others.
 #
 #   sh docs/experiments/opd_plateau.sh base|arms|tau|report|all
 #   SEEDS="1 2" ABLATIONS= sh docs/experiments/opd_plateau.sh arms   # more seeds later
+#   FAMILY=dflash-b8 K=7 SFT_FLAGS="--block-anchors 32" ABLATIONS= sh ... arms; ... tau
 set -eu
 N="${N:-1500}"             # base prompts
 BASE_STEPS="${BASE_STEPS:-500}"
@@ -29,11 +34,17 @@ SEEDS="${SEEDS:-0}"
 ABLATIONS="${ABLATIONS:-opd-no-b}"
 CORPUS=4000                # one corpus list for every stage; the last 32 are held out
 OUT="${OUT:-runs/plateau}"
+FAMILY="${FAMILY:-}"       # empty: EAGLE-3 (base in $OUT/base, arms unprefixed)
+K="${K:-4}"
+SFT_FLAGS="${SFT_FLAGS:-}"
+BASE_RUN="$OUT/${FAMILY:-base}"
+P="${FAMILY:+$FAMILY-}"    # arm name prefix
 DRAFTOPD="${DRAFTOPD:-.venv/bin/draftopd}"
 mkdir -p "$OUT"
 stage="${1:-all}"
 
 base() {
+  [ -z "$FAMILY" ] || { echo "the base stage trains EAGLE-3; dflash_matched.sh trains $FAMILY"; exit 2; }
   echo "== base SFT: $N prompts, $BASE_STEPS steps ($(date +%T))"
   "$DRAFTOPD" train sft --out "$OUT/base" --corpus-size "$CORPUS" --limit "$N" --heldout 32 \
     --max-new-tokens 128 --gen-batch-size 64 --max-seq-len 384 --feature-cache bfloat16 \
@@ -44,7 +55,7 @@ base() {
     --max-new-tokens 128 --num-draft-tokens 4 --threads 2 --json "$OUT/base_tau.json"
 }
 
-base_ckpt() { ls -d "$OUT/base/checkpoints/step-"* | tail -1; }
+base_ckpt() { ls -d "$BASE_RUN/checkpoints/step-"* | tail -1; }
 
 common() {  # the run flags every arm shares: fresh prompts after the base's
   echo --corpus-size "$CORPUS" --skip "$N" --limit "$((ARM_STEPS * PER_STEP))" --heldout 32 \
@@ -56,19 +67,19 @@ opd() {  # opd NAME SEED FLAGS...
   name="$1"; seed="$2"; shift 2
   echo "== arm $name seed $seed: $* ($(date +%T))"
   # shellcheck disable=SC2046
-  "$DRAFTOPD" train opd --out "$OUT/$name-s$seed" --drafter "$(base_ckpt)" --seed "$seed" \
-    --prompts-per-step "$PER_STEP" --num-draft-tokens 4 --max-new-tokens 128 \
-    --rollout-mode batched --rollout-batch-size "$PER_STEP" --eval-draft-tokens 4 \
+  "$DRAFTOPD" train opd --out "$OUT/$P$name-s$seed" --drafter "$(base_ckpt)" --seed "$seed" \
+    --prompts-per-step "$PER_STEP" --num-draft-tokens "$K" --max-new-tokens 128 \
+    --rollout-mode batched --rollout-batch-size "$PER_STEP" --eval-draft-tokens "$K" \
     --gamma 0.8 --warmup-fraction 0.05 $(common) "$@"
 }
 
 sft() {  # sft SEED
   echo "== arm sft seed $1 ($(date +%T))"
   # shellcheck disable=SC2046
-  "$DRAFTOPD" train sft --out "$OUT/sft-s$1" --init-from "$(base_ckpt)" --seed "$1" \
+  "$DRAFTOPD" train sft --out "$OUT/${P}sft-s$1" --init-from "$(base_ckpt)" --seed "$1" \
     --batch-size "$PER_STEP" --max-new-tokens 128 --gen-batch-size 64 --max-seq-len 384 \
-    --feature-cache bfloat16 --autocast bfloat16 --warmup-fraction 0.05 --eval-draft-tokens 4 \
-    $(common)
+    --feature-cache bfloat16 --autocast bfloat16 --warmup-fraction 0.05 --eval-draft-tokens "$K" \
+    $(common) $SFT_FLAGS
 }
 
 ablations() {
@@ -93,18 +104,18 @@ arms() {  # the first seed, then the ablations, then the other seeds
 
 tau() {
   runs=""
-  for d in "$OUT"/opd*-s* "$OUT"/sft-s*; do
+  for d in "$OUT/$P"opd*-s* "$OUT/${P}sft-s"*; do
     [ -f "$d/metrics.jsonl" ] && [ ! -f "$d/tau_eval.jsonl" ] && runs="$runs --run $(basename "$d")=$d"
   done
   [ -n "$runs" ] || return 0
   echo "== MT-Bench tau per checkpoint, 80 questions:$runs ($(date +%T))"
   # shellcheck disable=SC2086
   "$DRAFTOPD" train tau $runs --init "$(base_ckpt)" --limit 80 --max-new-tokens 128 \
-    --num-draft-tokens 4 --threads 2
+    --num-draft-tokens "$K" --threads 2
 }
 
 report() {
-  .venv/bin/python docs/experiments/opd_plateau_report.py "$OUT"
+  .venv/bin/python docs/experiments/opd_plateau_report.py "$OUT" ${FAMILY:+--family "$FAMILY" --k "$K"}
 }
 
 case "$stage" in

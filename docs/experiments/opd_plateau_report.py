@@ -6,6 +6,7 @@ the plateau figure.
 
     .venv/bin/python docs/experiments/opd_plateau_report.py runs/plateau [--png docs/img/x.png]
         [--registry-url http://127.0.0.1:8003 --token T --drafter smollm2-plateau]
+        [--family dflash-b8 --k 7]   # a second family: base OUT/dflash-b8, arms dflash-b8-opd-s0...
 
 With --registry-url, the base's and every arm's final checkpoint become versions of --drafter
 (the base first, each arm's parent), each with its MT-Bench tau posted as a metric, so the
@@ -26,6 +27,11 @@ from draftopd.training.curves import plateau_report, plot_comparison
 from draftopd.training.run import read_metrics
 
 RUN = re.compile(r"^(?P<arm>(opd|sft)[a-z-]*)-s(?P<seed>\d+)$")
+
+
+def arm_pattern(family: str) -> re.Pattern[str]:
+    """Arm directory names of one family: unprefixed for EAGLE-3, FAMILY-opd-s0 etc. else."""
+    return re.compile(rf"^{re.escape(family + '-')}{RUN.pattern[1:]}") if family else RUN
 
 
 def tau_lines(run: Path) -> list[dict]:
@@ -85,7 +91,8 @@ def register(args: argparse.Namespace, out: Path, rows: list[dict]) -> dict[str,
         if args.drafter not in {d["name"] for d in client.list_drafters()}:
             description = "issue 16: Draft-OPD against continued SFT from one SFT plateau"
             client.create_drafter(args.drafter, target_model="smollm2", description=description)
-        base_lines = tau_lines(out / "base") if (out / "base" / "tau_eval.jsonl").is_file() else []
+        base_dir = out / (args.family or "base")
+        base_lines = tau_lines(base_dir) if (base_dir / "tau_eval.jsonl").is_file() else []
         entries = [("base", base_lines[-1])] if base_lines else []
         entries += [(r["run"], tau_lines(out / r["run"])[-1]) for r in rows]
         for name, line in entries:
@@ -103,7 +110,7 @@ def register(args: argparse.Namespace, out: Path, rows: list[dict]) -> dict[str,
             client.post_metrics(
                 args.drafter,
                 number,
-                benchmark="mt_bench_80_greedy_k4",
+                benchmark=f"mt_bench_80_greedy_k{args.k}",
                 tau=line["tau"],
                 hardware="2-vCPU EPYC, CPU",
                 extra=extra,
@@ -124,29 +131,34 @@ def main() -> int:
     parser.add_argument("--registry-url", help="upload the checkpoints and their tau here")
     parser.add_argument("--token", help="the registry's bearer token")
     parser.add_argument("--drafter", default="smollm2-plateau", help="registry drafter name")
+    parser.add_argument("--family", default="", help="a second family's base run (dflash-b8)")
+    parser.add_argument("--k", type=int, default=4, help="drafts per cycle of the tau files")
     args = parser.parse_args()
     out: Path = args.out
-    report: dict = {}
+    report: dict = {"family": args.family or "eagle3", "k": args.k}
+    run_re = arm_pattern(args.family)
+    base_dir = out / (args.family or "base")
 
-    base_tau = out / "base" / "tau_eval.jsonl"
+    base_tau = base_dir / "tau_eval.jsonl"
     if base_tau.is_file():
-        lines = tau_lines(out / "base")
+        lines = tau_lines(base_dir)
         report["base"] = [(x["step"], x["tau"]) for x in lines]
-        print("## base SFT: MT-Bench tau (80 questions, K = 4) per checkpoint")
+        print(f"## base SFT: MT-Bench tau (80 questions, K = {args.k}) per checkpoint")
         print(" ".join(f"{s}:{t:.3f}" for s, t in report["base"]))
-        plateau = plateau_report(out / "base" / "metrics.jsonl", taus_path=base_tau)
+        plateau = plateau_report(base_dir / "metrics.jsonl", taus_path=base_tau)
         report["base_plateau"] = plateau.describe()
         print("MT-Bench", plateau.describe())
-        held = plateau_report(out / "base" / "metrics.jsonl")
-        report["base_heldout_plateau"] = held.describe()
-        print("held-out", held.describe())
+        if any(r.get("tau") is not None for r in read_metrics(base_dir / "metrics.jsonl")):
+            held = plateau_report(base_dir / "metrics.jsonl")
+            report["base_heldout_plateau"] = held.describe()
+            print("held-out", held.describe())
 
     runs = sorted(
-        d for d in out.iterdir() if RUN.match(d.name) and (d / "tau_eval.jsonl").is_file()
+        d for d in out.iterdir() if run_re.match(d.name) and (d / "tau_eval.jsonl").is_file()
     )
     rows = [arm_row(d) for d in runs]
     report["arms"] = rows
-    print("\n## arms (MT-Bench 80 questions, K = 4)")
+    print(f"\n## arms (MT-Bench 80 questions, K = {args.k})")
     print(
         "| run | steps | tau start | tau end | change | acceptance at the end | s | target tokens |"
     )
@@ -176,7 +188,8 @@ def main() -> int:
                 f"{r['rollout_s']:.0f} |"
             )
 
-    by_name = {r["run"]: d for r, d in zip(rows, runs, strict=True)}
+    # keyed by the unprefixed arm name (opd-s0, sft-s0, ...) from here on
+    by_name = {d.name.removeprefix(f"{args.family}-" if args.family else ""): d for d in runs}
     comparisons = {}
     print("\n## paired per-prompt comparisons (80 questions; final checkpoints)")
     seeds = sorted({int(RUN.match(n)["seed"]) for n in by_name})
@@ -207,7 +220,9 @@ def main() -> int:
     arms = [(RUN.match(n)["arm"], by_name[n] / "tau_eval.jsonl") for n in by_name]
     if arms:
         base = ("base SFT", base_tau) if base_tau.is_file() else None
-        plot_comparison(arms, png, base=base, title="EAGLE-3 on SmolLM2: MT-Bench tau (80 q, K=4)")
+        family = args.family or "EAGLE-3"
+        title = f"{family} on SmolLM2: MT-Bench tau (80 q, K={args.k})"
+        plot_comparison(arms, png, base=base, title=title)
         print(f"\nwrote {png}")
     if args.registry_url:
         report["registry"] = register(args, out, rows)
