@@ -14,11 +14,14 @@
 #
 #   sh docs/experiments/dflash_matched.sh train|tau|bench|all
 #   BLOCKS="8 16" SECONDS_BUDGET=1800 STEPS=1500 BLOCK_ANCHORS=32 sh ...
+#   LAYERS=3 BLOCKS=8 ... sh ...   # a deeper drafter: rows named dflash-b8-l3
 set -eu
 BLOCKS="${BLOCKS:-8 16}"
 SECONDS_BUDGET="${SECONDS_BUDGET:-1800}"
 STEPS="${STEPS:-1500}"
 BLOCK_ANCHORS="${BLOCK_ANCHORS:-32}"
+LAYERS="${LAYERS:-1}"
+SUFFIX=""; [ "$LAYERS" = 1 ] || SUFFIX="-l$LAYERS"
 OUT="${OUT:-runs/plateau}"
 BENCH="${BENCH:-docs/bench}"
 DRAFTOPD="${DRAFTOPD:-.venv/bin/draftopd}"
@@ -30,7 +33,7 @@ last_ckpt() { ls -d "$1/checkpoints/step-"* | tail -1; }
 
 train() {
   for b in $BLOCKS; do
-    out="$OUT/dflash-b$b"
+    out="$OUT/dflash-b$b$SUFFIX"
     mkdir -p "$out"
     base_abs="$(cd "$BASE" && pwd -P)"
     [ -e "$out/data" ] || ln -sfn "$base_abs/data" "$out/data"
@@ -40,17 +43,17 @@ train() {
       --max-new-tokens 128 --gen-batch-size 64 --max-seq-len 384 --feature-cache bfloat16 \
       --draft-vocab-size 8000 --init-from-target --autocast bfloat16 --batch-size 8 --lr 1e-3 \
       --warmup 50 --min-lr-ratio 0.2 --eval-every 0 --checkpoint-every "$((STEPS / 5))" \
-      --threads 2 --no-progress --drafter-type dflash --block-size "$b" \
+      --threads 2 --no-progress --drafter-type dflash --block-size "$b" --drafter-layers "$LAYERS" \
       --block-anchors "$BLOCK_ANCHORS" --steps "$STEPS" --max-seconds "$SECONDS_BUDGET"
   done
 }
 
 tau() {
   for b in $BLOCKS; do
-    out="$OUT/dflash-b$b"
+    out="$OUT/dflash-b$b$SUFFIX"
     [ -f "$out/tau_eval.jsonl" ] && continue
     echo "== MT-Bench tau, 80 questions, dflash B=$b at K=$((b - 1)) ($(date +%T))"
-    "$DRAFTOPD" train tau --run "dflash-b$b=$out" --limit 80 --max-new-tokens 128 \
+    "$DRAFTOPD" train tau --run "dflash-b$b$SUFFIX=$out" --limit 80 --max-new-tokens 128 \
       --num-draft-tokens "$((b - 1))" --threads 2
   done
 }
@@ -65,9 +68,9 @@ bench_one() {  # bench_one NAME METHOD CHECKPOINT K SWEEP [FLAGS...]
 }
 
 bench() {  # one K swept per drafter besides its own (2 for EAGLE-3: its best so far, issue 14)
-  bench_one eagle3 eagle3 "$(last_ckpt "$BASE")" 4 2 --with-ngram
+  [ "$LAYERS" = 1 ] && bench_one eagle3 eagle3 "$(last_ckpt "$BASE")" 4 2 --with-ngram
   for b in $BLOCKS; do
-    bench_one "dflash_b$b" dflash "$(last_ckpt "$OUT/dflash-b$b")" "$((b - 1))" 3
+    bench_one "dflash_b$b$SUFFIX" dflash "$(last_ckpt "$OUT/dflash-b$b$SUFFIX")" "$((b - 1))" 3
   done
 }
 
