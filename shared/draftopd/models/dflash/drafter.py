@@ -2,10 +2,11 @@
 
 - ``proposer``: one pass per cycle (``proposer.py``).
 - ``sft_loss`` (the DFlash recipe, docs/draft_opd.md "Block drafters"): every response position
-  of a sequence is an anchor (or a random draw of them, ``max_anchors`` per sequence); its block predicts the next B-1 target tokens from the context
-  strictly before the anchor. Slot k's loss is the soft cross-entropy to the target's
-  distribution of that token over the draft vocabulary, weighted ``decay ** (k-1)`` (the paper's
-  ``exp(-(k-1)/gamma)`` is ``decay = exp(-1/gamma)``), normalised by the weights.
+  of a sequence is an anchor (or a random draw of ``max_anchors`` of them per sequence); its
+  block predicts the next B-1 target tokens from the context strictly before the anchor. Slot
+  k's loss is the soft cross-entropy to the target's distribution of that token over the draft
+  vocabulary, weighted ``decay ** (k-1)`` (the paper's ``exp(-(k-1)/gamma)`` is
+  ``decay = exp(-1/gamma)``), normalised by the weights.
 - ``draft_from_anchors``: the blocks of given anchors in one pass, exactly as decoding drafts
   them (the Draft-OPD replay; a block needs no chain inputs).
 """

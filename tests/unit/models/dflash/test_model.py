@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from draftopd.models.dflash.drafter import DFlashDrafter, random_dflash
-import torch.nn.functional as F
-
 from draftopd.models.dflash.model import ContextCache, DFlashConfig, block_attention, block_mask
 
 H, V, B, T = 32, 50, 4, 12
