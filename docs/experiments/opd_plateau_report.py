@@ -148,7 +148,8 @@ def main() -> int:
         plateau = plateau_report(base_dir / "metrics.jsonl", taus_path=base_tau)
         report["base_plateau"] = plateau.describe()
         print("MT-Bench", plateau.describe())
-        if any(r.get("tau") is not None for r in read_metrics(base_dir / "metrics.jsonl")):
+        evals = [r for r in read_metrics(base_dir / "metrics.jsonl") if r.get("tau") is not None]
+        if len(evals) >= 3:  # a run trained with --eval-every 0 has only its final one
             held = plateau_report(base_dir / "metrics.jsonl")
             report["base_heldout_plateau"] = held.describe()
             print("held-out", held.describe())
