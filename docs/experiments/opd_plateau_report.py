@@ -90,7 +90,13 @@ def register(args: argparse.Namespace, out: Path, rows: list[dict]) -> dict[str,
     with RegistryClient(args.registry_url, token=args.token) as client:
         if args.drafter not in {d["name"] for d in client.list_drafters()}:
             description = "issue 16: Draft-OPD against continued SFT from one SFT plateau"
-            client.create_drafter(args.drafter, target_model="smollm2", description=description)
+            architecture = "dflash" if args.family.startswith("dflash") else "eagle3"
+            client.create_drafter(
+                args.drafter,
+                target_model="smollm2",
+                architecture=architecture,
+                description=description,
+            )
         base_dir = out / (args.family or "base")
         base_lines = tau_lines(base_dir) if (base_dir / "tau_eval.jsonl").is_file() else []
         entries = [("base", base_lines[-1])] if base_lines else []
