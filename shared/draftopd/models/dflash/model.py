@@ -184,8 +184,9 @@ def block_attention(
     """Attention [batch, heads, C * B, d] of every block under ``block_mask``'s rule, without the
     dense [C * B, T + C * B] score matrix: each slot scores the T context positions (those at or
     after its anchor masked) and the B slots of its own block, one softmax over both. The cost is
-    C * B * (T + B) scores instead of C * B * (T + C * B), which is what makes block SFT over
-    every response anchor of a sequence affordable."""
+    C * B * (T + B) scores instead of C * B * (T + C * B); the rest of a block-SFT step (the
+    draft-vocabulary head over every slot) is unchanged, so drawing fewer anchors
+    (``--block-anchors``) is the larger saving."""
     batch, heads, slots, dim = q.shape
     kv_heads, blocks = k.shape[1], anchors.shape[1]
     group = heads // kv_heads
