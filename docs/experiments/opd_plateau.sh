@@ -10,7 +10,9 @@
 #      sft            continued SFT on the target's greedy answers to the same prompts, LR 3e-4;
 #      opd-no-b       ablation: stream B off (lambda_b 0);
 #      opd-random     ablation: the same number of blocks at random anchors;
-#      opd-fkl        ablation: all forward KL (Bernoulli forward KL on stream B too).
+#      opd-fkl        ablation: all forward KL (Bernoulli forward KL on stream B too);
+#      opd-lbX        stream B weight lambda_b = X (e.g. opd-lb0.1), both streams on;
+#      opd-gX         stream B decay gamma = X (e.g. opd-g0.4).
 #    SEEDS seeds (prompt order) for opd and sft, one for the ablations.
 # 3. MT-Bench tau on all 80 questions (first turn, greedy, 128 new tokens, K = 4) at every
 #    checkpoint of every arm (step 0 = the base's last checkpoint), then the report: the table,
@@ -24,6 +26,7 @@
 #
 #   sh docs/experiments/opd_plateau.sh base|arms|tau|report|all
 #   SEEDS="1 2" ABLATIONS= sh docs/experiments/opd_plateau.sh arms   # more seeds later
+#   MAIN_ARMS=sft ABLATIONS="opd-no-b opd-lb0.1" sh ... arms             # a chosen subset
 #   FAMILY=dflash-b8 K=7 SFT_FLAGS="--block-anchors 32" ABLATIONS= sh ... arms; ... tau
 set -eu
 N="${N:-1500}"             # base prompts
@@ -32,6 +35,7 @@ ARM_STEPS="${ARM_STEPS:-40}"
 PER_STEP="${PER_STEP:-16}"
 SEEDS="${SEEDS:-0}"
 ABLATIONS="${ABLATIONS-opd-no-b}"  # set and empty: no ablation
+MAIN_ARMS="${MAIN_ARMS-opd sft}"   # the arms run for every seed (set and empty: ablations only)
 CORPUS=4000                # one corpus list for every stage; the last 32 are held out
 OUT="${OUT:-runs/plateau}"
 FAMILY="${FAMILY:-}"       # empty: EAGLE-3 (base in $OUT/base, arms unprefixed)
@@ -88,6 +92,8 @@ ablations() {
       opd-no-b) opd opd-no-b 0 --lambda-b 0 ;;
       opd-random) opd opd-random 0 --random-anchors ;;
       opd-fkl) opd opd-fkl 0 --stream-b-loss bernoulli_fkl ;;
+      opd-lb*) opd "$a" 0 --lambda-b "${a#opd-lb}" ;;  # e.g. opd-lb0.1: stream B weight 0.1
+      opd-g*) opd "$a" 0 --gamma "${a#opd-g}" ;;       # e.g. opd-g0.4: stream B decay 0.4
       *) echo "unknown ablation $a" >&2; exit 2 ;;
     esac
   done
@@ -96,8 +102,13 @@ ablations() {
 arms() {  # the first seed, then the ablations, then the other seeds
   first=1
   for seed in $SEEDS; do
-    opd opd "$seed"
-    sft "$seed"
+    for arm in $MAIN_ARMS; do
+      case "$arm" in
+        opd) opd opd "$seed" ;;
+        sft) sft "$seed" ;;
+        *) echo "unknown arm $arm" >&2; exit 2 ;;
+      esac
+    done
     if [ "$first" = 1 ]; then ablations; first=0; fi
   done
 }

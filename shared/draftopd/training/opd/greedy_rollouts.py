@@ -37,6 +37,9 @@ from draftopd.models.lean_batch import batched_greedy
 from draftopd.models.target import TargetModel
 from draftopd.speculative.records import Cycle, RolloutRecord
 
+# prompt + response token ids -> (fused features [T, 3H], logits [T, V]) of that text
+TargetOutputs = dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]
+
 
 @dataclass(frozen=True)
 class SimulatedCycle:
@@ -185,20 +188,22 @@ def _branch_logprobs(
 ) -> list[list[list[float]]]:
     """Teacher log-probs of every rejected draft: [row][cycle][slot m+1..k]."""
     width = text.logits.shape[1]
-    # one branch per cycle with >= 2 rejected drafts: d_{m+1}..d_{k-1} after text[: anchor+m+1]
-    branches: list[list[tuple[int, int, int]]] = []  # per row: (cycle, prefix_end, token)
+    # per row: (cycle, prefix_end, token, next) for the branch tokens d_{m+1}..d_{k-1}, each
+    # read after text[: anchor+m+1] and the branch so far; ``next`` is the draft whose log-prob
+    # the target's output at that token gives (d_{m+2}..d_k)
+    branches: list[list[tuple[int, int, int, int]]] = []
     for row, cycles in enumerate(all_cycles):
         items = []
         for c, cycle in enumerate(cycles):
             prefix_end = prompt_lens[row] + cycle.anchor + cycle.accepted  # last text position
-            for token in cycle.proposed[cycle.accepted : len(cycle.proposed) - 1]:
-                items.append((c, prefix_end, token))
+            proposed = cycle.proposed
+            for slot in range(cycle.accepted, len(proposed) - 1):
+                items.append((c, prefix_end, proposed[slot], proposed[slot + 1]))
         branches.append(items)
-    later: list[torch.Tensor] = []
+    later: list[list[float]] = [[] for _ in branches]
     depth = max((len(b) for b in branches), default=0)
     if depth:
-        later_logp = _branch_pass(target, text, branches, width, depth)
-        later = [later_logp[row] for row in range(len(branches))]
+        later = _branch_pass(target, text, branches, width, depth).tolist()
     result: list[list[list[float]]] = []
     for row, cycles in enumerate(all_cycles):
         per_row: list[list[float]] = []
@@ -210,48 +215,63 @@ def _branch_logprobs(
                 at = prompt_lens[row] + cycle.anchor + m
                 logp = torch.log_softmax(text.logits[row, at].float(), dim=-1)  # [V]
                 values.append(float(logp[cycle.proposed[m]]))
-                for slot in range(m + 1, k):
-                    values.append(float(later[row][position, cycle.proposed[slot]]))
+                for _ in range(m + 1, k):
+                    values.append(later[row][position])
                     position += 1
             per_row.append(values)
         result.append(per_row)
     return result
 
 
+HEAD_CHUNK = 1024  # branch positions per LM-head product (a [chunk, V] float32 block at a time)
+
+
 def _branch_pass(
     target: TargetModel,
     text: _TextPass,
-    branches: list[list[tuple[int, int, int]]],
+    branches: list[list[tuple[int, int, int, int]]],
     width: int,
     depth: int,
 ) -> torch.Tensor:
-    """Log-probs after each branch token: [b, depth, V]. Branch token j of a cycle sits at
-    position prefix_end + 1 + j and attends to text[0..prefix_end] and to its branch so far."""
+    """log p(next | text prefix, branch so far) at each branch token: [b, depth] (0 on padding).
+    Branch token j of a cycle sits at position prefix_end + 1 + j and attends to
+    text[0..prefix_end] and to its branch so far. Only the wanted entry of each position's
+    distribution is kept: the LM head runs in chunks over the decoder's last hidden states, so
+    no [b, depth, V] logits are ever held (they were most of this pass's memory traffic)."""
     b = len(branches)
     device = target.device
     ids = torch.zeros((b, depth), dtype=torch.long)
+    wanted = torch.zeros((b, depth), dtype=torch.long)
     positions = torch.zeros((b, depth), dtype=torch.long)
     mask = torch.zeros((b, 1, depth, width + depth), dtype=torch.bool)
     for row, items in enumerate(branches):
         start = 0
-        for q, (cycle, prefix_end, token) in enumerate(items):
+        for q, (cycle, prefix_end, token, following) in enumerate(items):
             if q > 0 and items[q - 1][0] != cycle:
                 start = q  # a new branch begins
             ids[row, q] = token
+            wanted[row, q] = following
             positions[row, q] = prefix_end + 1 + (q - start)
             mask[row, 0, q, : prefix_end + 1] = True
             mask[row, 0, q, width + start : width + q + 1] = True
         for q in range(len(items), depth):
             mask[row, 0, q, width + q] = True  # padding attends to itself only
     with torch.inference_mode():
-        out = target.model(
+        hidden = target.model.get_decoder()(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             position_ids=positions.to(device),
             past_key_values=text.cache,
             use_cache=True,
-        )
-    return torch.log_softmax(out.logits.float(), dim=-1)
+        ).last_hidden_state.reshape(b * depth, -1)
+        head = target.model.get_output_embeddings()
+        flat = wanted.to(device).reshape(-1)
+        out = torch.empty(b * depth, dtype=torch.float32, device=device)
+        for lo in range(0, b * depth, HEAD_CHUNK):
+            logits = head(hidden[lo : lo + HEAD_CHUNK]).float()  # [chunk, V]
+            picked = logits.gather(1, flat[lo : lo + HEAD_CHUNK, None])[:, 0]
+            out[lo : lo + HEAD_CHUNK] = picked - logits.logsumexp(-1)
+    return out.reshape(b, depth).cpu()
 
 
 def batched_greedy_rollouts(
@@ -265,13 +285,18 @@ def batched_greedy_rollouts(
     job_id: str = "local",
     drafter_version: str = "0",
     texts: Sequence[Sequence[int]] | None = None,
+    target_outputs: TargetOutputs | None = None,
 ) -> list[RolloutRecord]:
     """One greedy ``RolloutRecord`` per prompt, as ``make_rollouts`` writes at temperature 0.
 
     ``texts`` are the prompts' greedy continuations (``greedy_continuations``) when the caller
     already has them. They do not depend on the drafter, so a trainer can write them for all its
     prompts once, in large batches, and roll out every step with its current drafter on them:
-    the records are the same."""
+    the records are the same.
+
+    ``target_outputs``, when given, receives the text pass's fused features and logits of each
+    record's prompt + response, keyed by those token ids: the learner in the same process
+    replays from them instead of running the target over the same text again (``replay_loss``)."""
     if any(len(p) < 2 for p in prompts):
         raise ValueError("every prompt needs at least 2 tokens (the drafter reads prompt[:-1])")
     if texts is None:
@@ -297,6 +322,7 @@ def batched_greedy_rollouts(
                     max_new_tokens=max_new_tokens,
                     job_id=job_id,
                     drafter_version=drafter_version,
+                    target_outputs=target_outputs,
                 )
             )
     finally:
@@ -314,6 +340,7 @@ def _records_of_batch(
     max_new_tokens: int,
     job_id: str,
     drafter_version: str,
+    target_outputs: TargetOutputs | None = None,
 ) -> list[RolloutRecord]:
     prompt_lens = [len(p) for p in prompts]
     ids, mask = right_pad([p + t for p, t in zip(prompts, texts, strict=True)], pad_id=0)
@@ -339,6 +366,10 @@ def _records_of_batch(
     for row, cycles in enumerate(all_cycles):
         response = [t for c in cycles for t in c.committed]
         visible = next((i + 1 for i, t in enumerate(response) if t in eos), len(response))
+        if target_outputs is not None:  # the response is a prefix of the text: causal, so equal
+            end = prompt_lens[row] + len(response)
+            key = (*prompts[row], *response)
+            target_outputs[key] = (text.features[row, :end], text.logits[row, :end])
         records.append(
             RolloutRecord(
                 job_id=job_id,
@@ -365,6 +396,7 @@ def _records_of_batch(
 
 __all__ = [
     "SimulatedCycle",
+    "TargetOutputs",
     "batched_greedy_rollouts",
     "draft_everywhere",
     "greedy_continuations",

@@ -14,7 +14,7 @@ on a chain drafter's inputs include its own rejected token).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -265,18 +265,53 @@ def anchor_stats(
     }
 
 
+def shared_target_outputs(
+    plans: Sequence[SequencePlan],
+    batch: ReplayBatch,
+    outputs: Mapping[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] | None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The batch's right-padded features [b, T, 3H] and float32 logits [b, T, V] from a rollout's
+    own text pass (``batched_greedy_rollouts(target_outputs=...)``), or None when any plan's
+    text is not there. Fresh tensors, so the drafter may use them inside autograd."""
+    if not outputs:
+        return None
+    rows = [outputs.get(p.token_ids) for p in plans]
+    pairs = zip(rows, plans, strict=True)
+    if any(r is None or r[0].shape[0] != len(p.token_ids) for r, p in pairs):
+        return None
+    b, length = batch.input_ids.shape
+    device = batch.input_ids.device
+    first_features, first_logits = rows[0]  # type: ignore[misc]
+    features = torch.zeros((b, length, first_features.shape[-1]), device=device)
+    logits = torch.zeros((b, length, first_logits.shape[-1]), device=device)
+    for i, row in enumerate(rows):
+        assert row is not None
+        features[i, : row[0].shape[0]] = row[0]
+        logits[i, : row[1].shape[0]] = row[1]
+    return features, logits
+
+
 def replay_loss(
     target: TargetModel,
     drafter: Drafter,
     plans: Sequence[SequencePlan],
     cfg: OPDLossConfig,
     num_slots: int,
+    *,
+    target_outputs: Mapping[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[OPDLossOutput, dict[str, Any]]:
     """Features and target distributions from one no-grad target forward, the batched replay,
-    and the loss (differentiable w.r.t. the drafter). Also returns timings and replay parity."""
+    and the loss (differentiable w.r.t. the drafter). Also returns timings and replay parity.
+
+    With ``target_outputs`` holding every plan's text (the rollouts of this process wrote them),
+    the target forward is skipped: those are the same features and logits (``target_shared``)."""
     t0 = time.perf_counter()
     batch = collate_plans(plans, pad_id=0, num_slots=num_slots).to(target.device)
-    features, logits = target_features(target, batch.input_ids, batch.attention_mask)
+    shared = shared_target_outputs(plans, batch, target_outputs)
+    if shared is None:
+        features, logits = target_features(target, batch.input_ids, batch.attention_mask)
+    else:
+        features, logits = shared
     targets = replay_targets(logits, batch, drafter)
     t1 = time.perf_counter()
     drafter_logits = replay_forward(drafter, features, batch)
@@ -296,6 +331,7 @@ def replay_loss(
         "norm_a": cfg.lambda_a * out.count_a,
         "norm_b": cfg.lambda_b * out.weight_b,
         "target_s": t1 - t0,
+        "target_shared": shared is not None,
         "replay_s": time.perf_counter() - t1,
     }
     return out, info
@@ -314,4 +350,5 @@ __all__ = [
     "replay_loss",
     "replay_parity",
     "replay_targets",
+    "shared_target_outputs",
 ]

@@ -18,7 +18,7 @@ from draftopd.speculative.engine import DecodeEngine
 from draftopd.speculative.records import RolloutRecord
 from draftopd.speculative.sampling import SamplingParams
 from draftopd.training.configs import ROLLOUT_MODES, check_rollout_mode
-from draftopd.training.opd.greedy_rollouts import batched_greedy_rollouts
+from draftopd.training.opd.greedy_rollouts import TargetOutputs, batched_greedy_rollouts
 
 
 def make_rollouts(
@@ -36,13 +36,14 @@ def make_rollouts(
     mode: str = "engine",
     batch_size: int = 8,
     texts: Sequence[Sequence[int]] | None = None,
+    target_outputs: TargetOutputs | None = None,
 ) -> list[RolloutRecord]:
     """Speculative decoding of each prompt with recording on: one record per sequence.
-    ``batch_size`` and ``texts`` (the prompts' greedy continuations, when known) are used by the
-    batched mode only."""
+    ``batch_size``, ``texts`` (the prompts' greedy continuations, when known) and
+    ``target_outputs`` (``batched_greedy_rollouts``) are for the batched mode only."""
     check_rollout_mode(mode, temperature)
-    if texts is not None and mode != "batched":
-        raise ValueError("texts are for the batched greedy mode")
+    if (texts is not None or target_outputs is not None) and mode != "batched":
+        raise ValueError("texts and target_outputs are for the batched greedy mode")
     if mode == "batched":
         return batched_greedy_rollouts(
             target,
@@ -54,6 +55,7 @@ def make_rollouts(
             job_id=job_id,
             drafter_version=drafter_version,
             texts=texts,
+            target_outputs=target_outputs,
         )
     engine = DecodeEngine(target, num_draft_tokens=num_draft_tokens)
     was_training = drafter.training

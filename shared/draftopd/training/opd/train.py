@@ -29,7 +29,7 @@ from draftopd.models.target import TargetModel
 from draftopd.speculative.records import RolloutRecord
 from draftopd.training.configs import OPDConfig
 from draftopd.training.data.batches import batch_indices
-from draftopd.training.opd.greedy_rollouts import greedy_continuations
+from draftopd.training.opd.greedy_rollouts import TargetOutputs, greedy_continuations
 from draftopd.training.opd.replay import SequencePlan, anchor_plan, random_anchor_plan, replay_loss
 from draftopd.training.opd.rollouts import fresh_records, make_rollouts, rollout_tau
 from draftopd.training.run import METRICS_FILE, check_resume, open_run
@@ -67,8 +67,11 @@ class OPDLearner:
         k = self.drafter.drafts_per_cycle(self.cfg.num_draft_tokens)
         return [random_anchor_plan(p, k, generator) for p in plans]
 
-    def update(self, records: Sequence[RolloutRecord]) -> dict[str, Any]:
-        """One optimizer step on the replay loss of ``records``; returns the step's metrics."""
+    def update(
+        self, records: Sequence[RolloutRecord], *, target_outputs: TargetOutputs | None = None
+    ) -> dict[str, Any]:
+        """One optimizer step on the replay loss of ``records``; returns the step's metrics.
+        ``target_outputs``: the rollouts' own text pass, when they ran in this process."""
         kept = fresh_records(records, self.step, self.cfg.max_version_lag)
         if not kept:
             raise ValueError(f"no records within version lag {self.cfg.max_version_lag}")
@@ -76,7 +79,9 @@ class OPDLearner:
         if not plans:
             raise ValueError("no record has a cycle to replay")
         slots = self.drafter.drafts_per_cycle(self.cfg.num_draft_tokens)
-        loss, info = replay_loss(self.target, self.drafter, plans, self.cfg.loss, slots)
+        loss, info = replay_loss(
+            self.target, self.drafter, plans, self.cfg.loss, slots, target_outputs=target_outputs
+        )
         lr, timings = self.cfg.lr_at(self.step), dict[str, float]()
         assert self.optimizer is not None
         norm = optimizer_step(
@@ -123,19 +128,25 @@ class LocalRollouts:
     like SFT data generation, and kept in ``out_dir/rollout_texts.jsonl`` for a resumed run.
     Greedy text does not depend on the drafter, so every step still rolls out with the current
     drafter and gets the records it would get by decoding (docs/draft_opd.md): only the target's
-    text is shared, and it is written at data-generation speed instead of 16 rows at a time."""
+    text is shared, and it is written at data-generation speed instead of 16 rows at a time.
+
+    In the batched mode the rollouts' text pass (features and logits of each record's text) is
+    kept in ``outputs`` until the step's update is applied, so the learner does not run the
+    target over the same text again."""
 
     target: TargetModel
     cfg: OPDConfig
     prompts: Sequence[Sequence[int]] = ()
     out_dir: Path | None = None
     texts: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
+    outputs: TargetOutputs = field(default_factory=dict, repr=False)
 
     def records(
         self, step: int, drafter: Drafter, prompts: list[list[int]], seeds: list[int]
     ) -> list[RolloutRecord]:
         cfg = self.cfg
         shared = cfg.rollout_mode == "batched" and bool(self.prompts)
+        self.outputs.clear()
         return make_rollouts(
             self.target,
             drafter,
@@ -149,6 +160,7 @@ class LocalRollouts:
             mode=cfg.rollout_mode,
             batch_size=cfg.rollout_batch_size,
             texts=self.greedy_texts(prompts) if shared else None,
+            target_outputs=self.outputs if cfg.rollout_mode == "batched" else None,
         )
 
     def greedy_texts(self, wanted: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -201,7 +213,7 @@ class LocalRollouts:
                 handle.write("\n")
 
     def applied(self, step: int) -> None:
-        return None
+        self.outputs.clear()  # the step's text pass is no longer needed
 
     def checkpointed(self, step: int) -> None:
         return None
@@ -268,7 +280,8 @@ def train_opd(
             batch = [list(prompts[i]) for i in chosen]
             records = source.records(step, learner.drafter, batch, seeds)
             rollout_s = time.perf_counter() - t0
-            stats = learner.update(records)
+            shared = source.outputs if isinstance(source, LocalRollouts) else None
+            stats = learner.update(records, target_outputs=shared)
             source.applied(step)
             run.elapsed_s += time.perf_counter() - t0
             run.step = learner.step

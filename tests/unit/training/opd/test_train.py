@@ -180,6 +180,40 @@ def test_batched_rollouts_on_greedy_texts_written_once_train_the_same(
                       max_new_tokens=4, texts=again[:1])  # fmt: skip
 
 
+def test_the_learner_replays_from_the_rollouts_text_pass(
+    sharp_target: TargetModel,
+    half_trained_drafter: Drafter,
+    corpus: tuple[list[Sample], list[list[int]]],
+) -> None:
+    """Batched rollouts keep their text pass (features and logits of each record's text); the
+    learner replays from it instead of running the target again, and gets the same loss,
+    gradients and parity. Records whose text is not kept fall back to the learner's own pass."""
+    prompts = _prompts(corpus)[:4]
+    kwargs = {"num_draft_tokens": 4, "max_new_tokens": 24, "mode": "batched", "batch_size": 3}
+    outputs: dict = {}
+    records = make_rollouts(
+        sharp_target, half_trained_drafter, prompts, target_outputs=outputs, **kwargs
+    )
+    assert len(outputs) == len(records)
+    results = []
+    for shared in (outputs, None):
+        learner = OPDLearner(sharp_target, copy.deepcopy(half_trained_drafter), _cfg(lr=1e-3))
+        stats = learner.update(records, target_outputs=shared)
+        weights = torch.cat([p.detach().flatten() for p in learner.drafter.parameters()])
+        results.append((stats, weights))
+    (with_shared, after_shared), (own, after_own) = results
+    assert with_shared["target_shared"] and not own["target_shared"]
+    for key in ("loss", "loss_a", "loss_b", "parity_accepted", "parity_rejected", "grad_norm"):
+        assert with_shared[key] == pytest.approx(own[key], rel=1e-5, abs=1e-6), key
+    torch.testing.assert_close(after_shared, after_own, rtol=1e-5, atol=1e-6)
+    partial = {key: value for key, value in list(outputs.items())[:2]}  # two texts missing
+    learner = OPDLearner(sharp_target, copy.deepcopy(half_trained_drafter), _cfg())
+    assert not learner.update(records, target_outputs=partial)["target_shared"]
+    with pytest.raises(ValueError, match="batched greedy"):
+        make_rollouts(sharp_target, half_trained_drafter, prompts[:1], num_draft_tokens=2,
+                      max_new_tokens=4, target_outputs={})  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "changes",
     [{"random_anchors": True}, {"lambda_b": 0.0}, {"stream_b_loss": "bernoulli_fkl"}],
