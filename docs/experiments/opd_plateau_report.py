@@ -26,7 +26,7 @@ from draftopd.paired import format_comparison, paired_comparison, report_taus
 from draftopd.training.curves import plateau_report, plot_comparison
 from draftopd.training.run import read_metrics
 
-RUN = re.compile(r"^(?P<arm>(opd|sft)[a-z-]*)-s(?P<seed>\d+)$")
+RUN = re.compile(r"^(?P<arm>(opd|sft)[a-z0-9.-]*)-s(?P<seed>\d+)$")  # opd-lb0.1-s0 too
 
 
 def arm_pattern(family: str) -> re.Pattern[str]:
@@ -203,6 +203,7 @@ def main() -> int:
     pairs = [(f"sft-s{s}", f"opd-s{s}") for s in seeds]
     ablations = [n for n in by_name if RUN.match(n)["arm"] not in ("opd", "sft")]
     pairs += [("sft-s0", n) for n in ablations] + [("opd-s0", n) for n in ablations]
+    pairs += [("opd-no-b-s0", n) for n in ablations if n != "opd-no-b-s0"]
     for a, b in pairs:
         if a in by_name and b in by_name:
             result = paired_comparison(
