@@ -14,7 +14,7 @@ on a chain drafter's inputs include its own rejected token).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from draftopd.models.drafter import Drafter
 from draftopd.models.target import TargetModel
 from draftopd.speculative.records import RolloutRecord
 from draftopd.training.data.batches import target_features
+from draftopd.training.opd.greedy_rollouts import TargetOutputs
 from draftopd.training.opd.loss import OPDLossConfig, OPDLossOutput, opd_loss
 
 
@@ -268,7 +269,7 @@ def anchor_stats(
 def shared_target_outputs(
     plans: Sequence[SequencePlan],
     batch: ReplayBatch,
-    outputs: Mapping[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] | None,
+    outputs: TargetOutputs | None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The batch's right-padded features [b, T, 3H] and float32 logits [b, T, V] from a rollout's
     own text pass (``batched_greedy_rollouts(target_outputs=...)``), or None when any plan's
@@ -298,7 +299,7 @@ def replay_loss(
     cfg: OPDLossConfig,
     num_slots: int,
     *,
-    target_outputs: Mapping[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    target_outputs: TargetOutputs | None = None,
 ) -> tuple[OPDLossOutput, dict[str, Any]]:
     """Features and target distributions from one no-grad target forward, the batched replay,
     and the loss (differentiable w.r.t. the drafter). Also returns timings and replay parity.
