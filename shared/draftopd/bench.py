@@ -39,7 +39,7 @@ from draftopd.models.drafter import Drafter
 from draftopd.models.target import TargetModel, load_target
 from draftopd.prompts import load_prompts, render_prompt
 from draftopd.speculative.engine import DecodeEngine, GenerationResult
-from draftopd.speculative.proposers import NgramProposer, Proposer
+from draftopd.speculative.proposers import LookupFirstProposer, NgramProposer, Proposer
 from draftopd.speculative.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -177,14 +177,31 @@ def load_drafter_ref(ref: str, target: TargetModel, *, architecture: str = "eagl
     )
 
 
-def _new_proposer(bench: _Bench) -> Proposer | None:
-    """A fresh proposer for one request (proposers hold per-request state)."""
-    if bench.config.method in DRAFTER_METHODS:
+def _new_proposer(bench: _Bench, k: int | None = None, *, alone: bool = False) -> Proposer | None:
+    """A fresh proposer for one request (proposers hold per-request state). With
+    ``lookup_first`` the drafter comes behind n-gram lookup, unless ``alone``."""
+    config = bench.config
+    if config.method in DRAFTER_METHODS:
         assert bench.drafter is not None
-        return bench.drafter.proposer(weights=bench.config.draft_weights)
-    if bench.config.method == "ngram":
+        drafter = bench.drafter.proposer(weights=config.draft_weights)
+        if config.lookup_first and not alone:
+            return LookupFirstProposer(
+                drafter,
+                lookup_tokens=config.lookup_first,
+                drafter_tokens=k or config.num_draft_tokens,
+            )
+        return drafter
+    if config.method == "ngram":
         return NgramProposer()
     return None
+
+
+def _path_k(config: BenchConfig, k: int, *, alone: bool = False) -> int:
+    """The K a path's decode loop allows: with lookup_first, the longer of N and the drafter's
+    K (the proposer caps each side)."""
+    if config.lookup_first and not alone:
+        return max(k, config.lookup_first)
+    return k
 
 
 def _sampling(config: BenchConfig, index: int, max_new_tokens: int) -> SamplingParams:
@@ -198,7 +215,13 @@ def _warm_up(bench: _Bench) -> None:
     params = _sampling(bench.config, 0, min(WARMUP_TOKENS, bench.config.max_new_tokens))
     logger.info("warm-up (untimed)")
     _generate(bench, ids, params, proposer=None)
-    _generate(bench, ids, params, proposer=_new_proposer(bench))
+    _generate(
+        bench,
+        ids,
+        params,
+        proposer=_new_proposer(bench),
+        k=_path_k(bench.config, bench.config.num_draft_tokens),
+    )
     if bench.config.peers:
         _hf_generate(bench.target, ids, params.max_new_tokens, prompt_lookup=False)
         _hf_generate(bench.target, ids, params.max_new_tokens, prompt_lookup=True)
@@ -226,12 +249,18 @@ def _extra_paths(
 ) -> dict[str, Callable[[], GenerationResult]]:
     """``--sweep-k``: the method at each K; ``--with-ngram``: n-gram lookup at K."""
     paths: dict[str, Callable[[], GenerationResult]] = {}
-    for k in bench.config.sweep:
+    config = bench.config
+    for k in config.sweep:
         paths[f"k={k}"] = lambda k=k: _generate(  # type: ignore[misc]
-            bench, ids, params, proposer=_new_proposer(bench), k=k
+            bench, ids, params, proposer=_new_proposer(bench, k), k=_path_k(config, k)
         )
-    if bench.config.with_ngram:
-        paths["ngram"] = lambda: _generate(bench, ids, params, proposer=NgramProposer())
+    if config.lookup_first:
+        paths["drafter"] = lambda: _generate(
+            bench, ids, params, proposer=_new_proposer(bench, alone=True)
+        )
+    if config.with_ngram:
+        ngram_k = max(config.num_draft_tokens, config.lookup_first)
+        paths["ngram"] = lambda: _generate(bench, ids, params, proposer=NgramProposer(), k=ngram_k)
     return paths
 
 
@@ -242,7 +271,13 @@ def _measure_prompt(bench: _Bench, prompt_id: str, ids: list[int], index: int) -
     params = _sampling(config, index, config.max_new_tokens)
     paths: dict[str, Callable[[], GenerationResult | PeerRun]] = {
         "baseline": lambda: _generate(bench, ids, params, proposer=None),
-        "spec": lambda: _generate(bench, ids, params, proposer=_new_proposer(bench)),
+        "spec": lambda: _generate(
+            bench,
+            ids,
+            params,
+            proposer=_new_proposer(bench),
+            k=_path_k(config, config.num_draft_tokens),
+        ),
     }
     if config.peers:
         m = config.max_new_tokens
@@ -351,7 +386,7 @@ def build_report(
     """The JSON report: the docs/design.md §6 keys first, then the context to interpret them."""
     spec = [r.spec for r in runs]
     baseline = [r.baseline for r in runs]
-    k = config.num_draft_tokens if config.method != "none" else 0
+    k = _path_k(config, config.num_draft_tokens) if config.method != "none" else 0
     accepted, proposed = _position_counts(spec, k)
     report: dict[str, Any] = {
         "tau": _ratio(sum(r.stats.committed for r in spec), sum(r.stats.cycles for r in spec)),
@@ -385,10 +420,15 @@ def _path_summary(name: str, config: BenchConfig, runs: list[PromptRun]) -> dict
     results = [r.extra[name] for r in runs]
     baseline = [r.baseline for r in runs]
     k = int(name[2:]) if name.startswith("k=") else config.num_draft_tokens
-    accepted, proposed = _position_counts(results, k)
+    if name == "ngram":
+        k = max(k, config.lookup_first)
+    allowed = k if name in ("ngram", "drafter") else _path_k(config, k)
+    accepted, proposed = _position_counts(results, allowed)
+    lookup = config.lookup_first if name.startswith("k=") else 0
     return {
         "method": "ngram" if name == "ngram" else config.method,
         "num_draft_tokens": k,
+        "lookup_first": lookup,
         "tau": _ratio(
             sum(r.stats.committed for r in results), sum(r.stats.cycles for r in results)
         ),
@@ -428,6 +468,7 @@ def _context(
         "step": config.step,
         "kernel": config.kernel,
         "draft_weights": config.draft_weights if config.method in DRAFTER_METHODS else None,
+        "lookup_first": config.lookup_first,
         "hf_prompt_lookup_num_tokens": HF_PROMPT_LOOKUP_TOKENS if config.peers else None,
         "accepted_by_position": accepted,
         "proposed_by_position": proposed,
@@ -493,6 +534,8 @@ def format_summary(report: dict[str, Any]) -> str:
     """A short human-readable table of the report."""
     n = report["num_prompts"]
     method = report["method"]
+    if report.get("lookup_first"):
+        method += f" + lookup {report['lookup_first']}"
     rows = [("baseline (ours, plain)", report["baseline_tokens_per_s"])]
     rows.append((f"speculative (ours, {method})", report["spec_tokens_per_s"]))
     if report.get("peers"):
@@ -513,9 +556,16 @@ def format_summary(report: dict[str, Any]) -> str:
     for path in report.get("extra_paths", {}).values():
         accept = ", ".join(f"{a:.2f}" for a in path["acceptance_by_position"])
         lines.append(
-            f"{path['method']} K={path['num_draft_tokens']}: tau {path['tau']:.2f} | "
+            f"{path['method']}{lookup_label(path)} K={path['num_draft_tokens']}: "
+            f"tau {path['tau']:.2f} | "
             f"speedup {path['speedup']:.2f}x | "
             f"{path['tokens_per_s']:.1f} tok/s | identical {path['identical']}/{n} | "
             f"acceptance [{accept}]"
         )
     return "\n".join(lines) + "\n"
+
+
+def lookup_label(path: dict[str, Any]) -> str:
+    """ " + lookup N" for a path that ran n-gram lookup first, else ""."""
+    lookup = path.get("lookup_first", 0)
+    return f" + lookup {lookup}" if lookup else ""

@@ -91,7 +91,14 @@ class BenchConfig:
     sweep_k: str | None = setting(
         None, "also run the method at each of these K in the same run, e.g. 2,3,4,5,6,7"
     )
-    with_ngram: bool = setting(False, "also run n-gram prompt lookup at K in the same run")
+    with_ngram: bool = setting(
+        False, "also run n-gram prompt lookup in the same run (at K, or at N with lookup_first)"
+    )
+    lookup_first: int = setting(
+        0,
+        "eagle3/dflash: try n-gram lookup first (up to N tokens), the drafter where the context "
+        "does not repeat; also runs the drafter alone at K in the same run (0 = off)",
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -120,6 +127,13 @@ class BenchConfig:
             if self.method == "none":
                 raise ValueError("sweep_k needs a speculative method")
             self.sweep  # noqa: B018 (validates the list)
+        if self.lookup_first < 0:
+            raise ValueError(f"lookup_first must be >= 0, got {self.lookup_first}")
+        if self.lookup_first and self.method not in DRAFTER_METHODS:
+            raise ValueError(
+                f"lookup_first combines n-gram lookup with a drafter: use a method in "
+                f"{DRAFTER_METHODS}, not {self.method!r}"
+            )
         if self.drafter is not None:
             if self.method not in DRAFTER_METHODS:
                 raise ValueError(

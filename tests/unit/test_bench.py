@@ -320,3 +320,25 @@ def test_a_checkpoint_of_another_family_is_refused(
         bench_config(tiny_dir, prompts_file, method="dflash", drafter=str(checkpoint), limit=1)
     )
     assert_report_sane(report, num_prompts=1, k=K)
+
+
+def test_lookup_first_runs_beside_the_drafter_alone(tiny_dir: Path, prompts_file: Path) -> None:
+    config = bench_config(
+        tiny_dir, prompts_file, method="eagle3", drafter="random:1:50", lookup_first=5,
+        sweep_k="2", with_ngram=True, limit=2,
+    )  # fmt: skip
+    report = run_bench(config)
+    assert_report_sane(report, num_prompts=2, k=5)  # the spec path allows max(K, N) drafts
+    assert report["lookup_first"] == 5
+    extra = report["extra_paths"]
+    assert list(extra) == ["k=2", "drafter", "ngram"]
+    assert extra["drafter"]["lookup_first"] == 0 and extra["drafter"]["num_draft_tokens"] == K
+    assert len(extra["drafter"]["acceptance_by_position"]) == K
+    assert extra["k=2"]["lookup_first"] == 5 and len(extra["k=2"]["acceptance_by_position"]) == 5
+    assert extra["ngram"]["num_draft_tokens"] == 5
+    assert all(path["identical"] == 2 for path in extra.values())
+    text = format_summary(report)
+    assert "method eagle3 + lookup 5" in text and "eagle3 + lookup 5 K=2: tau" in text
+    assert f"eagle3 K={K}: tau" in text
+    with pytest.raises(ValueError, match="combines n-gram lookup with a drafter"):
+        bench_config(tiny_dir, prompts_file, method="ngram", lookup_first=4)

@@ -71,3 +71,58 @@ class NgramProposer:
                     if follow:
                         return follow
         return []
+
+
+class LookupFirstProposer:
+    """n-gram lookup first, a trained drafter otherwise (``--lookup-first N``, docs/engine.md).
+
+    Where the context repeats itself (lists, code, quoted prompt text) prompt lookup proposes up
+    to ``lookup_tokens`` tokens at no drafting cost, and those runs are accepted far more often
+    than the drafter's; elsewhere the drafter proposes up to ``drafter_tokens``. Each cycle uses
+    one of the two, decided from the committed context alone, so greedy output stays the
+    target's and sampling stays exact (n-gram drafts are one-hot, the drafter brings its q).
+
+    The drafter sees every commit, also on lookup cycles: its ``commit`` must accumulate the
+    features of cycles it did not draft (``Eagle3Proposer`` and ``DFlashProposer`` do).
+    """
+
+    def __init__(
+        self,
+        drafter: Proposer,
+        *,
+        lookup_tokens: int,
+        drafter_tokens: int,
+        lookup: NgramProposer | None = None,
+    ) -> None:
+        if lookup_tokens < 1 or drafter_tokens < 1:
+            raise ValueError(
+                f"need lookup_tokens >= 1 and drafter_tokens >= 1, got {lookup_tokens}, "
+                f"{drafter_tokens}"
+            )
+        self.drafter = drafter
+        self.lookup = lookup or NgramProposer()
+        self.lookup_tokens, self.drafter_tokens = lookup_tokens, drafter_tokens
+        self.needs_features = drafter.needs_features
+        self.lookup_cycles = 0  # cycles the lookup proposed (the rest went to the drafter)
+        self.drafter_cycles = 0
+
+    @property
+    def num_draft_tokens(self) -> int:
+        """The K the decode loop must allow: the longer of the two."""
+        return max(self.lookup_tokens, self.drafter_tokens)
+
+    def start(self, prompt_ids: list[int], features: torch.Tensor | None) -> None:
+        self.drafter.start(prompt_ids, features)
+
+    def commit(self, committed: list[int], features: torch.Tensor | None) -> None:
+        self.drafter.commit(committed, features)
+
+    def propose(
+        self, context: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
+    ) -> Proposal:
+        tokens = self.lookup.lookup(context, min(k, self.lookup_tokens))
+        if tokens:
+            self.lookup_cycles += 1
+            return Proposal(tokens=tokens, q=None)
+        self.drafter_cycles += 1
+        return self.drafter.propose(context, min(k, self.drafter_tokens), params, generator)

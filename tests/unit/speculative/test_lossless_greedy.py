@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
 import torch
 
 from draftopd.speculative.engine import DecodeEngine
-from draftopd.speculative.proposers import NgramProposer
+from draftopd.speculative.proposers import LookupFirstProposer, NgramProposer
 from draftopd.speculative.sampling import SamplingParams
 from tests.unit.speculative.helpers import NoisyOracleProposer
 
@@ -30,10 +31,19 @@ def _proposers(target: Any, drafter: Any, dflash: Any) -> dict[str, Any]:
         "dflash": lambda: dflash.proposer(),
         "ngram": lambda: NgramProposer(),
         "oracle": lambda: NoisyOracleProposer(target, noise=0.3),
+        # lookup first: n-gram runs up to K tokens, the drafter up to K - 2 elsewhere
+        "lookup+eagle3": lambda k: LookupFirstProposer(
+            drafter.proposer(), lookup_tokens=k, drafter_tokens=max(1, k - 2)
+        ),
+        "lookup+dflash": lambda k: LookupFirstProposer(
+            dflash.proposer(), lookup_tokens=k, drafter_tokens=max(1, k - 2)
+        ),
     }
 
 
-@pytest.mark.parametrize("method", ["eagle3", "dflash", "ngram", "oracle"])
+@pytest.mark.parametrize(
+    "method", ["eagle3", "dflash", "ngram", "oracle", "lookup+eagle3", "lookup+dflash"]
+)
 @pytest.mark.parametrize("k", [1, 4, 7])
 def test_speculative_greedy_equals_plain_greedy(
     tiny_target: Any, tiny_drafter: Any, tiny_dflash: Any, method: str, k: int
@@ -41,6 +51,8 @@ def test_speculative_greedy_equals_plain_greedy(
     engine = DecodeEngine(tiny_target, num_draft_tokens=k)
     params = SamplingParams(max_new_tokens=48, ignore_eos=True)
     make = _proposers(tiny_target, tiny_drafter, tiny_dflash)[method]
+    if method.startswith("lookup+"):
+        make = functools.partial(make, k)
     for text in PROMPTS:
         ids = _ids(tiny_target, text)
         plain = engine.generate(ids, params)

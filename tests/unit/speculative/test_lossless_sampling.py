@@ -23,6 +23,7 @@ import draftopd.speculative.engine as engine_module
 from draftopd.models.families import family
 from draftopd.models.target import TargetModel
 from draftopd.speculative.engine import DecodeEngine
+from draftopd.speculative.proposers import LookupFirstProposer, NgramProposer
 from draftopd.speculative.sampling import SamplingParams, probs_from_logits
 from draftopd.speculative.verify import Verdict, one_hot_q
 from tests.unit.speculative.helpers import small_vocab_target
@@ -136,6 +137,33 @@ def test_speculative_sampling_matches_target(
     params = SETTINGS[setting]
     counts = draw(target, params, lambda: drafter.proposer(argmax_drafting=argmax_drafting))  # type: ignore[arg-type]
     assert chi_square_p(counts, exact_distribution(target, params)) > P_VALUE_FLOOR
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_lookup_first_sampling_matches_target(
+    target: TargetModel, drafter: torch.nn.Module, setting: str
+) -> None:
+    """n-gram lookup (one-hot q) where the context repeats, the drafter's sampled q elsewhere:
+    each cycle is exact, so the continuation's distribution is the target's."""
+    params = SETTINGS[setting]
+    made: list[LookupFirstProposer] = []
+
+    def make() -> LookupFirstProposer:
+        # unigram matches: the first cycle (last token 2 is new) drafts, later ones mostly look up
+        lookup = NgramProposer(max_ngram=2, min_ngram=1)
+        proposer = LookupFirstProposer(
+            drafter.proposer(),  # type: ignore[operator]
+            lookup_tokens=2,
+            drafter_tokens=2,
+            lookup=lookup,
+        )
+        made.append(proposer)
+        return proposer
+
+    counts = draw(target, params, make)
+    assert chi_square_p(counts, exact_distribution(target, params)) > P_VALUE_FLOOR
+    assert sum(p.lookup_cycles for p in made) > SAMPLES // 10  # both sides really drafted
+    assert sum(p.drafter_cycles for p in made) > SAMPLES // 10
 
 
 @pytest.mark.parametrize("argmax_drafting", [False, True], ids=["q-sampling", "argmax"])

@@ -67,7 +67,13 @@ class Eagle3Proposer:
         self.pending_tokens = list(prompt_ids[1:])
 
     def commit(self, committed: list[int], features: torch.Tensor | None) -> None:
+        """Queue the cycle's entries. A cycle this proposer did not draft (k = 0 at the length
+        cap, or a lookup cycle of ``LookupFirstProposer``) leaves its entries queued: they are
+        contiguous with the next cycle's, so both enter the cache at the next ``propose``."""
         assert features is not None and features.shape[0] == len(committed)
+        if self.pending_features is not None and self.pending_tokens:
+            features = torch.cat([self.pending_features, features])
+            committed = [*self.pending_tokens, *committed]
         self.pending_features = features
         self.pending_tokens = list(committed)
 
