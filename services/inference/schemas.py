@@ -56,6 +56,13 @@ class SpeculativeOptions(_Request):
     num_draft_tokens: int | None = Field(
         default=None, ge=1, le=MAX_DRAFT_TOKENS, description="Draft tokens per cycle (K)."
     )
+    lookup_first: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_DRAFT_TOKENS,
+        description="eagle3/dflash only: where the context repeats, propose up to N tokens by "
+        "n-gram lookup instead of the drafter (0 = off; null = the server's default).",
+    )
 
 
 class TextPart(_Request):
@@ -146,6 +153,10 @@ class Usage(BaseModel):
 class SpeculativeStats(BaseModel):
     method: SpeculativeMethod
     num_draft_tokens: int = Field(description="K asked per cycle (0 for method none).")
+    lookup_first: int = Field(
+        default=0, description="N of n-gram lookup ahead of the drafter (0 = the drafter alone)."
+    )
+    lookup_cycles: int = Field(default=0, description="Cycles whose drafts came from the lookup.")
     tau: float = Field(description="Committed tokens / verification cycles, bonus included.")
     cycles: int
     drafts: int = Field(description="Cycles that proposed at least one token.")

@@ -32,7 +32,7 @@ import torch
 from draftopd.models.target import TargetModel, load_target
 from draftopd.prompts import Prompt, render_prompt
 from draftopd.speculative.engine import DecodeEngine, DecodeRun, Delta
-from draftopd.speculative.proposers import NgramProposer, Proposer
+from draftopd.speculative.proposers import LookupFirstProposer, NgramProposer, Proposer
 from draftopd.speculative.sampling import SamplingParams
 from services.inference.capture import TrafficCapture
 from services.inference.drafters import ServedDrafter, load_served_drafter
@@ -82,6 +82,7 @@ class PreparedGeneration:
     params: SamplingParams
     method: SpeculativeMethod
     num_draft_tokens: int  # 0 for method "none"
+    lookup_first: int  # N of n-gram lookup ahead of the drafter; 0 = off (always 0 without one)
     drafter: ServedDrafter | None  # the holder this request keeps (drafter methods only)
     received_at: float  # perf_counter() when the request was prepared
     admission: Admission  # its place among the admitted requests; released when it ends
@@ -222,6 +223,13 @@ class InferenceService:
             )
         drafter = self._drafter  # read once: a swap from now on does not touch this request
         method = spec.method or self.default_method(drafter)
+        if spec.lookup_first and method not in DRAFTER_METHODS:
+            raise InvalidRequestError(
+                ("speculative", "lookup_first"),
+                f"lookup_first puts n-gram lookup ahead of a drafter; method {method!r} has none "
+                f"(use {' or '.join(DRAFTER_METHODS)}, or lookup_first 0)",
+                spec.lookup_first,
+            )
         if method in DRAFTER_METHODS:
             drafter = self._routed(drafter, method)
         if method in DRAFTER_METHODS and (drafter is None or drafter.architecture != method):
@@ -247,6 +255,7 @@ class InferenceService:
             params=params,
             method=method,
             num_draft_tokens=0 if method == "none" else k,
+            lookup_first=self._lookup_first(spec, method),
             drafter=drafter if method in DRAFTER_METHODS else None,
             received_at=time.perf_counter(),
             admission=self._admit(),
@@ -393,15 +402,26 @@ class InferenceService:
         if prepared.method in DRAFTER_METHODS:
             assert prepared.drafter is not None  # checked in prepare
             drafter = prepared.drafter.drafter
-            proposer = drafter.proposer(weights=self.settings.draft_weights)  # per-request state
+            proposer = drafter.proposer(  # per-request state
+                weights=self.settings.draft_weights, stop_below=self.settings.draft_stop_below
+            )
         elif prepared.method == "ngram":
             proposer = NgramProposer()
+        k = prepared.num_draft_tokens
+        if proposer is not None and prepared.lookup_first:
+            proposer = LookupFirstProposer(
+                proposer, lookup_tokens=prepared.lookup_first, drafter_tokens=k
+            )
+            k = proposer.num_draft_tokens
         return self.engine.start(
-            prepared.prompt_ids,
-            prepared.params,
-            proposer=proposer,
-            num_draft_tokens=prepared.num_draft_tokens,
+            prepared.prompt_ids, prepared.params, proposer=proposer, num_draft_tokens=k
         )
+
+    def _lookup_first(self, spec: GenerationSpec, method: str) -> int:
+        """The request's N, else the server's; 0 where no drafter runs."""
+        if method not in DRAFTER_METHODS:
+            return 0
+        return spec.lookup_first if spec.lookup_first is not None else self.settings.lookup_first
 
     def _outcome(self, prepared: PreparedGeneration, run: DecodeRun) -> Outcome:
         result = run.result
@@ -411,6 +431,8 @@ class InferenceService:
         speculative = SpeculativeStats(
             method=prepared.method,
             num_draft_tokens=prepared.num_draft_tokens,
+            lookup_first=prepared.lookup_first,
+            lookup_cycles=getattr(run.proposer, "lookup_cycles", 0),
             tau=stats.tau,
             cycles=stats.cycles,
             drafts=stats.drafts,

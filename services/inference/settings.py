@@ -34,6 +34,21 @@ class InferenceSettings(BaseSettings):
         "else 'ngram'.",
     )
     num_draft_tokens: int = Field(default=4, ge=1, le=32, description="Default K per cycle.")
+    draft_stop_below: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="End a cycle's drafts before the first slot (after the first) where the "
+        "drafter's most likely token is below this probability (0 = always K). Never changes "
+        "the output.",
+    )
+    lookup_first: int = Field(
+        default=0,
+        ge=0,
+        le=32,
+        description="Default N of n-gram lookup ahead of the drafter (eagle3/dflash): where the "
+        "context repeats, up to N looked-up tokens are verified instead of drafts (0 = off).",
+    )
     draft_weights: Literal["auto", "bfloat16", "int8", "float32", "module"] = Field(
         default="auto",
         description="EAGLE-3 decode-time weights (docs/engine.md); auto = bfloat16 where the "

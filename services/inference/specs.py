@@ -44,6 +44,7 @@ class GenerationSpec:
     ignore_eos: bool = False
     method: SpeculativeMethod | None = None  # None: the server's default method
     num_draft_tokens: int | None = None  # None: the server's default K
+    lookup_first: int | None = None  # None: the server's default
 
 
 def _messages(messages: list[ChatMessage] | None) -> list[dict[str, str]] | None:
@@ -70,6 +71,7 @@ def _sampling(
         "ignore_eos": request.ignore_eos,
         "method": options.method,
         "num_draft_tokens": options.num_draft_tokens,
+        "lookup_first": options.lookup_first,
     }
 
 

@@ -177,13 +177,17 @@ def load_drafter_ref(ref: str, target: TargetModel, *, architecture: str = "eagl
     )
 
 
-def _new_proposer(bench: _Bench, k: int | None = None, *, alone: bool = False) -> Proposer | None:
+def _new_proposer(
+    bench: _Bench, k: int | None = None, *, alone: bool = False, stop_below: float | None = None
+) -> Proposer | None:
     """A fresh proposer for one request (proposers hold per-request state). With
-    ``lookup_first`` the drafter comes behind n-gram lookup, unless ``alone``."""
+    ``lookup_first`` the drafter comes behind n-gram lookup, unless ``alone``; ``stop_below``
+    overrides the configured confidence floor."""
     config = bench.config
     if config.method in DRAFTER_METHODS:
         assert bench.drafter is not None
-        drafter = bench.drafter.proposer(weights=config.draft_weights)
+        floor = config.draft_stop_below if stop_below is None else stop_below
+        drafter = bench.drafter.proposer(weights=config.draft_weights, stop_below=floor)
         if config.lookup_first and not alone:
             return LookupFirstProposer(
                 drafter,
@@ -253,6 +257,14 @@ def _extra_paths(
     for k in config.sweep:
         paths[f"k={k}"] = lambda k=k: _generate(  # type: ignore[misc]
             bench, ids, params, proposer=_new_proposer(bench, k), k=_path_k(config, k)
+        )
+    for floor in config.stop_floors:
+        paths[f"stop<{floor:g}"] = lambda floor=floor: _generate(  # type: ignore[misc]
+            bench,
+            ids,
+            params,
+            proposer=_new_proposer(bench, stop_below=floor),
+            k=_path_k(config, config.num_draft_tokens),
         )
     if config.lookup_first:
         paths["drafter"] = lambda: _generate(
@@ -424,11 +436,18 @@ def _path_summary(name: str, config: BenchConfig, runs: list[PromptRun]) -> dict
         k = max(k, config.lookup_first)
     allowed = k if name in ("ngram", "drafter") else _path_k(config, k)
     accepted, proposed = _position_counts(results, allowed)
-    lookup = config.lookup_first if name.startswith("k=") else 0
+    lookup = 0 if name in ("ngram", "drafter") else config.lookup_first
+    floor = config.draft_stop_below if name != "ngram" else 0.0
+    if name.startswith("stop<"):
+        floor = float(name[5:])
     return {
         "method": "ngram" if name == "ngram" else config.method,
         "num_draft_tokens": k,
         "lookup_first": lookup,
+        "draft_stop_below": floor,
+        "drafts_per_cycle": _ratio(
+            sum(r.stats.draft_tokens for r in results), sum(r.stats.drafts for r in results)
+        ),
         "tau": _ratio(
             sum(r.stats.committed for r in results), sum(r.stats.cycles for r in results)
         ),
@@ -469,6 +488,7 @@ def _context(
         "kernel": config.kernel,
         "draft_weights": config.draft_weights if config.method in DRAFTER_METHODS else None,
         "lookup_first": config.lookup_first,
+        "draft_stop_below": config.draft_stop_below,
         "hf_prompt_lookup_num_tokens": HF_PROMPT_LOOKUP_TOKENS if config.peers else None,
         "accepted_by_position": accepted,
         "proposed_by_position": proposed,
@@ -534,8 +554,7 @@ def format_summary(report: dict[str, Any]) -> str:
     """A short human-readable table of the report."""
     n = report["num_prompts"]
     method = report["method"]
-    if report.get("lookup_first"):
-        method += f" + lookup {report['lookup_first']}"
+    method += lookup_label(report)
     rows = [("baseline (ours, plain)", report["baseline_tokens_per_s"])]
     rows.append((f"speculative (ours, {method})", report["spec_tokens_per_s"]))
     if report.get("peers"):
@@ -566,6 +585,7 @@ def format_summary(report: dict[str, Any]) -> str:
 
 
 def lookup_label(path: dict[str, Any]) -> str:
-    """ " + lookup N" for a path that ran n-gram lookup first, else ""."""
-    lookup = path.get("lookup_first", 0)
-    return f" + lookup {lookup}" if lookup else ""
+    """What a path added to its method: " + lookup N" (n-gram lookup first) and " stop<P" (a
+    confidence floor); "" for neither."""
+    lookup, floor = path.get("lookup_first", 0), path.get("draft_stop_below", 0.0)
+    return (f" + lookup {lookup}" if lookup else "") + (f" stop<{floor:g}" if floor else "")

@@ -94,6 +94,14 @@ class BenchConfig:
     with_ngram: bool = setting(
         False, "also run n-gram prompt lookup in the same run (at K, or at N with lookup_first)"
     )
+    draft_stop_below: float = setting(
+        0.0,
+        "eagle3/dflash: end a cycle's drafts before the first slot (after the first) where the "
+        "drafter's most likely token is below this probability (0 = always K)",
+    )
+    sweep_stop_below: str | None = setting(
+        None, "also run the method at each of these draft_stop_below floors, e.g. 0.2,0.4"
+    )
     lookup_first: int = setting(
         0,
         "eagle3/dflash: try n-gram lookup first (up to N tokens), the drafter where the context "
@@ -127,6 +135,11 @@ class BenchConfig:
             if self.method == "none":
                 raise ValueError("sweep_k needs a speculative method")
             self.sweep  # noqa: B018 (validates the list)
+        if not 0.0 <= self.draft_stop_below <= 1.0:
+            raise ValueError(f"draft_stop_below must be in [0, 1], got {self.draft_stop_below}")
+        if (self.draft_stop_below or self.sweep_stop_below) and self.method not in DRAFTER_METHODS:
+            raise ValueError("draft_stop_below needs a drafter method (eagle3 or dflash)")
+        self.stop_floors  # noqa: B018 (validates the list)
         if self.lookup_first < 0:
             raise ValueError(f"lookup_first must be >= 0, got {self.lookup_first}")
         if self.lookup_first and self.method not in DRAFTER_METHODS:
@@ -140,6 +153,22 @@ class BenchConfig:
                     f"a drafter applies only to methods {DRAFTER_METHODS}, not {self.method!r}"
                 )
             parse_drafter_ref(self.drafter)
+
+    @property
+    def stop_floors(self) -> tuple[float, ...]:
+        """The floors of ``sweep_stop_below`` (empty without it)."""
+        if not self.sweep_stop_below:
+            return ()
+        try:
+            floors = tuple(float(p) for p in self.sweep_stop_below.split(","))
+        except ValueError:
+            floors = (-1.0,)
+        if not all(0.0 <= f <= 1.0 for f in floors):
+            raise ValueError(
+                f"sweep_stop_below {self.sweep_stop_below!r}: expected probabilities in [0, 1], "
+                "e.g. 0.2,0.4"
+            )
+        return floors
 
     @property
     def sweep(self) -> tuple[int, ...]:

@@ -342,3 +342,24 @@ def test_lookup_first_runs_beside_the_drafter_alone(tiny_dir: Path, prompts_file
     assert f"eagle3 K={K}: tau" in text
     with pytest.raises(ValueError, match="combines n-gram lookup with a drafter"):
         bench_config(tiny_dir, prompts_file, method="ngram", lookup_first=4)
+
+
+def test_confidence_floors_run_side_by_side(tiny_dir: Path, prompts_file: Path) -> None:
+    config = bench_config(
+        tiny_dir, prompts_file, method="eagle3", drafter="random:1:50", sweep_stop_below="0,1",
+        limit=2,
+    )  # fmt: skip
+    report = run_bench(config)
+    assert_report_sane(report, num_prompts=2, k=K)
+    extra = report["extra_paths"]
+    assert list(extra) == ["stop<0", "stop<1"]
+    assert extra["stop<1"]["draft_stop_below"] == 1.0 and extra["stop<0"]["draft_stop_below"] == 0
+    assert extra["stop<1"]["drafts_per_cycle"] == 1.0  # a floor of 1 keeps only the first draft
+    assert extra["stop<0"]["drafts_per_cycle"] > 1.0
+    assert all(path["identical"] == 2 for path in extra.values())
+    assert "eagle3 stop<1 K=3: tau" in format_summary(report)
+    for bad in ({"sweep_stop_below": "0.2,x"}, {"draft_stop_below": 1.5}):
+        with pytest.raises(ValueError, match="stop_below"):
+            bench_config(tiny_dir, prompts_file, **bad)
+    with pytest.raises(ValueError, match="needs a drafter method"):
+        bench_config(tiny_dir, prompts_file, method="ngram", draft_stop_below=0.3)

@@ -123,11 +123,16 @@ class Drafter(nn.Module, ABC):
         return k if cap is None else min(k, cap)
 
     @abstractmethod
-    def proposer(self, *, argmax_drafting: bool = False, weights: str = "auto") -> Proposer:
+    def proposer(
+        self, *, argmax_drafting: bool = False, weights: str = "auto", stop_below: float = 0.0
+    ) -> Proposer:
         """A fresh proposer for one request (the decode engine's side of the seam).
 
         ``weights`` is the decode-time precision of the drafter's weights (``DRAFT_WEIGHTS`` in
-        bench_config.py); it moves acceptance at near-ties only, never the output."""
+        bench_config.py); it moves acceptance at near-ties only, never the output.
+        ``stop_below``: a cycle's drafts end before the first draft after the first whose
+        drafter probability is below it (0 = always K). The choice reads the drafter's own
+        distributions only, so it never changes the output either (docs/engine.md)."""
 
     @abstractmethod
     def sft_loss(

@@ -26,6 +26,13 @@ class Proposal:
     q: torch.Tensor | None  # [k, vocab] distributions they were sampled from; None = deterministic
 
 
+def check_stop_below(stop_below: float) -> float:
+    """A drafter proposer's confidence floor (``Drafter.proposer``): 0 (off) up to 1."""
+    if not 0.0 <= stop_below <= 1.0:
+        raise ValueError(f"stop_below must be in [0, 1], got {stop_below}")
+    return stop_below
+
+
 class Proposer(Protocol):
     needs_features: bool
 

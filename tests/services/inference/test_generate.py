@@ -72,6 +72,31 @@ def test_num_draft_tokens_per_request(client: TestClient, reference: Reference) 
     assert data["token_ids"] == reference.greedy(reference.prompt_ids(prompt), 16)
 
 
+def test_lookup_first_per_request(client: TestClient, reference: Reference) -> None:
+    """n-gram lookup ahead of the drafter: the output stays plain greedy's, some cycles came
+    from the lookup, and a method without a drafter refuses the option with a 422."""
+    prompt = PROMPTS[0] + " " + PROMPTS[0]
+    body = {
+        "prompt": prompt,
+        "max_new_tokens": 32,
+        "speculative": {"method": "eagle3", "num_draft_tokens": 2, "lookup_first": 5},
+    }
+    response = client.post("/generate", json=body)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["token_ids"] == reference.greedy(reference.prompt_ids(prompt), 32)
+    spec = data["speculative"]
+    assert spec["lookup_first"] == 5 and 0 < spec["lookup_cycles"] < spec["cycles"]
+    assert len(spec["accepted_by_position"]) == 5  # lookup cycles propose up to 5 tokens
+    body["speculative"] = {"method": "ngram", "lookup_first": 3}
+    refused = client.post("/generate", json=body)
+    assert refused.status_code == 422, refused.text
+    assert "lookup_first" in refused.text
+    plain = client.post("/generate", json={"prompt": prompt, "max_new_tokens": 8}).json()
+    assert plain["speculative"]["lookup_first"] == 0  # the server's default: off
+    assert plain["speculative"]["lookup_cycles"] == 0
+
+
 def test_messages_use_the_chat_template(client: TestClient, reference: Reference) -> None:
     messages = [
         {"role": "system", "content": "Be brief."},
@@ -196,3 +221,27 @@ def test_draft_weights_setting_keeps_the_output(
     assert data["token_ids"] == reference.greedy(reference.prompt_ids(PROMPTS[0]), MAX_NEW)
     with pytest.raises(ValueError, match="draft_weights"):
         make_settings(drafter="random:0", draft_weights="fp8")
+
+
+def test_server_defaults_for_the_floor_and_the_lookup(
+    make_settings: Callable[..., InferenceSettings], reference: Reference
+) -> None:
+    """DRAFT_STOP_BELOW = 1 keeps only each cycle's first draft; LOOKUP_FIRST puts n-gram
+    lookup ahead of the drafter by default. Greedy output stays the target's."""
+    prompt = PROMPTS[0] + " " + PROMPTS[0]
+    settings = make_settings(drafter="random:0", draft_stop_below=1.0, lookup_first=4)
+    expected = reference.greedy(reference.prompt_ids(prompt), MAX_NEW)
+    with TestClient(create_app(settings)) as server:
+        body: dict[str, Any] = {"prompt": prompt, "max_new_tokens": MAX_NEW}
+        default = server.post("/generate", json=body).json()
+        body["speculative"] = {"lookup_first": 0}
+        alone = server.post("/generate", json=body).json()
+    assert default["token_ids"] == expected and alone["token_ids"] == expected
+    spec = default["speculative"]
+    assert spec["lookup_first"] == 4 and spec["lookup_cycles"] > 0
+    assert spec["drafts"] > spec["lookup_cycles"]  # the drafter drafted the other cycles
+    spec = alone["speculative"]
+    assert spec["lookup_first"] == 0 and spec["lookup_cycles"] == 0
+    assert spec["draft_tokens"] == spec["drafts"]  # the floor of 1 kept one draft a cycle
+    with pytest.raises(ValueError, match="draft_stop_below"):
+        make_settings(drafter="random:0", draft_stop_below=1.5)

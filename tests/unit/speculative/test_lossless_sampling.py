@@ -23,7 +23,7 @@ import draftopd.speculative.engine as engine_module
 from draftopd.models.families import family
 from draftopd.models.target import TargetModel
 from draftopd.speculative.engine import DecodeEngine
-from draftopd.speculative.proposers import LookupFirstProposer, NgramProposer
+from draftopd.speculative.proposers import LookupFirstProposer, NgramProposer, Proposal
 from draftopd.speculative.sampling import SamplingParams, probs_from_logits
 from draftopd.speculative.verify import Verdict, one_hot_q
 from tests.unit.speculative.helpers import small_vocab_target
@@ -31,6 +31,10 @@ from tests.unit.speculative.helpers import small_vocab_target
 VOCAB, LENGTH, SAMPLES = 4, 3, 2400
 PROMPT = [1, 3, 0, 2]
 P_VALUE_FLOOR = 1e-3  # a correct sampler fails this with probability 1e-3 per seed set
+# stop_below in the confidence-floor test. EAGLE-3's second slot depends on the first draw, so
+# 0.7 cuts some of its cycles; DFlash's slots do not, so its first cycle is cut at 0.9 or never
+FLOORS = {"eagle3": 0.7, "dflash": 0.9}
+
 
 SETTINGS = {
     "t1": SamplingParams(max_new_tokens=LENGTH, temperature=1.0),
@@ -45,11 +49,10 @@ def target() -> TargetModel:
     return small_vocab_target(VOCAB, seed=1, init_std=0.2)
 
 
-@pytest.fixture(scope="module", params=["eagle3", "dflash"])
-def drafter(target: TargetModel, request: pytest.FixtureRequest) -> torch.nn.Module:
-    """A random drafter of each family whose q clearly differs from p, over a draft vocab of 3
-    of the 4 tokens."""
-    kind = family(request.param)
+def random_drafter(target: TargetModel, name: str) -> torch.nn.Module:
+    """A random drafter of a family whose q clearly differs from p, over a draft vocab of 3 of
+    the 4 tokens."""
+    kind = family(name)
     cfg = kind.config_for_target(
         target.config, feature_layers=target.feature_layers, draft_vocab_size=3
     )
@@ -57,6 +60,11 @@ def drafter(target: TargetModel, request: pytest.FixtureRequest) -> torch.nn.Mod
     d.set_draft_vocab(torch.tensor([3, 0, 1]))
     d.attach_embedding(target.embed_tokens)
     return d.eval()
+
+
+@pytest.fixture(scope="module", params=["eagle3", "dflash"])
+def drafter(target: TargetModel, request: pytest.FixtureRequest) -> torch.nn.Module:
+    return random_drafter(target, request.param)
 
 
 def exact_distribution(target: TargetModel, params: SamplingParams) -> dict[tuple[int, ...], float]:
@@ -137,6 +145,70 @@ def test_speculative_sampling_matches_target(
     params = SETTINGS[setting]
     counts = draw(target, params, lambda: drafter.proposer(argmax_drafting=argmax_drafting))  # type: ignore[arg-type]
     assert chi_square_p(counts, exact_distribution(target, params)) > P_VALUE_FLOOR
+
+
+@pytest.mark.parametrize("argmax_drafting", [False, True], ids=["q-sampling", "argmax"])
+def test_a_confidence_floor_keeps_the_distribution(
+    target: TargetModel, drafter: torch.nn.Module, argmax_drafting: bool
+) -> None:
+    """Drafts that end at the first doubtful one (``stop_below``): the length is chosen from
+    the drafter's own q, so every cycle stays exact."""
+    params = SETTINGS["t1"]
+    engine = DecodeEngine(target, num_draft_tokens=2)
+    floor = FLOORS[drafter.cfg.architecture]
+
+    def second_slot_share(floor: float) -> float:
+        """Of the cycles that proposed, the share that proposed a second draft."""
+        proposed = [0, 0]
+        for seed in range(200):
+            proposer = drafter.proposer(argmax_drafting=argmax_drafting, stop_below=floor)  # type: ignore[operator]
+            stats = engine.generate(PROMPT, replace(params, seed=seed), proposer=proposer).stats
+            for j, count in enumerate(stats.proposed_by_position[:2]):
+                proposed[j] += count
+        return proposed[1] / proposed[0]
+
+    assert second_slot_share(floor) < second_slot_share(0.0) - 0.1  # the floor cuts cycles short
+
+    def make() -> object:
+        return drafter.proposer(argmax_drafting=argmax_drafting, stop_below=floor)  # type: ignore[operator]
+
+    counts = draw(target, params, make)
+    assert chi_square_p(counts, exact_distribution(target, params)) > P_VALUE_FLOOR
+
+
+class StopOnDrawnToken:
+    """The injected bug for the floor: a drafter whose drafts end where the DRAWN second draft
+    has q below 0.45 (instead of reading the distribution before the draw)."""
+
+    needs_features = True
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    def start(self, prompt_ids: list[int], features: torch.Tensor | None) -> None:
+        self.inner.start(prompt_ids, features)  # type: ignore[attr-defined]
+
+    def commit(self, committed: list[int], features: torch.Tensor | None) -> None:
+        self.inner.commit(committed, features)  # type: ignore[attr-defined]
+
+    def propose(
+        self, context: list[int], k: int, params: SamplingParams, generator: object
+    ) -> Proposal:
+        proposal: Proposal = self.inner.propose(context, k, params, generator)  # type: ignore[attr-defined]
+        cut = proposal.q is not None and len(proposal.tokens) > 1
+        if cut and float(proposal.q[1, proposal.tokens[1]]) < 0.45:  # type: ignore[index]
+            return Proposal(tokens=proposal.tokens[:1], q=proposal.q[:1])  # type: ignore[index]
+        return proposal
+
+
+def test_the_bound_catches_a_stop_that_reads_the_draw(target: TargetModel) -> None:
+    """EAGLE-3 only: in this 3-token setting only the first cycle drafts two tokens, and a
+    DFlash block's second slot does not depend on the first draw, so the skew such a stop gives
+    DFlash here is too small for 2,400 samples to show (p 0.008 to 0.5, measured)."""
+    drafter = random_drafter(target, "eagle3")
+    params = SETTINGS["t1"]
+    counts = draw(target, params, lambda: StopOnDrawnToken(drafter.proposer()))  # type: ignore[operator]
+    assert chi_square_p(counts, exact_distribution(target, params)) < P_VALUE_FLOOR
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))

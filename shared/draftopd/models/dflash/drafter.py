@@ -32,7 +32,9 @@ class DFlashDrafter(DFlashModule):
     def max_draft_tokens(self) -> int:
         return self.cfg.block_size - 1
 
-    def proposer(self, *, argmax_drafting: bool = False, weights: str = "auto") -> DFlashProposer:
+    def proposer(
+        self, *, argmax_drafting: bool = False, weights: str = "auto", stop_below: float = 0.0
+    ) -> DFlashProposer:
         """``weights``: "module" drafts with the module's pass; "float32", "bfloat16", "int8"
         with the lean pass in that precision, and "auto" in bfloat16, where the native kernel
         runs (a float32 CPU drafter); elsewhere every choice is the module's pass."""
@@ -41,7 +43,12 @@ class DFlashDrafter(DFlashModule):
                 f"draft weights {weights!r} not supported by dflash; choose one of "
                 f"{PROPOSER_WEIGHTS}"
             )
-        return DFlashProposer(self, argmax_drafting=argmax_drafting, lean=self.lean_step(weights))
+        return DFlashProposer(
+            self,
+            argmax_drafting=argmax_drafting,
+            lean=self.lean_step(weights),
+            stop_below=stop_below,
+        )
 
     def lean_step(self, weights: str = "auto") -> LeanDFlash | None:
         """The lean decode-time pass (``lean.py``) or None (see ``proposer``)."""

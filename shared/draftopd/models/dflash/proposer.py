@@ -19,7 +19,7 @@ import torch
 from draftopd.models.dflash.lean import LeanDFlash
 from draftopd.models.dflash.model import ContextCache, DFlashModule
 from draftopd.models.lean_llama import StaticKVCache
-from draftopd.speculative.proposers import Proposal
+from draftopd.speculative.proposers import Proposal, check_stop_below
 from draftopd.speculative.sampling import SamplingParams, probs_from_logits
 
 
@@ -32,9 +32,11 @@ class DFlashProposer:
         *,
         argmax_drafting: bool = False,
         lean: LeanDFlash | None = None,
+        stop_below: float = 0.0,
     ) -> None:
         self.drafter = drafter
         self.argmax_drafting = argmax_drafting
+        self.stop_below = check_stop_below(stop_below)
         self.lean = lean
         self.cache: ContextCache | None = None
         self.static: StaticKVCache | None = None  # the lean pass's context cache
@@ -104,12 +106,25 @@ class DFlashProposer:
             )[0, 0, :k]  # [k, draft_vocab]
         d2t = self.drafter.d2t
         if params.greedy or self.argmax_drafting:
-            return Proposal(tokens=[int(t) for t in d2t[logits.argmax(-1)].tolist()], q=None)
+            keep = self._kept(torch.softmax(logits.float(), dim=-1))
+            chosen = logits[:keep].argmax(-1)  # [keep]
+            return Proposal(tokens=[int(t) for t in d2t[chosen].tolist()], q=None)
         q_draft = probs_from_logits(logits, params)  # [k, Vd]
-        drawn = torch.multinomial(q_draft, 1, generator=generator)[:, 0]  # [k]
-        q = torch.zeros(k, self.drafter.cfg.target_vocab_size, device=q_draft.device)
-        q[:, d2t] = q_draft
+        keep = self._kept(q_draft)
+        drawn = torch.multinomial(q_draft[:keep], 1, generator=generator)[:, 0]  # [keep]
+        q = torch.zeros(keep, self.drafter.cfg.target_vocab_size, device=q_draft.device)
+        q[:, d2t] = q_draft[:keep]
         return Proposal(tokens=[int(t) for t in d2t[drawn].tolist()], q=q)
+
+    def _kept(self, probs: torch.Tensor) -> int:
+        """How many slots to propose: up to (not including) the first slot after the first whose
+        most likely draft is below ``stop_below``. Read from the distributions, never from a
+        draw (a stop that depended on the drawn token would make sampling inexact)."""
+        k = int(probs.shape[0])
+        if self.stop_below <= 0:
+            return k
+        low = (probs[1:].max(dim=-1).values < self.stop_below).nonzero()
+        return k if low.numel() == 0 else 1 + int(low[0, 0].item())
 
 
 __all__ = ["DFlashProposer"]

@@ -255,10 +255,14 @@ class Eagle3Drafter(Drafter):
         )  # fmt: skip
 
     # -- the Drafter seam (models/drafter.py) --------------------------------------------------
-    def proposer(self, *, argmax_drafting: bool = False, weights: str = "auto") -> Eagle3Proposer:
+    def proposer(
+        self, *, argmax_drafting: bool = False, weights: str = "auto", stop_below: float = 0.0
+    ) -> Eagle3Proposer:
         from draftopd.models.eagle3.proposer import Eagle3Proposer
 
-        return Eagle3Proposer(self, argmax_drafting=argmax_drafting, weights=weights)
+        return Eagle3Proposer(
+            self, argmax_drafting=argmax_drafting, weights=weights, stop_below=stop_below
+        )
 
     def sft_loss(
         self,

@@ -16,7 +16,7 @@ import torch
 
 from draftopd.models.eagle3.model import DrafterCache, Eagle3Drafter
 from draftopd.models.lean_llama import StaticKVCache
-from draftopd.speculative.proposers import Proposal
+from draftopd.speculative.proposers import Proposal, check_stop_below
 from draftopd.speculative.sampling import SamplingParams, probs_from_logits
 
 
@@ -30,10 +30,16 @@ class Eagle3Proposer:
     needs_features = True
 
     def __init__(
-        self, drafter: Eagle3Drafter, *, argmax_drafting: bool = False, weights: str = "auto"
+        self,
+        drafter: Eagle3Drafter,
+        *,
+        argmax_drafting: bool = False,
+        weights: str = "auto",
+        stop_below: float = 0.0,
     ) -> None:
         self.drafter = drafter
         self.argmax_drafting = argmax_drafting
+        self.stop_below = check_stop_below(stop_below)
         self.lean = drafter.lean_step(weights)
         self.cache = self._new_cache()
         self.pending_features: torch.Tensor | None = None  # [n, 3H] not yet in the cache
@@ -77,6 +83,18 @@ class Eagle3Proposer:
         self.pending_features = features
         self.pending_tokens = list(committed)
 
+    def _doubtful(self, logits: torch.Tensor, params: SamplingParams) -> bool:
+        """Whether the drafter's most likely token at this slot is below ``stop_below``. Read
+        from the distribution before any draw: a stop that depended on the drawn token would
+        skew the drafts that are proposed away from q, and sampling would no longer be exact."""
+        if self.stop_below <= 0:
+            return False
+        if params.greedy or self.argmax_drafting:
+            probs = torch.softmax(logits.float(), dim=-1)
+        else:
+            probs = probs_from_logits(logits, params)
+        return float(probs.max().item()) < self.stop_below
+
     def _draft_token(
         self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
     ) -> tuple[int, torch.Tensor | None]:
@@ -103,6 +121,8 @@ class Eagle3Proposer:
         tokens: list[int] = []
         qs: list[torch.Tensor | None] = []
         for index in range(k):
+            if index > 0 and self._doubtful(step.logits, params):
+                break  # the drafter doubts this slot: verify the drafts before it
             token, q = self._draft_token(step.logits, params, generator)
             tokens.append(token)
             qs.append(q)
