@@ -432,7 +432,7 @@ class InferenceService:
             method=prepared.method,
             num_draft_tokens=prepared.num_draft_tokens,
             lookup_first=prepared.lookup_first,
-            lookup_cycles=getattr(run.proposer, "lookup_cycles", 0),
+            lookup_cycles=stats.lookup_cycles,
             tau=stats.tau,
             cycles=stats.cycles,
             drafts=stats.drafts,

@@ -420,6 +420,7 @@ def build_report(
         )
         report["hf_identical"] = sum(_hf_identical(r) for r in runs)
     report.update(_context(config, machine, accepted=accepted, proposed=proposed))
+    report["lookup_share"] = _lookup_share(spec)
     if runs and runs[0].extra:
         report["extra_paths"] = {name: _path_summary(name, config, runs) for name in runs[0].extra}
     report["per_prompt"] = [_prompt_entry(r) for r in runs]
@@ -448,6 +449,7 @@ def _path_summary(name: str, config: BenchConfig, runs: list[PromptRun]) -> dict
         "drafts_per_cycle": _ratio(
             sum(r.stats.draft_tokens for r in results), sum(r.stats.drafts for r in results)
         ),
+        "lookup_share": _lookup_share(results),
         "tau": _ratio(
             sum(r.stats.committed for r in results), sum(r.stats.cycles for r in results)
         ),
@@ -458,6 +460,11 @@ def _path_summary(name: str, config: BenchConfig, runs: list[PromptRun]) -> dict
         "identical": sum(r.extra[name].token_ids == r.baseline.token_ids for r in runs),
         "acceptance_by_position": [_ratio(a, p) for a, p in zip(accepted, proposed, strict=True)],
     }
+
+
+def _lookup_share(results: list[GenerationResult]) -> float:
+    """The share of cycles whose drafts came from n-gram lookup (0 without lookup_first)."""
+    return _ratio(sum(r.stats.lookup_cycles for r in results), sum(r.stats.cycles for r in results))
 
 
 def _identical(run: PromptRun) -> bool:
@@ -569,6 +576,7 @@ def format_summary(report: dict[str, Any]) -> str:
         *(f"{name:<32}{value:>10.1f}" for name, value in rows),
         f"tau {report['tau']:.2f} | speedup (decode) {report['speedup']:.2f}x | "
         f"identical {report['identical']}/{n}"
+        + (f" | {_lookup_note(report)[:-3]}" if report.get("lookup_share") else "")
         + (f" | HF identical {report['hf_identical']}/{n}" if report.get("peers") else ""),
         f"acceptance by position: [{acceptance}]",
     ]
@@ -579,6 +587,8 @@ def format_summary(report: dict[str, Any]) -> str:
             f"tau {path['tau']:.2f} | "
             f"speedup {path['speedup']:.2f}x | "
             f"{path['tokens_per_s']:.1f} tok/s | identical {path['identical']}/{n} | "
+            + _lookup_note(path)
+            + f"drafts/cycle {path.get('drafts_per_cycle', 0.0):.2f} | "
             f"acceptance [{accept}]"
         )
     return "\n".join(lines) + "\n"
@@ -589,3 +599,8 @@ def lookup_label(path: dict[str, Any]) -> str:
     confidence floor); "" for neither."""
     lookup, floor = path.get("lookup_first", 0), path.get("draft_stop_below", 0.0)
     return (f" + lookup {lookup}" if lookup else "") + (f" stop<{floor:g}" if floor else "")
+
+
+def _lookup_note(path: dict[str, Any]) -> str:
+    share = path.get("lookup_share", 0.0)
+    return f"lookup {share:.0%} of cycles | " if share else ""

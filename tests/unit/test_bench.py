@@ -336,6 +336,8 @@ def test_lookup_first_runs_beside_the_drafter_alone(tiny_dir: Path, prompts_file
     assert len(extra["drafter"]["acceptance_by_position"]) == K
     assert extra["k=2"]["lookup_first"] == 5 and len(extra["k=2"]["acceptance_by_position"]) == 5
     assert extra["ngram"]["num_draft_tokens"] == 5
+    assert extra["drafter"]["lookup_share"] == 0 and 0 < extra["k=2"]["lookup_share"] < 1
+    assert 0 < report["lookup_share"] < 1
     assert all(path["identical"] == 2 for path in extra.values())
     text = format_summary(report)
     assert "method eagle3 + lookup 5" in text and "eagle3 + lookup 5 K=2: tau" in text

@@ -36,6 +36,7 @@ class DecodeStats:
     accepted_tokens: int = 0
     accepted_by_position: list[int] = field(default_factory=list)  # index j-1: drafts accepted at j
     proposed_by_position: list[int] = field(default_factory=list)
+    lookup_cycles: int = 0  # cycles whose drafts came from n-gram lookup (LookupFirstProposer)
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
@@ -182,6 +183,7 @@ class DecodeRun:
             if delta.token_ids or delta.text:
                 yield delta
         self.stats.decode_s = time.perf_counter() - t0
+        self.stats.lookup_cycles = int(getattr(self.proposer, "lookup_cycles", 0))
         tail = self._flush_text()
         if tail:
             yield Delta(token_ids=[], text=tail)
