@@ -9,11 +9,14 @@ never loads a build made for another CPU. The first build takes about a minute.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
 import os
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -37,6 +40,24 @@ def _cpu_flags() -> set[str]:
 
 def native_kernels_enabled() -> bool:
     return os.environ.get(DISABLE_ENV, "1") != "0"
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """Serialise ``load`` across processes with a lock the OS drops when its holder dies.
+
+    torch's own build lock is a file (``lock``) that ``load`` waits on by polling; a process
+    killed while holding it (a background job stopped mid-start, say) leaves it behind, and
+    every later process then waits forever. Every draftopd process takes this lock first, so
+    whoever holds it knows no other process is inside ``load``: a ``lock`` file found then is
+    stale and is removed."""
+    with (build_dir / "build.flock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @functools.cache
@@ -66,14 +87,15 @@ def small_gemm(target: str = "native") -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        module = load(
-            name=f"draftopd_small_gemm_{key}",
-            sources=[str(_SOURCE)],
-            extra_cflags=cflags,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build_dir),
-            verbose=False,
-        )
+        with _build_lock(build_dir):
+            module = load(
+                name=f"draftopd_small_gemm_{key}",
+                sources=[str(_SOURCE)],
+                extra_cflags=cflags,
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                verbose=False,
+            )
     except (OSError, RuntimeError, ImportError) as err:  # no compiler or ninja, or a failed build
         logger.warning("small-M GEMM kernel could not be built (%s); using F.linear", err)
         return None

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,3 +105,15 @@ def test_int8_weights_with_row_scales(kernel: object, rows: int) -> None:
     torch.testing.assert_close(got, residual + F.linear(x, rounded), rtol=1e-5, atol=1e-4)
     with pytest.raises(RuntimeError, match="scales"):
         kernel.linear(x, packed, 90)  # type: ignore[attr-defined]
+
+
+@needs_avx2
+def test_a_stale_build_lock_does_not_hang_the_next_process(kernel: object) -> None:
+    """torch's build lock left by a process killed inside ``load`` (seen: a stopped background
+    job) made every later process wait forever; the next one now clears it and goes on."""
+    build_dir = Path(kernel.__file__).parent  # type: ignore[attr-defined]
+    (build_dir / "lock").write_text("")
+    target = "avx2" if kernel.isa() == "avx2" else "native"  # type: ignore[attr-defined]
+    code = f"from draftopd.kernels import small_gemm; assert small_gemm({target!r}) is not None"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    assert not (build_dir / "lock").exists()
