@@ -178,21 +178,25 @@ def load_drafter_ref(ref: str, target: TargetModel, *, architecture: str = "eagl
 
 
 def _new_proposer(
-    bench: _Bench, k: int | None = None, *, alone: bool = False, stop_below: float | None = None
+    bench: _Bench,
+    k: int | None = None,
+    *,
+    alone: bool = False,
+    stop_below: float | None = None,
+    lookup: int | None = None,
 ) -> Proposer | None:
     """A fresh proposer for one request (proposers hold per-request state). With
     ``lookup_first`` the drafter comes behind n-gram lookup, unless ``alone``; ``stop_below``
-    overrides the configured confidence floor."""
+    and ``lookup`` override the configured floor and lookup N."""
     config = bench.config
     if config.method in DRAFTER_METHODS:
         assert bench.drafter is not None
         floor = config.draft_stop_below if stop_below is None else stop_below
         drafter = bench.drafter.proposer(weights=config.draft_weights, stop_below=floor)
-        if config.lookup_first and not alone:
+        n = config.lookup_first if lookup is None else lookup
+        if n and not alone:
             return LookupFirstProposer(
-                drafter,
-                lookup_tokens=config.lookup_first,
-                drafter_tokens=k or config.num_draft_tokens,
+                drafter, lookup_tokens=n, drafter_tokens=k or config.num_draft_tokens
             )
         return drafter
     if config.method == "ngram":
@@ -265,6 +269,14 @@ def _extra_paths(
             params,
             proposer=_new_proposer(bench, stop_below=floor),
             k=_path_k(config, config.num_draft_tokens),
+        )
+    for n in config.lookups:
+        paths[f"lookup={n}"] = lambda n=n: _generate(  # type: ignore[misc]
+            bench,
+            ids,
+            params,
+            proposer=_new_proposer(bench, lookup=n),
+            k=max(config.num_draft_tokens, n),
         )
     if config.lookup_first:
         paths["drafter"] = lambda: _generate(
@@ -436,8 +448,11 @@ def _path_summary(name: str, config: BenchConfig, runs: list[PromptRun]) -> dict
     if name == "ngram":
         k = max(k, config.lookup_first)
     allowed = k if name in ("ngram", "drafter") else _path_k(config, k)
-    accepted, proposed = _position_counts(results, allowed)
     lookup = 0 if name in ("ngram", "drafter") else config.lookup_first
+    if name.startswith("lookup="):
+        lookup = int(name[7:])
+        allowed = max(k, lookup)
+    accepted, proposed = _position_counts(results, allowed)
     floor = config.draft_stop_below if name != "ngram" else 0.0
     if name.startswith("stop<"):
         floor = float(name[5:])

@@ -102,6 +102,9 @@ class BenchConfig:
     sweep_stop_below: str | None = setting(
         None, "also run the method at each of these draft_stop_below floors, e.g. 0.2,0.4"
     )
+    sweep_lookup: str | None = setting(
+        None, "also run the drafter behind n-gram lookup of each of these N, e.g. 4,8"
+    )
     lookup_first: int = setting(
         0,
         "eagle3/dflash: try n-gram lookup first (up to N tokens), the drafter where the context "
@@ -142,7 +145,9 @@ class BenchConfig:
         self.stop_floors  # noqa: B018 (validates the list)
         if self.lookup_first < 0:
             raise ValueError(f"lookup_first must be >= 0, got {self.lookup_first}")
-        if self.lookup_first and self.method not in DRAFTER_METHODS:
+        if self.sweep_lookup is not None:
+            self.lookups  # noqa: B018 (validates the list)
+        if (self.lookup_first or self.sweep_lookup) and self.method not in DRAFTER_METHODS:
             raise ValueError(
                 f"lookup_first combines n-gram lookup with a drafter: use a method in "
                 f"{DRAFTER_METHODS}, not {self.method!r}"
@@ -153,6 +158,16 @@ class BenchConfig:
                     f"a drafter applies only to methods {DRAFTER_METHODS}, not {self.method!r}"
                 )
             parse_drafter_ref(self.drafter)
+
+    @property
+    def lookups(self) -> tuple[int, ...]:
+        """The N values of ``sweep_lookup`` (empty without it)."""
+        if not self.sweep_lookup:
+            return ()
+        parts = [p.strip() for p in self.sweep_lookup.split(",")]
+        if not all(p.isdigit() and int(p) >= 1 for p in parts):
+            raise ValueError(f"sweep_lookup {self.sweep_lookup!r}: expected positive integers")
+        return tuple(sorted({int(p) for p in parts}))
 
     @property
     def stop_floors(self) -> tuple[float, ...]:

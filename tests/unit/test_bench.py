@@ -325,13 +325,15 @@ def test_a_checkpoint_of_another_family_is_refused(
 def test_lookup_first_runs_beside_the_drafter_alone(tiny_dir: Path, prompts_file: Path) -> None:
     config = bench_config(
         tiny_dir, prompts_file, method="eagle3", drafter="random:1:50", lookup_first=5,
-        sweep_k="2", with_ngram=True, limit=2,
+        sweep_k="2", sweep_lookup="4", with_ngram=True, limit=2,
     )  # fmt: skip
     report = run_bench(config)
     assert_report_sane(report, num_prompts=2, k=5)  # the spec path allows max(K, N) drafts
     assert report["lookup_first"] == 5
     extra = report["extra_paths"]
-    assert list(extra) == ["k=2", "drafter", "ngram"]
+    assert list(extra) == ["k=2", "lookup=4", "drafter", "ngram"]
+    assert extra["lookup=4"]["lookup_first"] == 4 and extra["lookup=4"]["num_draft_tokens"] == K
+    assert len(extra["lookup=4"]["acceptance_by_position"]) == 4 and extra["lookup=4"]["tau"] > 1
     assert extra["drafter"]["lookup_first"] == 0 and extra["drafter"]["num_draft_tokens"] == K
     assert len(extra["drafter"]["acceptance_by_position"]) == K
     assert extra["k=2"]["lookup_first"] == 5 and len(extra["k=2"]["acceptance_by_position"]) == 5
@@ -344,6 +346,8 @@ def test_lookup_first_runs_beside_the_drafter_alone(tiny_dir: Path, prompts_file
     assert f"eagle3 K={K}: tau" in text
     with pytest.raises(ValueError, match="combines n-gram lookup with a drafter"):
         bench_config(tiny_dir, prompts_file, method="ngram", lookup_first=4)
+    with pytest.raises(ValueError, match="sweep_lookup"):
+        bench_config(tiny_dir, prompts_file, sweep_lookup="0")
 
 
 def test_confidence_floors_run_side_by_side(tiny_dir: Path, prompts_file: Path) -> None:
