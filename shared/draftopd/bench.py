@@ -262,21 +262,12 @@ def _extra_paths(
         paths[f"k={k}"] = lambda k=k: _generate(  # type: ignore[misc]
             bench, ids, params, proposer=_new_proposer(bench, k), k=_path_k(config, k)
         )
-    for floor in config.stop_floors:
-        paths[f"stop<{floor:g}"] = lambda floor=floor: _generate(  # type: ignore[misc]
-            bench,
-            ids,
-            params,
-            proposer=_new_proposer(bench, stop_below=floor),
-            k=_path_k(config, config.num_draft_tokens),
-        )
-    for n in config.lookups:
-        paths[f"lookup={n}"] = lambda n=n: _generate(  # type: ignore[misc]
-            bench,
-            ids,
-            params,
-            proposer=_new_proposer(bench, lookup=n),
-            k=max(config.num_draft_tokens, n),
+    k = config.num_draft_tokens
+    variants = [(f"stop<{f:g}", {"stop_below": f}, _path_k(config, k)) for f in config.stop_floors]
+    variants += [(f"lookup={n}", {"lookup": n}, max(k, n)) for n in config.lookups]
+    for name, overrides, allowed in variants:
+        paths[name] = lambda overrides=overrides, allowed=allowed: _generate(  # type: ignore[misc]
+            bench, ids, params, proposer=_new_proposer(bench, **overrides), k=allowed
         )
     if config.lookup_first:
         paths["drafter"] = lambda: _generate(

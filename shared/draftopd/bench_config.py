@@ -162,12 +162,7 @@ class BenchConfig:
     @property
     def lookups(self) -> tuple[int, ...]:
         """The N values of ``sweep_lookup`` (empty without it)."""
-        if not self.sweep_lookup:
-            return ()
-        parts = [p.strip() for p in self.sweep_lookup.split(",")]
-        if not all(p.isdigit() and int(p) >= 1 for p in parts):
-            raise ValueError(f"sweep_lookup {self.sweep_lookup!r}: expected positive integers")
-        return tuple(sorted({int(p) for p in parts}))
+        return _positive_ints("sweep_lookup", self.sweep_lookup)
 
     @property
     def stop_floors(self) -> tuple[float, ...]:
@@ -188,12 +183,7 @@ class BenchConfig:
     @property
     def sweep(self) -> tuple[int, ...]:
         """The K values of ``sweep_k`` (empty without it)."""
-        if not self.sweep_k:
-            return ()
-        parts = [p.strip() for p in self.sweep_k.split(",")]
-        if not all(p.isdigit() and int(p) >= 1 for p in parts):
-            raise ValueError(f"sweep_k {self.sweep_k!r}: expected positive integers, e.g. 2,4,6")
-        return tuple(sorted({int(p) for p in parts}))
+        return _positive_ints("sweep_k", self.sweep_k)
 
     @property
     def drafter_ref(self) -> str | None:
@@ -211,3 +201,13 @@ __all__ = [
     "DrafterRef",
     "parse_drafter_ref",
 ]
+
+
+def _positive_ints(name: str, value: str | None) -> tuple[int, ...]:
+    """A comma-separated list of positive integers, sorted and deduplicated (empty for None)."""
+    if not value:
+        return ()
+    parts = [p.strip() for p in value.split(",")]
+    if not all(p.isdigit() and int(p) >= 1 for p in parts):
+        raise ValueError(f"{name} {value!r}: expected positive integers, e.g. 2,4,6")
+    return tuple(sorted({int(p) for p in parts}))
