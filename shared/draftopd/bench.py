@@ -17,7 +17,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -177,39 +177,62 @@ def load_drafter_ref(ref: str, target: TargetModel, *, architecture: str = "eagl
     )
 
 
-def _new_proposer(
-    bench: _Bench,
-    k: int | None = None,
-    *,
-    alone: bool = False,
-    stop_below: float | None = None,
-    lookup: int | None = None,
-) -> Proposer | None:
-    """A fresh proposer for one request (proposers hold per-request state). With
-    ``lookup_first`` the drafter comes behind n-gram lookup, unless ``alone``; ``stop_below``
-    and ``lookup`` override the configured floor and lookup N."""
-    config = bench.config
-    if config.method in DRAFTER_METHODS:
+@dataclass(frozen=True)
+class _Path:
+    """One timed decoder of a run: which proposer, and the K it may draft."""
+
+    method: str  # "ngram", a drafter method, or "none"
+    k: int  # the K it reports: the drafter's (or n-gram's) drafts per cycle
+    allowed: int  # the K the decode loop allows (with a lookup: max(K, N))
+    lookup: int = 0  # N of n-gram lookup ahead of the drafter (0 = none)
+    stop_below: float = 0.0  # the drafter's confidence floor
+
+    def summary_fields(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "num_draft_tokens": self.k,
+            "lookup_first": self.lookup,
+            "draft_stop_below": self.stop_below,
+        }
+
+
+def _main_path(config: BenchConfig, k: int | None = None) -> _Path:
+    """The configured method at K (default: ``num_draft_tokens``), lookup and floor included."""
+    k = k or config.num_draft_tokens
+    n = config.lookup_first
+    return _Path(config.method, k, max(k, n), n, config.draft_stop_below)
+
+
+def _extra_specs(config: BenchConfig) -> dict[str, _Path]:
+    """The extra paths of ``--sweep-k``, ``--sweep-stop-below``, ``--sweep-lookup``,
+    ``--lookup-first`` (the drafter alone, ``"drafter"``) and ``--with-ngram``."""
+    main = _main_path(config)
+    specs = {f"k={k}": _main_path(config, k) for k in config.sweep}
+    specs.update({f"stop<{f:g}": replace(main, stop_below=f) for f in config.stop_floors})
+    specs.update(
+        {f"lookup={n}": replace(main, lookup=n, allowed=max(main.k, n)) for n in config.lookups}
+    )
+    if config.lookup_first:
+        specs["drafter"] = replace(main, lookup=0, allowed=main.k)
+    if config.with_ngram:
+        k = max(config.num_draft_tokens, config.lookup_first)
+        specs["ngram"] = _Path("ngram", k, k)
+    return specs
+
+
+def _new_proposer(bench: _Bench, path: _Path) -> Proposer | None:
+    """A fresh proposer for one request (proposers hold per-request state)."""
+    if path.method in DRAFTER_METHODS:
         assert bench.drafter is not None
-        floor = config.draft_stop_below if stop_below is None else stop_below
-        drafter = bench.drafter.proposer(weights=config.draft_weights, stop_below=floor)
-        n = config.lookup_first if lookup is None else lookup
-        if n and not alone:
-            return LookupFirstProposer(
-                drafter, lookup_tokens=n, drafter_tokens=k or config.num_draft_tokens
-            )
+        drafter = bench.drafter.proposer(
+            weights=bench.config.draft_weights, stop_below=path.stop_below
+        )
+        if path.lookup:
+            return LookupFirstProposer(drafter, lookup_tokens=path.lookup, drafter_tokens=path.k)
         return drafter
-    if config.method == "ngram":
+    if path.method == "ngram":
         return NgramProposer()
     return None
-
-
-def _path_k(config: BenchConfig, k: int, *, alone: bool = False) -> int:
-    """The K a path's decode loop allows: with lookup_first, the longer of N and the drafter's
-    K (the proposer caps each side)."""
-    if config.lookup_first and not alone:
-        return max(k, config.lookup_first)
-    return k
 
 
 def _sampling(config: BenchConfig, index: int, max_new_tokens: int) -> SamplingParams:
@@ -222,32 +245,22 @@ def _warm_up(bench: _Bench) -> None:
     _, ids = bench.prompts[0]
     params = _sampling(bench.config, 0, min(WARMUP_TOKENS, bench.config.max_new_tokens))
     logger.info("warm-up (untimed)")
-    _generate(bench, ids, params, proposer=None)
-    _generate(
-        bench,
-        ids,
-        params,
-        proposer=_new_proposer(bench),
-        k=_path_k(bench.config, bench.config.num_draft_tokens),
-    )
+    _generate(bench, ids, params, None)
+    _generate(bench, ids, params, _main_path(bench.config))
     if bench.config.peers:
         _hf_generate(bench.target, ids, params.max_new_tokens, prompt_lookup=False)
         _hf_generate(bench.target, ids, params.max_new_tokens, prompt_lookup=True)
 
 
 def _generate(
-    bench: _Bench,
-    ids: list[int],
-    params: SamplingParams,
-    *,
-    proposer: Proposer | None,
-    k: int | None = None,
+    bench: _Bench, ids: list[int], params: SamplingParams, path: _Path | None
 ) -> GenerationResult:
+    """One decode of ``path`` (None: plain decoding)."""
     return bench.engine.generate(
         ids,
         params,
-        proposer=proposer,
-        num_draft_tokens=k or bench.config.num_draft_tokens,
+        proposer=_new_proposer(bench, path) if path is not None else None,
+        num_draft_tokens=path.allowed if path is not None else bench.config.num_draft_tokens,
         decode_text=False,
     )
 
@@ -255,28 +268,10 @@ def _generate(
 def _extra_paths(
     bench: _Bench, ids: list[int], params: SamplingParams
 ) -> dict[str, Callable[[], GenerationResult]]:
-    """``--sweep-k``: the method at each K; ``--with-ngram``: n-gram lookup at K."""
-    paths: dict[str, Callable[[], GenerationResult]] = {}
-    config = bench.config
-    for k in config.sweep:
-        paths[f"k={k}"] = lambda k=k: _generate(  # type: ignore[misc]
-            bench, ids, params, proposer=_new_proposer(bench, k), k=_path_k(config, k)
-        )
-    k = config.num_draft_tokens
-    variants = [(f"stop<{f:g}", {"stop_below": f}, _path_k(config, k)) for f in config.stop_floors]
-    variants += [(f"lookup={n}", {"lookup": n}, max(k, n)) for n in config.lookups]
-    for name, overrides, allowed in variants:
-        paths[name] = lambda overrides=overrides, allowed=allowed: _generate(  # type: ignore[misc]
-            bench, ids, params, proposer=_new_proposer(bench, **overrides), k=allowed
-        )
-    if config.lookup_first:
-        paths["drafter"] = lambda: _generate(
-            bench, ids, params, proposer=_new_proposer(bench, alone=True)
-        )
-    if config.with_ngram:
-        ngram_k = max(config.num_draft_tokens, config.lookup_first)
-        paths["ngram"] = lambda: _generate(bench, ids, params, proposer=NgramProposer(), k=ngram_k)
-    return paths
+    return {
+        name: lambda path=path: _generate(bench, ids, params, path)  # type: ignore[misc]
+        for name, path in _extra_specs(bench.config).items()
+    }
 
 
 def _measure_prompt(bench: _Bench, prompt_id: str, ids: list[int], index: int) -> PromptRun:
@@ -285,14 +280,8 @@ def _measure_prompt(bench: _Bench, prompt_id: str, ids: list[int], index: int) -
     config = bench.config
     params = _sampling(config, index, config.max_new_tokens)
     paths: dict[str, Callable[[], GenerationResult | PeerRun]] = {
-        "baseline": lambda: _generate(bench, ids, params, proposer=None),
-        "spec": lambda: _generate(
-            bench,
-            ids,
-            params,
-            proposer=_new_proposer(bench),
-            k=_path_k(config, config.num_draft_tokens),
-        ),
+        "baseline": lambda: _generate(bench, ids, params, None),
+        "spec": lambda: _generate(bench, ids, params, _main_path(config)),
     }
     if config.peers:
         m = config.max_new_tokens
@@ -401,7 +390,7 @@ def build_report(
     """The JSON report: the docs/design.md §6 keys first, then the context to interpret them."""
     spec = [r.spec for r in runs]
     baseline = [r.baseline for r in runs]
-    k = _path_k(config, config.num_draft_tokens) if config.method != "none" else 0
+    k = _main_path(config).allowed if config.method != "none" else 0
     accepted, proposed = _position_counts(spec, k)
     report: dict[str, Any] = {
         "tau": _ratio(sum(r.stats.committed for r in spec), sum(r.stats.cycles for r in spec)),
@@ -425,33 +414,22 @@ def build_report(
     report.update(_context(config, machine, accepted=accepted, proposed=proposed))
     report["lookup_share"] = _lookup_share(spec)
     if runs and runs[0].extra:
-        report["extra_paths"] = {name: _path_summary(name, config, runs) for name in runs[0].extra}
+        specs = _extra_specs(config)
+        report["extra_paths"] = {
+            name: _path_summary(name, specs[name], runs) for name in runs[0].extra
+        }
     report["per_prompt"] = [_prompt_entry(r) for r in runs]
     return report
 
 
-def _path_summary(name: str, config: BenchConfig, runs: list[PromptRun]) -> dict[str, Any]:
+def _path_summary(name: str, path: _Path, runs: list[PromptRun]) -> dict[str, Any]:
     """tau, decode speedup over the same run's plain baseline, tokens/s, identical count and
-    acceptance by position of one extra path (``k=3``, ``ngram``)."""
+    acceptance by position of one extra path (``k=3``, ``ngram``, ...)."""
     results = [r.extra[name] for r in runs]
     baseline = [r.baseline for r in runs]
-    k = int(name[2:]) if name.startswith("k=") else config.num_draft_tokens
-    if name == "ngram":
-        k = max(k, config.lookup_first)
-    allowed = k if name in ("ngram", "drafter") else _path_k(config, k)
-    lookup = 0 if name in ("ngram", "drafter") else config.lookup_first
-    if name.startswith("lookup="):
-        lookup = int(name[7:])
-        allowed = max(k, lookup)
-    accepted, proposed = _position_counts(results, allowed)
-    floor = config.draft_stop_below if name != "ngram" else 0.0
-    if name.startswith("stop<"):
-        floor = float(name[5:])
+    accepted, proposed = _position_counts(results, path.allowed)
     return {
-        "method": "ngram" if name == "ngram" else config.method,
-        "num_draft_tokens": k,
-        "lookup_first": lookup,
-        "draft_stop_below": floor,
+        **path.summary_fields(),
         "drafts_per_cycle": _ratio(
             sum(r.stats.draft_tokens for r in results), sum(r.stats.drafts for r in results)
         ),

@@ -130,9 +130,10 @@ class Drafter(nn.Module, ABC):
 
         ``weights`` is the decode-time precision of the drafter's weights (``DRAFT_WEIGHTS`` in
         bench_config.py); it moves acceptance at near-ties only, never the output.
-        ``stop_below``: a cycle's drafts end before the first draft after the first whose
-        drafter probability is below it (0 = always K). The choice reads the drafter's own
-        distributions only, so it never changes the output either (docs/engine.md)."""
+        ``stop_below``: a cycle's drafts end before the first slot, after the first, where the
+        drafter's most likely token has a probability below it (0 = always K). It reads the
+        slot's distribution before any draw, so it never changes the output either
+        (docs/engine.md)."""
 
     @abstractmethod
     def sft_loss(

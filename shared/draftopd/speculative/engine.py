@@ -36,7 +36,7 @@ class DecodeStats:
     accepted_tokens: int = 0
     accepted_by_position: list[int] = field(default_factory=list)  # index j-1: drafts accepted at j
     proposed_by_position: list[int] = field(default_factory=list)
-    lookup_cycles: int = 0  # cycles whose drafts came from n-gram lookup (LookupFirstProposer)
+    lookup_cycles: int = 0  # cycles drafted by LookupFirstProposer's lookup (Proposal.lookup)
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
@@ -45,8 +45,9 @@ class DecodeStats:
         """Acceptance length: committed tokens / cycles (the bonus counts)."""
         return self.committed / self.cycles if self.cycles else 0.0
 
-    def add(self, proposed: int, accepted: int) -> None:
+    def add(self, proposed: int, accepted: int, *, lookup: bool = False) -> None:
         self.cycles += 1
+        self.lookup_cycles += int(lookup)
         self.committed += accepted + 1
         self.drafts += int(proposed > 0)
         self.draft_tokens += proposed
@@ -183,7 +184,6 @@ class DecodeRun:
             if delta.token_ids or delta.text:
                 yield delta
         self.stats.decode_s = time.perf_counter() - t0
-        self.stats.lookup_cycles = int(getattr(self.proposer, "lookup_cycles", 0))
         tail = self._flush_text()
         if tail:
             yield Delta(token_ids=[], text=tail)
@@ -221,7 +221,7 @@ class DecodeRun:
             self.proposer.commit(committed, kept)
         if self.record:
             self.cycles.append(self._make_cycle(draft, verdict, committed, logits))
-        self.stats.add(len(draft), verdict.accepted)
+        self.stats.add(len(draft), verdict.accepted, lookup=proposal.lookup)
         return committed
 
     def _verify(self, draft: list[int], logits: torch.Tensor, proposal: Proposal) -> Verdict:

@@ -24,6 +24,7 @@ from draftopd.speculative.sampling import SamplingParams
 class Proposal:
     tokens: list[int]  # the drafts d_1..d_k (target ids); may be shorter than asked
     q: torch.Tensor | None  # [k, vocab] distributions they were sampled from; None = deterministic
+    lookup: bool = False  # drafted by LookupFirstProposer's n-gram lookup in the drafter's place
 
 
 def check_stop_below(stop_below: float) -> float:
@@ -130,6 +131,6 @@ class LookupFirstProposer:
         tokens = self.lookup.lookup(context, min(k, self.lookup_tokens))
         if tokens:
             self.lookup_cycles += 1
-            return Proposal(tokens=tokens, q=None)
+            return Proposal(tokens=tokens, q=None, lookup=True)
         self.drafter_cycles += 1
         return self.drafter.propose(context, min(k, self.drafter_tokens), params, generator)

@@ -106,7 +106,7 @@ class DFlashProposer:
             )[0, 0, :k]  # [k, draft_vocab]
         d2t = self.drafter.d2t
         if params.greedy or self.argmax_drafting:
-            keep = self._kept(torch.softmax(logits.float(), dim=-1))
+            keep = self._kept(torch.softmax(logits.float(), dim=-1)) if self.stop_below else k
             chosen = logits[:keep].argmax(-1)  # [keep]
             return Proposal(tokens=[int(t) for t in d2t[chosen].tolist()], q=None)
         q_draft = probs_from_logits(logits, params)  # [k, Vd]
