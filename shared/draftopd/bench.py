@@ -41,6 +41,7 @@ from draftopd.prompts import load_prompts, render_prompt
 from draftopd.speculative.engine import DecodeEngine, GenerationResult
 from draftopd.speculative.proposers import LookupFirstProposer, NgramProposer, Proposer
 from draftopd.speculative.sampling import SamplingParams
+from draftopd.speculative.tree import DraftTree
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +187,7 @@ class _Path:
     allowed: int  # the K the decode loop allows (with a lookup: max(K, N))
     lookup: int = 0  # N of n-gram lookup ahead of the drafter (0 = none)
     stop_below: float = 0.0  # the drafter's confidence floor
+    tree: str | None = None  # BRANCHxNODES of a draft tree of depth k (None = a chain)
 
     def summary_fields(self) -> dict[str, Any]:
         return {
@@ -193,6 +195,7 @@ class _Path:
             "num_draft_tokens": self.k,
             "lookup_first": self.lookup,
             "draft_stop_below": self.stop_below,
+            "draft_tree": self.tree,
         }
 
 
@@ -200,7 +203,7 @@ def _main_path(config: BenchConfig, k: int | None = None) -> _Path:
     """The configured method at K (default: ``num_draft_tokens``), lookup and floor included."""
     k = k or config.num_draft_tokens
     n = config.lookup_first
-    return _Path(config.method, k, max(k, n), n, config.draft_stop_below)
+    return _Path(config.method, k, max(k, n), n, config.draft_stop_below, config.draft_tree)
 
 
 def _extra_specs(config: BenchConfig) -> dict[str, _Path]:
@@ -212,8 +215,11 @@ def _extra_specs(config: BenchConfig) -> dict[str, _Path]:
     specs.update(
         {f"lookup={n}": replace(main, lookup=n, allowed=max(main.k, n)) for n in config.lookups}
     )
+    specs.update({f"tree={t}": replace(main, tree=t) for t in config.trees})
     if config.lookup_first:
         specs["drafter"] = replace(main, lookup=0, allowed=main.k)
+    if config.draft_tree:
+        specs["chain"] = replace(main, tree=None)
     if config.with_ngram:
         k = max(config.num_draft_tokens, config.lookup_first)
         specs["ngram"] = _Path("ngram", k, k)
@@ -224,8 +230,9 @@ def _new_proposer(bench: _Bench, path: _Path) -> Proposer | None:
     """A fresh proposer for one request (proposers hold per-request state)."""
     if path.method in DRAFTER_METHODS:
         assert bench.drafter is not None
+        tree = DraftTree.parse(path.tree) if path.tree else None
         drafter = bench.drafter.proposer(
-            weights=bench.config.draft_weights, stop_below=path.stop_below
+            weights=bench.config.draft_weights, stop_below=path.stop_below, tree=tree
         )
         if path.lookup:
             return LookupFirstProposer(drafter, lookup_tokens=path.lookup, drafter_tokens=path.k)
@@ -480,6 +487,7 @@ def _context(
         "draft_weights": config.draft_weights if config.method in DRAFTER_METHODS else None,
         "lookup_first": config.lookup_first,
         "draft_stop_below": config.draft_stop_below,
+        "draft_tree": config.draft_tree,
         "hf_prompt_lookup_num_tokens": HF_PROMPT_LOOKUP_TOKENS if config.peers else None,
         "accepted_by_position": accepted,
         "proposed_by_position": proposed,
@@ -579,10 +587,15 @@ def format_summary(report: dict[str, Any]) -> str:
 
 
 def lookup_label(path: dict[str, Any]) -> str:
-    """What a path added to its method: " + lookup N" (n-gram lookup first) and " stop<P" (a
-    confidence floor); "" for neither."""
+    """What a path added to its method: " + lookup N" (n-gram lookup first), " stop<P" (a
+    confidence floor) and " tree BxN" (a draft tree); "" for none."""
     lookup, floor = path.get("lookup_first", 0), path.get("draft_stop_below", 0.0)
-    return (f" + lookup {lookup}" if lookup else "") + (f" stop<{floor:g}" if floor else "")
+    tree = path.get("draft_tree")
+    return (
+        (f" + lookup {lookup}" if lookup else "")
+        + (f" stop<{floor:g}" if floor else "")
+        + (f" tree {tree}" if tree else "")
+    )
 
 
 def _lookup_note(path: dict[str, Any]) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from draftopd.config_fields import setting
 from draftopd.training.configs import DTYPES
-from draftopd.wire.formats import DEFAULT_TARGET, parse_random_ref
+from draftopd.wire.formats import DEFAULT_TARGET, parse_draft_tree, parse_random_ref
 
 METHODS = ("eagle3", "dflash", "ngram", "none")
 DRAFTER_METHODS = ("eagle3", "dflash")  # the methods that run a trained (or random) drafter
@@ -110,6 +110,14 @@ class BenchConfig:
         "eagle3/dflash: try n-gram lookup first (up to N tokens), the drafter where the context "
         "does not repeat; also runs the drafter alone at K in the same run (0 = off)",
     )
+    draft_tree: str | None = setting(
+        None,
+        "eagle3: draft a dynamic tree BRANCHxNODES (e.g. 3x10) of depth K instead of a chain; "
+        "also runs the chain at K in the same run",
+    )
+    sweep_tree: str | None = setting(
+        None, "also run the drafter with each of these trees, e.g. 2x6,3x10,4x16"
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -152,6 +160,13 @@ class BenchConfig:
                 f"lookup_first combines n-gram lookup with a drafter: use a method in "
                 f"{DRAFTER_METHODS}, not {self.method!r}"
             )
+        if self.draft_tree is not None:
+            parse_draft_tree(self.draft_tree)
+        self.trees  # noqa: B018 (validates the list)
+        if (self.draft_tree or self.sweep_tree) and self.method != "eagle3":
+            raise ValueError(f"draft trees need method 'eagle3', not {self.method!r}")
+        if (self.draft_tree or self.sweep_tree) and self.draft_stop_below:
+            raise ValueError("a draft tree and draft_stop_below do not combine")
         if self.drafter is not None:
             if self.method not in DRAFTER_METHODS:
                 raise ValueError(
@@ -163,6 +178,16 @@ class BenchConfig:
     def lookups(self) -> tuple[int, ...]:
         """The N values of ``sweep_lookup`` (empty without it)."""
         return _positive_ints("sweep_lookup", self.sweep_lookup)
+
+    @property
+    def trees(self) -> tuple[str, ...]:
+        """The BRANCHxNODES shapes of ``sweep_tree`` (empty without it)."""
+        if not self.sweep_tree:
+            return ()
+        shapes = tuple(part.strip() for part in self.sweep_tree.split(","))
+        for shape in shapes:
+            parse_draft_tree(shape)
+        return shapes
 
     @property
     def stop_floors(self) -> tuple[float, ...]:

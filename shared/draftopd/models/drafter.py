@@ -26,6 +26,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from draftopd.speculative.proposers import Proposer
+    from draftopd.speculative.tree import DraftTree
 
 
 class DrafterConfig(Protocol):
@@ -124,7 +125,12 @@ class Drafter(nn.Module, ABC):
 
     @abstractmethod
     def proposer(
-        self, *, argmax_drafting: bool = False, weights: str = "auto", stop_below: float = 0.0
+        self,
+        *,
+        argmax_drafting: bool = False,
+        weights: str = "auto",
+        stop_below: float = 0.0,
+        tree: DraftTree | None = None,
     ) -> Proposer:
         """A fresh proposer for one request (the decode engine's side of the seam).
 
@@ -133,7 +139,8 @@ class Drafter(nn.Module, ABC):
         ``stop_below``: a cycle's drafts end before the first slot, after the first, where the
         drafter's most likely token has a probability below it (0 = always K). It reads the
         slot's distribution before any draw, so it never changes the output either
-        (docs/engine.md)."""
+        (docs/engine.md). ``tree``: draft a dynamic tree of that shape instead of a chain
+        (``speculative/tree.py``); a family that drafts chains only raises ValueError."""
 
     @abstractmethod
     def sft_loss(

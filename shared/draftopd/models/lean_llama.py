@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from draftopd.kernels import small_gemm
+from draftopd.speculative.tree import TreeLayout
 
 T = TypeVar("T")
 
@@ -135,6 +136,19 @@ class StaticKVCache:
         if not length >= 0:
             raise ValueError(f"cannot crop a KV cache to a negative length ({length})")
         self.length = min(self.length, length)
+
+    def keep(self, start: int, entries: list[int]) -> None:
+        """After a tree block written at ``start``: keep its ``entries`` (block indices, in
+        order, each below the next's position), moved to ``start, start + 1, ...``, and drop
+        the rest. Their keys already carry the RoPE of those positions (a node's depth)."""
+        index = torch.tensor(entries, dtype=torch.long, device=self.k.device) + start
+        end = start + len(entries)
+        if not (start <= self.length and end <= self.length):
+            raise ValueError(f"cannot keep {len(entries)} entries after {start} of {self.length}")
+        for name in ("k", "v"):
+            cache = getattr(self, name)
+            cache[:, :, start:end] = cache[:, :, index]
+        self.length = end
 
     def reserve(self, needed: int) -> None:
         if needed <= self.capacity:
@@ -366,17 +380,26 @@ class LeanLlama:
         feature_layers: tuple[int, ...] = (),
         last_logits_only: bool = False,
         final_hidden: bool = False,
+        tree: TreeLayout | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Logits ``[T or 1, vocab]`` and the outputs ``[T, hidden]`` of ``feature_layers``
-        (with ``final_hidden``, also the final-norm output the LM head reads, under key -1)."""
+        (with ``final_hidden``, also the final-norm output the LM head reads, under key -1).
+        With ``tree`` the T tokens are a draft tree (``speculative/tree.py``): each at the
+        position of its depth, seeing the prefix and its ancestors only."""
         steps, start = int(ids.shape[0]), cache.length
         end = start + steps
         cache.reserve(end)
         self.extend_rope(end)
-        cos = self._cos[start:end, None]  # [T, 1, head_dim]
-        sin = self._sin[start:end, None]
         group = self.heads // self.kv_heads
-        mask = causal_mask(start, steps, group=group, dtype=self.embed.dtype, device=self.device)
+        dtype = self.embed.dtype
+        if tree is None:
+            cos = self._cos[start:end, None]  # [T, 1, head_dim]
+            sin = self._sin[start:end, None]
+            mask = causal_mask(start, steps, group=group, dtype=dtype, device=self.device)
+        else:
+            positions = tree.positions(start).to(self.device)
+            cos, sin = self._cos[positions, None], self._sin[positions, None]
+            mask = tree.attention_mask(start, group=group, dtype=dtype, device=self.device)
         x = F.embedding(ids, self.embed)  # [T, hidden]
         features: dict[int, torch.Tensor] = {}
         linear = self.linear

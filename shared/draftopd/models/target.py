@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
 from draftopd.models.lean_llama import KERNELS, LeanLlama, StaticKVCache, lean_unsupported_reason
+from draftopd.speculative.tree import TreeLayout
 from draftopd.wire.formats import DEFAULT_TARGET
 
 logger = logging.getLogger(__name__)
@@ -159,9 +160,13 @@ class TargetModel:
         *,
         want_features: bool = False,
         last_logits_only: bool = False,
+        tree: TreeLayout | None = None,
     ) -> TargetOutput:
+        """``tree``: the block is a draft tree (``speculative/tree.py``); the lean step only."""
         if isinstance(cache, StaticKVCache):
-            return self._lean_forward(input_ids, cache, want_features, last_logits_only)
+            return self._lean_forward(input_ids, cache, want_features, last_logits_only, tree)
+        if tree is not None:
+            raise ValueError("tree drafts need the lean decode step (step 'lean' or 'auto')")
         out = self.model(
             input_ids=input_ids.to(self.device),
             past_key_values=cache,
@@ -176,17 +181,31 @@ class TargetModel:
         return TargetOutput(logits=out.logits.float(), features=features)
 
     def _lean_forward(
-        self, input_ids: torch.Tensor, cache: StaticKVCache, want_features: bool, last_only: bool
+        self,
+        input_ids: torch.Tensor,
+        cache: StaticKVCache,
+        want_features: bool,
+        last_only: bool,
+        tree: TreeLayout | None,
     ) -> TargetOutput:
         if input_ids.shape[0] != 1:
             raise ValueError("the lean step runs one sequence; use an HF cache for a batch")
         layers = self.feature_layers if want_features else ()
         assert self._lean is not None  # built by new_decode_cache
         logits, hidden = self._lean.forward(
-            input_ids[0].to(self.device), cache, feature_layers=layers, last_logits_only=last_only
+            input_ids[0].to(self.device),
+            cache,
+            feature_layers=layers,
+            last_logits_only=last_only,
+            tree=tree,
         )  # [T or 1, vocab], {layer: [T, hidden]}
         features = torch.cat([hidden[i] for i in layers], dim=-1)[None] if layers else None
         return TargetOutput(logits=logits.float()[None], features=features)
+
+
+def supports_tree(cache: DecodeCache) -> bool:
+    """Whether a forward against ``cache`` can score a draft tree (the lean step's cache)."""
+    return isinstance(cache, StaticKVCache)
 
 
 def crop_cache(cache: DecodeCache, length: int) -> None:

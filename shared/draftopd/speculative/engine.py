@@ -19,11 +19,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from draftopd.models.lean_llama import StaticKVCache
 from draftopd.models.target import TargetModel, crop_cache
 from draftopd.speculative.detokenize import IncrementalDetokenizer
 from draftopd.speculative.proposers import Proposal, Proposer
 from draftopd.speculative.records import Cycle
 from draftopd.speculative.sampling import SamplingParams, probs_from_logits
+from draftopd.speculative.tree import (
+    TreeLayout,
+    TreeVerdict,
+    verify_tree_greedy,
+    verify_tree_sampling,
+)
 from draftopd.speculative.verify import Verdict, verify_greedy, verify_sampling
 
 
@@ -37,6 +44,7 @@ class DecodeStats:
     accepted_by_position: list[int] = field(default_factory=list)  # index j-1: drafts accepted at j
     proposed_by_position: list[int] = field(default_factory=list)
     lookup_cycles: int = 0  # cycles drafted by LookupFirstProposer's lookup (Proposal.lookup)
+    tree_cycles: int = 0  # cycles that verified a draft tree (by position then means by depth)
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
@@ -45,12 +53,17 @@ class DecodeStats:
         """Acceptance length: committed tokens / cycles (the bonus counts)."""
         return self.committed / self.cycles if self.cycles else 0.0
 
-    def add(self, proposed: int, accepted: int, *, lookup: bool = False) -> None:
+    def add(
+        self, proposed: int, accepted: int, *, lookup: bool = False, nodes: int | None = None
+    ) -> None:
+        """One cycle: ``proposed`` drafts in a chain (for a tree: its depth, with ``nodes``
+        drafted tokens), ``accepted`` of them committed."""
         self.cycles += 1
         self.lookup_cycles += int(lookup)
+        self.tree_cycles += int(nodes is not None)
         self.committed += accepted + 1
         self.drafts += int(proposed > 0)
-        self.draft_tokens += proposed
+        self.draft_tokens += proposed if nodes is None else nodes
         self.accepted_tokens += accepted
         while len(self.proposed_by_position) < proposed:
             self.proposed_by_position.append(0)
@@ -208,6 +221,8 @@ class DecodeRun:
         proposal = Proposal(tokens=[], q=None)
         if k > 0 and self.proposer is not None:
             proposal = self.proposer.propose(context, k, self.params, self.generator)
+        if proposal.parents is not None:
+            return self._tree_cycle(context, proposal)
         draft = proposal.tokens[:k]
         block = torch.tensor([[context[-1], *draft]], device=self.target.device)  # [1, k + 1]
         out = self.target.forward(block, self.cache, want_features=self.want_features)
@@ -222,6 +237,34 @@ class DecodeRun:
         if self.record:
             self.cycles.append(self._make_cycle(draft, verdict, committed, logits))
         self.stats.add(len(draft), verdict.accepted, lookup=proposal.lookup)
+        return committed
+
+    def _tree_cycle(self, context: list[int], proposal: Proposal) -> list[int]:
+        """Score the whole draft tree in one forward, walk it down, keep the accepted path."""
+        assert proposal.parents is not None and len(proposal.parents) == len(proposal.tokens)
+        if self.record:
+            raise ValueError("rollout records are chain cycles; record with a chain proposer")
+        if not isinstance(self.cache, StaticKVCache):
+            raise ValueError("tree drafts need the lean decode step (step 'lean' or 'auto')")
+        layout = TreeLayout.from_proposal(proposal.parents)
+        tokens = [context[-1], *proposal.tokens]
+        block = torch.tensor([tokens], device=self.target.device)  # [1, T]
+        out = self.target.forward(block, self.cache, want_features=self.want_features, tree=layout)
+        logits = out.logits[0]  # [T, vocab]
+        verdict: TreeVerdict
+        if self.params.greedy:
+            verdict = verify_tree_greedy(tokens, layout, logits)
+        else:
+            p = probs_from_logits(logits, self.params)  # [T, vocab]
+            verdict = verify_tree_sampling(tokens, layout, p, self.generator)
+        committed = [*(tokens[i] for i in verdict.path), verdict.bonus]
+        kept = [0, *verdict.path]  # [last committed, accepted drafts], as for a chain
+        self.cache.keep(len(context) - 1, kept)
+        if self.proposer is not None:
+            features = out.features[0, kept] if out.features is not None else None
+            self.proposer.commit(committed, features)
+        depth = max(layout.depths)
+        self.stats.add(depth, verdict.accepted, nodes=len(proposal.tokens))
         return committed
 
     def _verify(self, draft: list[int], logits: torch.Tensor, proposal: Proposal) -> Verdict:

@@ -25,6 +25,10 @@ class Proposal:
     tokens: list[int]  # the drafts d_1..d_k (target ids); may be shorter than asked
     q: torch.Tensor | None  # [k, vocab] distributions they were sampled from; None = deterministic
     lookup: bool = False  # drafted by LookupFirstProposer's n-gram lookup in the drafter's place
+    # a draft tree (speculative/tree.py): the parent of each draft, -1 = the last committed token;
+    # drafts are in topological order and a node's children are distinct, deterministic tokens
+    # (q is None). None: a chain d_1..d_k.
+    parents: tuple[int, ...] | None = None
 
 
 def check_stop_below(stop_below: float) -> float:

@@ -62,6 +62,15 @@ REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 
 
+def parse_draft_tree(text: str) -> tuple[int, int]:
+    """A draft tree's shape ``BRANCHxNODES`` (e.g. ``3x10``: 3 children per expanded node, 10
+    drafted nodes verified per cycle; ``speculative/tree.py``) -> (branch, nodes)."""
+    branch, sep, nodes = text.strip().partition("x")
+    if not (sep and branch.isdigit() and nodes.isdigit() and int(branch) >= 1 and int(nodes) >= 1):
+        raise ValueError(f"a draft tree is BRANCHxNODES with both >= 1 (e.g. '3x10'), got {text!r}")
+    return int(branch), int(nodes)
+
+
 def is_pickle_name(name: str) -> bool:
     """Whether a file name has a suffix that usually means pickled data (refused everywhere)."""
     return name.lower().endswith(PICKLE_SUFFIXES)
@@ -84,6 +93,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "RegistryRef",
     "is_pickle_name",
+    "parse_draft_tree",
     "parse_random_ref",
     "parse_registry_ref",
 ]

@@ -22,9 +22,10 @@ from scipy.stats import chisquare
 import draftopd.speculative.engine as engine_module
 from draftopd.models.families import family
 from draftopd.models.target import TargetModel
-from draftopd.speculative.engine import DecodeEngine
+from draftopd.speculative.engine import DecodeEngine, DecodeStats
 from draftopd.speculative.proposers import LookupFirstProposer, NgramProposer, Proposal
 from draftopd.speculative.sampling import SamplingParams, probs_from_logits
+from draftopd.speculative.tree import DraftTree, TreeLayout, TreeVerdict
 from draftopd.speculative.verify import Verdict, one_hot_q
 from tests.unit.speculative.helpers import small_vocab_target
 
@@ -267,3 +268,57 @@ def test_drafter_q_really_differs_from_p(target: TargetModel, drafter: torch.nn.
     accepted = sum(s.accepted_tokens for s in stats)
     proposed = sum(s.draft_tokens for s in stats)
     assert 0.2 < accepted / proposed < 0.9
+
+
+def buggy_verify_tree_sampling(
+    tokens: list[int],
+    layout: TreeLayout,
+    p: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> TreeVerdict:
+    """The injected tree bug: each child is tried against p itself (not the residual left by
+    its rejected siblings), and the bonus is drawn from p."""
+    path: list[int] = []
+    node = 0
+    while True:
+        accepted = None
+        for child in layout.children[node]:
+            if float(torch.rand((), generator=generator)) < float(p[node, tokens[child]]):
+                accepted = child
+                break
+        if accepted is None:
+            bonus = int(torch.multinomial(p[node], 1, generator=generator))
+            return TreeVerdict(path=path, bonus=bonus)
+        path.append(accepted)
+        node = accepted
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_tree_sampling_matches_target(target: TargetModel, setting: str) -> None:
+    """EAGLE-3 tree drafts (2 children per node, deterministic candidates) keep the target's
+    distribution, with trees that are really accepted and rejected."""
+    drafter = random_drafter(target, "eagle3")
+    params = SETTINGS[setting]
+    stats: list[DecodeStats] = []
+
+    def make() -> object:
+        return drafter.proposer(tree=DraftTree(branch=2, nodes=4))  # type: ignore[operator]
+
+    engine = DecodeEngine(target, num_draft_tokens=2)
+    for seed in range(200):
+        out = engine.generate(PROMPT, replace(params, seed=seed), proposer=make())  # type: ignore[arg-type]
+        stats.append(out.stats)
+    accepted = [s.accepted_by_position[0] for s in stats if s.accepted_by_position]
+    assert 0 < sum(accepted) < sum(s.tree_cycles for s in stats)
+    counts = draw(target, params, make)
+    assert chi_square_p(counts, exact_distribution(target, params)) > P_VALUE_FLOOR
+
+
+def test_bound_catches_an_injected_tree_bug(
+    target: TargetModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "verify_tree_sampling", buggy_verify_tree_sampling)
+    drafter = random_drafter(target, "eagle3")
+    params = SETTINGS["t1"]
+    counts = draw(target, params, lambda: drafter.proposer(tree=DraftTree(branch=2, nodes=4)))  # type: ignore[operator]
+    assert chi_square_p(counts, exact_distribution(target, params)) < P_VALUE_FLOOR

@@ -23,6 +23,7 @@ from draftopd.models.drafter import SFTLossOutput
 
 if TYPE_CHECKING:
     from draftopd.models.dflash.lean import LeanDFlash
+    from draftopd.speculative.tree import DraftTree
 
 PROPOSER_WEIGHTS = ("auto", "module", "float32", "bfloat16", "int8")
 
@@ -33,11 +34,19 @@ class DFlashDrafter(DFlashModule):
         return self.cfg.block_size - 1
 
     def proposer(
-        self, *, argmax_drafting: bool = False, weights: str = "auto", stop_below: float = 0.0
+        self,
+        *,
+        argmax_drafting: bool = False,
+        weights: str = "auto",
+        stop_below: float = 0.0,
+        tree: DraftTree | None = None,
     ) -> DFlashProposer:
         """``weights``: "module" drafts with the module's pass; "float32", "bfloat16", "int8"
         with the lean pass in that precision, and "auto" in bfloat16, where the native kernel
-        runs (a float32 CPU drafter); elsewhere every choice is the module's pass."""
+        runs (a float32 CPU drafter); elsewhere every choice is the module's pass. A block
+        drafter drafts one block per pass: no ``tree``."""
+        if tree is not None:
+            raise ValueError("the dflash family drafts one block per cycle, not a tree")
         if weights not in PROPOSER_WEIGHTS:
             raise ValueError(
                 f"draft weights {weights!r} not supported by dflash; choose one of "

@@ -86,11 +86,48 @@ class LeanEagle3:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [n, H] and target ids [n] at positions cache.length.. -> (draft logits of the
         last position [Vd], the pre-norm hidden states [n, H])."""
+        h = self._layer(hidden, ids, cache, positions=None, mask=None)
+        logits = self.linear(h[-1:], self.lm_head, norm=self.norms["norm"])[0]  # [Vd]
+        return logits, h
+
+    @torch.inference_mode()
+    def forward_rows(
+        self,
+        hidden: torch.Tensor,  # [n, H]
+        ids: torch.Tensor,  # [n]
+        cache: StaticKVCache,
+        *,
+        positions: torch.Tensor,  # [n] the position of each entry
+        sees: torch.Tensor,  # [n, cache.length + n] bool: the entries each one attends to
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One tree level: n entries appended to the cache, each at its own position and with
+        its own visibility (prefix, ancestors, itself) -> (logits [n, Vd], hidden [n, H])."""
+        group = self.heads // self.kv_heads
+        mask = torch.zeros(sees.shape, dtype=torch.float32)
+        mask.masked_fill_(~sees, float("-inf"))
+        h = self._layer(hidden, ids, cache, positions=positions, mask=mask.repeat(group, 1))
+        return self.linear(h, self.lm_head, norm=self.norms["norm"]), h
+
+    def _layer(
+        self,
+        hidden: torch.Tensor,
+        ids: torch.Tensor,
+        cache: StaticKVCache,
+        *,
+        positions: torch.Tensor | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The decoder layer over n entries written at cache.length..: pre-norm hidden [n, H]."""
         steps, start = int(ids.shape[0]), cache.length
         end = start + steps
         cache.reserve(end)
-        if end > self._cos.shape[0]:
-            self._rope_table(max(end, 2 * self._cos.shape[0]))
+        last = end if positions is None else int(positions.max().item()) + 1
+        if last > self._cos.shape[0]:
+            self._rope_table(max(last, 2 * self._cos.shape[0]))
+        if positions is None:
+            cos, sin = self._cos[start:end, None], self._sin[start:end, None]
+        else:
+            cos, sin = self._cos[positions, None], self._sin[positions, None]
         emb = self.embedding(ids).float()  # [n, H]
         norms = self.norms
         x = torch.cat(
@@ -100,20 +137,21 @@ class LeanEagle3:
             ],
             dim=-1,
         )  # [n, 2H]
-        mask = causal_mask(
-            start, steps, group=self.heads // self.kv_heads, dtype=torch.float32, device=x.device
-        )
+        if mask is None:
+            mask = causal_mask(
+                start, steps, group=self.heads // self.kv_heads, dtype=torch.float32,
+                device=x.device,
+            )  # fmt: skip
         out = grouped_attention(
             self.linear(x, self.qkv), cache.k[0], cache.v[0], start=start, heads=self.heads,
-            cos=self._cos[start:end, None], folded_sin=self._sin[start:end, None], mask=mask,
+            cos=cos, folded_sin=sin, mask=mask,
         )  # fmt: skip
         h = self.linear(out, self.o, residual=hidden)
         gate_up = self.linear(h, self.gate_up, norm=norms["post_attention_layernorm"])
         inter = gate_up.shape[-1] // 2
         h = self.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], self.down, residual=h)
         cache.length = end
-        logits = self.linear(h[-1:], self.lm_head, norm=norms["norm"])[0]  # [Vd]
-        return logits, h
+        return h
 
 
 __all__ = ["DRAFT_WEIGHTS", "LeanEagle3"]

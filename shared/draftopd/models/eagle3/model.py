@@ -24,6 +24,7 @@ from draftopd.models.drafter import Drafter, SFTLossOutput, target_shape
 if TYPE_CHECKING:
     from draftopd.models.eagle3.lean import LeanEagle3
     from draftopd.models.eagle3.proposer import Eagle3Proposer
+    from draftopd.speculative.tree import DraftTree
 
 
 @dataclass(frozen=True)
@@ -256,10 +257,21 @@ class Eagle3Drafter(Drafter):
 
     # -- the Drafter seam (models/drafter.py) --------------------------------------------------
     def proposer(
-        self, *, argmax_drafting: bool = False, weights: str = "auto", stop_below: float = 0.0
+        self,
+        *,
+        argmax_drafting: bool = False,
+        weights: str = "auto",
+        stop_below: float = 0.0,
+        tree: DraftTree | None = None,
     ) -> Eagle3Proposer:
         from draftopd.models.eagle3.proposer import Eagle3Proposer
 
+        if tree is not None:
+            from draftopd.models.eagle3.tree import Eagle3TreeProposer
+
+            if stop_below > 0:
+                raise ValueError("a draft tree and a confidence floor (stop_below) do not combine")
+            return Eagle3TreeProposer(self, tree=tree, weights=weights)
         return Eagle3Proposer(
             self, argmax_drafting=argmax_drafting, weights=weights, stop_below=stop_below
         )
