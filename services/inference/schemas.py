@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from draftopd.wire.formats import parse_draft_tree
 from draftopd.wire.text import valid_text
 
 DEFAULT_MAX_NEW_TOKENS = 128  # /generate and chat completions without max_tokens
@@ -63,6 +64,19 @@ class SpeculativeOptions(_Request):
         description="eagle3/dflash only: where the context repeats, propose up to N tokens by "
         "n-gram lookup instead of the drafter (0 = off; null = the server's default).",
     )
+    draft_tree: str | None = Field(
+        default=None,
+        description="eagle3 only: draft a dynamic tree BRANCHxNODES of depth K (e.g. '3x10') "
+        "instead of a chain, or 'chain' (null = the server's default). Never changes the output.",
+    )
+
+    @field_validator("draft_tree")
+    @classmethod
+    def _tree_shape(cls, value: str | None) -> str | None:
+        if value is None or value == "chain":
+            return value
+        parse_draft_tree(value)  # a ValueError becomes a 422 naming the field
+        return value
 
 
 class TextPart(_Request):
@@ -157,6 +171,12 @@ class SpeculativeStats(BaseModel):
         default=0, description="N of n-gram lookup ahead of the drafter (0 = the drafter alone)."
     )
     lookup_cycles: int = Field(default=0, description="Cycles whose drafts came from the lookup.")
+    draft_tree: str | None = Field(
+        default=None, description="The draft tree's BRANCHxNODES (null: chain drafts)."
+    )
+    tree_cycles: int = Field(
+        default=0, description="Cycles that verified a draft tree (by position = by depth there)."
+    )
     tau: float = Field(description="Committed tokens / verification cycles, bonus included.")
     cycles: int
     drafts: int = Field(description="Cycles that proposed at least one token.")

@@ -34,6 +34,7 @@ from draftopd.prompts import Prompt, render_prompt
 from draftopd.speculative.engine import DecodeEngine, DecodeRun, Delta
 from draftopd.speculative.proposers import LookupFirstProposer, NgramProposer, Proposer
 from draftopd.speculative.sampling import SamplingParams
+from draftopd.speculative.tree import DraftTree
 from services.inference.capture import TrafficCapture
 from services.inference.drafters import ServedDrafter, load_served_drafter
 from services.inference.errors import (
@@ -83,6 +84,7 @@ class PreparedGeneration:
     method: SpeculativeMethod
     num_draft_tokens: int  # 0 for method "none"
     lookup_first: int  # N of n-gram lookup ahead of the drafter; 0 = off (always 0 without one)
+    draft_tree: str | None  # BRANCHxNODES of an eagle3 draft tree; None = chain drafts
     drafter: ServedDrafter | None  # the holder this request keeps (drafter methods only)
     received_at: float  # perf_counter() when the request was prepared
     admission: Admission  # its place among the admitted requests; released when it ends
@@ -230,6 +232,20 @@ class InferenceService:
                 f"(use {' or '.join(DRAFTER_METHODS)}, or lookup_first 0)",
                 spec.lookup_first,
             )
+        if spec.draft_tree not in (None, "chain") and method != "eagle3":
+            raise InvalidRequestError(
+                ("speculative", "draft_tree"),
+                f"draft trees are drafted by eagle3 drafters; method {method!r} drafts none "
+                "(use method eagle3, or draft_tree 'chain')",
+                spec.draft_tree,
+            )
+        if spec.draft_tree not in (None, "chain") and self.engine.target.step != "lean":
+            raise InvalidRequestError(
+                ("speculative", "draft_tree"),
+                "draft trees need the target's lean decode step; this server runs Hugging "
+                "Face's forward (use draft_tree 'chain')",
+                spec.draft_tree,
+            )
         if method in DRAFTER_METHODS:
             drafter = self._routed(drafter, method)
         if method in DRAFTER_METHODS and (drafter is None or drafter.architecture != method):
@@ -256,6 +272,7 @@ class InferenceService:
             method=method,
             num_draft_tokens=0 if method == "none" else k,
             lookup_first=self._lookup_first(spec, method),
+            draft_tree=self._draft_tree(spec, method),
             drafter=drafter if method in DRAFTER_METHODS else None,
             received_at=time.perf_counter(),
             admission=self._admit(),
@@ -402,8 +419,11 @@ class InferenceService:
         if prepared.method in DRAFTER_METHODS:
             assert prepared.drafter is not None  # checked in prepare
             drafter = prepared.drafter.drafter
+            tree = DraftTree.parse(prepared.draft_tree) if prepared.draft_tree else None
             proposer = drafter.proposer(  # per-request state
-                weights=self.settings.draft_weights, stop_below=self.settings.draft_stop_below
+                weights=self.settings.draft_weights,
+                stop_below=0.0 if tree else self.settings.draft_stop_below,
+                tree=tree,
             )
         elif prepared.method == "ngram":
             proposer = NgramProposer()
@@ -423,6 +443,14 @@ class InferenceService:
             return 0
         return spec.lookup_first if spec.lookup_first is not None else self.settings.lookup_first
 
+    def _draft_tree(self, spec: GenerationSpec, method: str) -> str | None:
+        """The request's tree, else the server's; None (chain) where no eagle3 drafter runs or
+        where the target's decode step cannot score a tree (Hugging Face's)."""
+        if method != "eagle3" or self.engine.target.step != "lean":
+            return None
+        tree = spec.draft_tree if spec.draft_tree is not None else self.settings.draft_tree
+        return None if tree == "chain" else tree
+
     def _outcome(self, prepared: PreparedGeneration, run: DecodeRun) -> Outcome:
         result = run.result
         stats = result.stats
@@ -433,6 +461,8 @@ class InferenceService:
             num_draft_tokens=prepared.num_draft_tokens,
             lookup_first=prepared.lookup_first,
             lookup_cycles=stats.lookup_cycles,
+            draft_tree=prepared.draft_tree,
+            tree_cycles=stats.tree_cycles,
             tau=stats.tau,
             cycles=stats.cycles,
             drafts=stats.drafts,

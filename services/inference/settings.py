@@ -9,7 +9,7 @@ from typing import Literal, cast
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from draftopd.wire.formats import parse_random_ref
+from draftopd.wire.formats import parse_draft_tree, parse_random_ref
 from services.inference.schemas import DRAFTER_METHODS, SpeculativeMethod
 
 
@@ -48,6 +48,12 @@ class InferenceSettings(BaseSettings):
         le=32,
         description="Default N of n-gram lookup ahead of the drafter (eagle3/dflash): where the "
         "context repeats, up to N looked-up tokens are verified instead of drafts (0 = off).",
+    )
+    draft_tree: str | None = Field(
+        default=None,
+        description="Default draft tree BRANCHxNODES for eagle3 (e.g. 3x10: depth K, 3 children "
+        "per expanded node, 10 nodes verified per cycle); unset = chain drafts. Never changes "
+        "the output.",
     )
     draft_weights: Literal["auto", "bfloat16", "int8", "float32", "module"] = Field(
         default="auto",
@@ -131,6 +137,13 @@ class InferenceSettings(BaseSettings):
     def _check_drafter(cls, value: str | None) -> str | None:
         if value is not None:
             parse_random_ref(value)  # a malformed random:SEED is refused at start-up
+        return value or None
+
+    @field_validator("draft_tree")
+    @classmethod
+    def _check_tree(cls, value: str | None) -> str | None:
+        if value:
+            parse_draft_tree(value)  # a malformed shape is refused at start-up
         return value or None
 
     @field_validator("registry_url", "drafter_name", "redis_url", "candidate_alias")

@@ -45,6 +45,7 @@ class GenerationSpec:
     method: SpeculativeMethod | None = None  # None: the server's default method
     num_draft_tokens: int | None = None  # None: the server's default K
     lookup_first: int | None = None  # None: the server's default
+    draft_tree: str | None = None  # "BxN", "chain", or None: the server's default
 
 
 def _messages(messages: list[ChatMessage] | None) -> list[dict[str, str]] | None:
@@ -72,6 +73,7 @@ def _sampling(
         "method": options.method,
         "num_draft_tokens": options.num_draft_tokens,
         "lookup_first": options.lookup_first,
+        "draft_tree": options.draft_tree,
     }
 
 

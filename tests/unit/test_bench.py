@@ -369,3 +369,30 @@ def test_confidence_floors_run_side_by_side(tiny_dir: Path, prompts_file: Path) 
             bench_config(tiny_dir, prompts_file, **bad)
     with pytest.raises(ValueError, match="needs a drafter method"):
         bench_config(tiny_dir, prompts_file, method="ngram", draft_stop_below=0.3)
+
+
+def test_draft_trees_run_beside_the_chain(tiny_dir: Path, prompts_file: Path) -> None:
+    config = bench_config(
+        tiny_dir, prompts_file, method="eagle3", drafter="random:1:50", draft_tree="3x8",
+        sweep_tree="2x4", lookup_first=5, limit=2,
+    )  # fmt: skip
+    report = run_bench(config)
+    assert_report_sane(report, num_prompts=2, k=5)
+    assert report["draft_tree"] == "3x8"
+    extra = report["extra_paths"]
+    assert list(extra) == ["tree=2x4", "drafter", "chain"]
+    assert extra["tree=2x4"]["draft_tree"] == "2x4" and extra["chain"]["draft_tree"] is None
+    assert extra["chain"]["lookup_first"] == 5 and extra["drafter"]["draft_tree"] == "3x8"
+    # a tree cycle drafts up to its node count; the chain at most K
+    assert 3 < extra["drafter"]["drafts_per_cycle"] <= 8
+    assert extra["chain"]["drafts_per_cycle"] <= 5
+    assert all(path["identical"] == 2 for path in extra.values())
+    text = format_summary(report)
+    assert "method eagle3 + lookup 5 tree 3x8" in text and "eagle3 + lookup 5 tree 2x4" in text
+    for bad in ({"draft_tree": "3,8"}, {"sweep_tree": "2x4,0x3"}):
+        with pytest.raises(ValueError, match="BRANCHxNODES"):
+            bench_config(tiny_dir, prompts_file, method="eagle3", **bad)
+    with pytest.raises(ValueError, match="need method 'eagle3'"):
+        bench_config(tiny_dir, prompts_file, method="dflash", draft_tree="3x8")
+    with pytest.raises(ValueError, match="do not combine"):
+        bench_config(tiny_dir, prompts_file, draft_tree="3x8", draft_stop_below=0.3)

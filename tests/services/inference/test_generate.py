@@ -97,6 +97,48 @@ def test_lookup_first_per_request(client: TestClient, reference: Reference) -> N
     assert plain["speculative"]["lookup_cycles"] == 0
 
 
+def test_draft_tree_per_request_and_by_default(
+    client: TestClient,
+    reference: Reference,
+    make_settings: Callable[..., InferenceSettings],
+) -> None:
+    """An eagle3 draft tree per request (and as the server's default): output stays plain
+    greedy's, every cycle verified a tree; other methods and bad shapes get a 422."""
+    prompt = PROMPTS[1]
+    expected = reference.greedy(reference.prompt_ids(prompt), MAX_NEW)
+    body: dict[str, Any] = {
+        "prompt": prompt,
+        "max_new_tokens": MAX_NEW,
+        "speculative": {"method": "eagle3", "num_draft_tokens": 3, "draft_tree": "3x8"},
+    }
+    response = client.post("/generate", json=body)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["token_ids"] == expected
+    spec = data["speculative"]
+    assert spec["draft_tree"] == "3x8" and spec["tree_cycles"] == spec["cycles"] - 1
+    assert spec["draft_tokens"] > 3 * spec["drafts"]  # more nodes per cycle than a chain has
+    for bad, where in (
+        ({"method": "ngram", "draft_tree": "3x8"}, "method 'ngram'"),
+        ({"method": "eagle3", "draft_tree": "3,8"}, "BRANCHxNODES"),
+        ({"method": "eagle3", "draft_tree": "0x8"}, "BRANCHxNODES"),
+    ):
+        refused = client.post("/generate", json={**body, "speculative": bad})
+        assert refused.status_code == 422, refused.text
+        assert where in refused.text and "draft_tree" in refused.text
+    settings = make_settings(drafter="random:0", draft_tree="2x5")
+    with TestClient(create_app(settings)) as server:
+        default = server.post("/generate", json={"prompt": prompt, "max_new_tokens": MAX_NEW})
+        body["speculative"] = {"draft_tree": "chain"}
+        chain = server.post("/generate", json=body)
+    assert default.json()["token_ids"] == expected and chain.json()["token_ids"] == expected
+    assert default.json()["speculative"]["draft_tree"] == "2x5"
+    assert chain.json()["speculative"]["draft_tree"] is None
+    assert chain.json()["speculative"]["tree_cycles"] == 0
+    with pytest.raises(ValueError, match="BRANCHxNODES"):
+        make_settings(drafter="random:0", draft_tree="2x")
+
+
 def test_messages_use_the_chat_template(client: TestClient, reference: Reference) -> None:
     messages = [
         {"role": "system", "content": "Be brief."},
