@@ -208,7 +208,9 @@ def _main_path(config: BenchConfig, k: int | None = None) -> _Path:
 
 def _extra_specs(config: BenchConfig) -> dict[str, _Path]:
     """The extra paths of ``--sweep-k``, ``--sweep-stop-below``, ``--sweep-lookup``,
-    ``--lookup-first`` (the drafter alone, ``"drafter"``) and ``--with-ngram``."""
+    ``--sweep-tree``, ``--lookup-first`` (the drafter alone, ``"drafter"``), ``--draft-tree``
+    (the chain, ``"chain"``; with both, also the chain alone, ``"drafter chain"``) and
+    ``--with-ngram``."""
     main = _main_path(config)
     specs = {f"k={k}": _main_path(config, k) for k in config.sweep}
     specs.update({f"stop<{f:g}": replace(main, stop_below=f) for f in config.stop_floors})
@@ -220,6 +222,8 @@ def _extra_specs(config: BenchConfig) -> dict[str, _Path]:
         specs["drafter"] = replace(main, lookup=0, allowed=main.k)
     if config.draft_tree:
         specs["chain"] = replace(main, tree=None)
+        if config.lookup_first:
+            specs["drafter chain"] = replace(main, tree=None, lookup=0, allowed=main.k)
     if config.with_ngram:
         k = max(config.num_draft_tokens, config.lookup_first)
         specs["ngram"] = _Path("ngram", k, k)

@@ -380,7 +380,9 @@ def test_draft_trees_run_beside_the_chain(tiny_dir: Path, prompts_file: Path) ->
     assert_report_sane(report, num_prompts=2, k=5)
     assert report["draft_tree"] == "3x8"
     extra = report["extra_paths"]
-    assert list(extra) == ["tree=2x4", "drafter", "chain"]
+    assert list(extra) == ["tree=2x4", "drafter", "chain", "drafter chain"]
+    alone = extra["drafter chain"]
+    assert alone["draft_tree"] is None and alone["lookup_first"] == 0 and alone["lookup_share"] == 0
     assert extra["tree=2x4"]["draft_tree"] == "2x4" and extra["chain"]["draft_tree"] is None
     assert extra["chain"]["lookup_first"] == 5 and extra["drafter"]["draft_tree"] == "3x8"
     # a tree cycle drafts up to its node count; the chain at most K
