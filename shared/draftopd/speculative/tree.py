@@ -29,23 +29,30 @@ from draftopd.wire.formats import parse_draft_tree
 class DraftTree:
     """The shape of a drafter's dynamic tree (EAGLE-2): at each depth up to K, the ``branch``
     best nodes of that depth (by cumulative draft log-probability) are expanded into their
-    ``branch`` most likely next tokens; the ``nodes`` best nodes overall are verified."""
+    ``branch`` most likely next tokens; the ``nodes`` best nodes overall are verified. With
+    ``min_prob``, a node whose path probability under the drafter is below it is never added
+    (the best first-depth node always is), so unsure cycles verify fewer nodes and stop
+    drafting early."""
 
     branch: int  # children per expanded node, and nodes expanded per depth
-    nodes: int  # drafted tokens the target verifies per cycle (the root not counted)
+    nodes: int  # drafted tokens the target verifies per cycle, at most (the root not counted)
+    min_prob: float = 0.0  # the floor on a node's cumulative draft probability (0 = none)
 
     def __post_init__(self) -> None:
-        if self.branch < 1 or self.nodes < 1:
-            raise ValueError(f"a draft tree needs branch >= 1 and nodes >= 1, got {self}")
+        if self.branch < 1 or self.nodes < 1 or not 0.0 <= self.min_prob < 1.0:
+            raise ValueError(
+                f"a draft tree needs branch >= 1, nodes >= 1 and 0 <= min_prob < 1, got {self!r}"
+            )
 
     @classmethod
     def parse(cls, text: str) -> DraftTree:
-        """``BRANCHxNODES`` (e.g. ``3x10``), as the bench flags and inference settings give it."""
-        branch, nodes = parse_draft_tree(text)
-        return cls(branch=branch, nodes=nodes)
+        """``BRANCHxNODES[:MINPROB]`` (e.g. ``3x10:0.05``), as bench flags and settings give it."""
+        branch, nodes, min_prob = parse_draft_tree(text)
+        return cls(branch=branch, nodes=nodes, min_prob=min_prob)
 
     def __str__(self) -> str:
-        return f"{self.branch}x{self.nodes}"
+        floor = f":{self.min_prob:g}" if self.min_prob else ""
+        return f"{self.branch}x{self.nodes}{floor}"
 
 
 @dataclass(frozen=True)

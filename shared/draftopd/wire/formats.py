@@ -62,13 +62,24 @@ REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 
 
-def parse_draft_tree(text: str) -> tuple[int, int]:
-    """A draft tree's shape ``BRANCHxNODES`` (e.g. ``3x10``: 3 children per expanded node, 10
-    drafted nodes verified per cycle; ``speculative/tree.py``) -> (branch, nodes)."""
-    branch, sep, nodes = text.strip().partition("x")
-    if not (sep and branch.isdigit() and nodes.isdigit() and int(branch) >= 1 and int(nodes) >= 1):
-        raise ValueError(f"a draft tree is BRANCHxNODES with both >= 1 (e.g. '3x10'), got {text!r}")
-    return int(branch), int(nodes)
+def parse_draft_tree(text: str) -> tuple[int, int, float]:
+    """A draft tree's shape ``BRANCHxNODES[:MINPROB]`` (e.g. ``3x10`` or ``3x10:0.05``: 3
+    children per expanded node, at most 10 drafted nodes verified per cycle, none whose path
+    probability under the drafter is below 0.05; ``speculative/tree.py``) ->
+    (branch, nodes, min_prob)."""
+    shape, colon, floor = text.strip().partition(":")
+    branch, sep, nodes = shape.partition("x")
+    try:
+        min_prob = float(floor) if colon else 0.0
+    except ValueError:
+        min_prob = -1.0
+    valid = sep and branch.isdigit() and nodes.isdigit() and int(branch) >= 1 and int(nodes) >= 1
+    if not (valid and 0.0 <= min_prob < 1.0):
+        raise ValueError(
+            "a draft tree is BRANCHxNODES[:MINPROB] with both counts >= 1 and 0 <= MINPROB < 1 "
+            f"(e.g. '3x10' or '3x10:0.05'), got {text!r}"
+        )
+    return int(branch), int(nodes), min_prob
 
 
 def is_pickle_name(name: str) -> bool:

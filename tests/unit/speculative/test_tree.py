@@ -5,6 +5,7 @@ test_lossless_sampling.py."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -48,8 +49,9 @@ def test_layout_rejects_what_is_not_a_tree(parents: tuple[int, ...]) -> None:
 
 def test_draft_tree_parse() -> None:
     assert DraftTree.parse("3x10") == DraftTree(branch=3, nodes=10)
-    assert str(DraftTree(4, 16)) == "4x16"
-    for bad in ("3", "3,10", "3xx", "0x4", "3x0", "1x2x3", "-1x4"):
+    assert DraftTree.parse("3x10:0.05") == DraftTree(branch=3, nodes=10, min_prob=0.05)
+    assert str(DraftTree(4, 16)) == "4x16" and str(DraftTree(4, 16, 0.1)) == "4x16:0.1"
+    for bad in ("3", "3,10", "3xx", "0x4", "3x0", "1x2x3", "-1x4", "3x10:1", "3x10:x", "3x4:"):
         with pytest.raises(ValueError, match="draft tree"):
             DraftTree.parse(bad)
 
@@ -239,3 +241,40 @@ def test_a_tree_accepts_more_than_the_chain_on_a_trained_drafter(
         assert out.token_ids == plain.token_ids
     tau = {name: committed[name] / cycles[name] for name in committed}
     assert tau["tree"] > tau["chain"] + 0.1, tau
+
+
+def _paths(proposal: Any) -> list[tuple[int, ...]]:
+    """Each drafted node as its token path from the root."""
+    paths: list[tuple[int, ...]] = []
+    for token, parent in zip(proposal.tokens, proposal.parents, strict=True):
+        paths.append((*(paths[parent] if parent >= 0 else ()), token))
+    return paths
+
+
+def test_a_min_prob_tree_keeps_exactly_the_likely_nodes(
+    tiny_target: Any, sharp_drafter: Any
+) -> None:
+    """With min_prob, the tree is the unfloored tree's nodes whose path probability reaches the
+    floor (and always the best first node); drafting stops where no node is left."""
+    prompt = _ids(tiny_target, "def add(a, b):")
+    features = tiny_target.forward(
+        torch.tensor([prompt[:-1]]), tiny_target.new_decode_cache(), want_features=True
+    ).features[0]
+    params, k = SamplingParams(max_new_tokens=32), 4
+    full = RecordingTree(sharp_drafter, tree=DraftTree(3, 200), weights="float32")
+    full.start(prompt, features)
+    everything = _paths(full.propose(prompt, k, params, None))
+    scores: dict[tuple[int, ...], float] = {(): 0.0}
+    for path, logp in full.expanded:
+        top = torch.topk(logp, 3)
+        for index, value in zip(top.indices.tolist(), top.values.tolist(), strict=True):
+            scores[(*path, int(sharp_drafter.d2t[index]))] = scores[tuple(path)] + value
+    probs = sorted(math.exp(scores[p]) for p in everything)
+    for floor in (probs[len(probs) // 2], probs[-2], 0.999):
+        floored = RecordingTree(sharp_drafter, tree=DraftTree(3, 200, floor), weights="float32")
+        floored.start(prompt, features)
+        kept = _paths(floored.propose(prompt, k, params, None))
+        want = [p for p in everything if math.exp(scores[p]) >= floor] or [everything[0]]
+        assert kept == want, floor
+        assert len(floored.expanded) <= len(full.expanded)
+    assert len(kept) == 1 and len(floored.expanded) == 1  # only the best first node: no levels

@@ -10,6 +10,11 @@ The ``nodes`` best nodes overall go to the target, which scores them in one forw
 (``speculative/tree.py``). A child's score never exceeds its parent's, and a parent is numbered
 before its children, so the best nodes always form a tree rooted at the last committed token.
 
+With ``min_prob`` (``DraftTree``), nodes whose path probability under the drafter is below it are
+never added, and drafting stops at the first depth with none left: where the drafter is unsure
+the cycle verifies fewer tokens, which is what a token of verification costing ~4% of a target
+step on a CPU asks for (docs/engine.md).
+
 Children are the top tokens of the drafter's distribution, chosen without a draw: verification
 treats them as deterministic candidates, which keeps greedy output and the sampling distribution
 exactly the target's.
@@ -17,6 +22,7 @@ exactly the target's.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -40,9 +46,14 @@ class _Nodes:
     slots: dict[int, int] = field(default_factory=dict)  # expanded node -> drafter cache slot
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # expanded node -> [H]
 
-    def add(self, parent: int, depth: int, tokens: list[int], logps: list[float]) -> None:
+    def add(
+        self, parent: int, depth: int, tokens: list[int], logps: list[float], *, floor: float
+    ) -> None:
+        """Children of ``parent`` (-1 = root) whose cumulative log-probability is >= floor."""
         base = self.scores[parent] if parent >= 0 else 0.0
         for token, logp in zip(tokens, logps, strict=True):
+            if base + logp < floor and (parent >= 0 or self.tokens):
+                continue  # below the tree's min_prob (the best first-depth node always stays)
             self.tokens.append(token)
             self.parents.append(parent)
             self.scores.append(base + logp)
@@ -90,8 +101,12 @@ class Eagle3TreeProposer(Eagle3Proposer):
         nodes = _Nodes()
         self._expand(nodes, [-1], root.logits[None], depth=1)
         root_hidden = root.hidden[-1]
+        floor = self._floor()
         for depth in range(1, k):
             frontier = nodes.best(self.tree.branch, depth=depth)
+            frontier = [i for i in frontier if nodes.scores[i] >= floor]
+            if not frontier:
+                break  # every candidate of this depth is below min_prob: nothing to expand
             hidden = torch.stack(
                 [nodes.hidden[p] if p >= 0 else root_hidden for p in
                  (nodes.parents[i] for i in frontier)]
@@ -112,7 +127,11 @@ class Eagle3TreeProposer(Eagle3Proposer):
         top = torch.topk(logp, min(self.tree.branch, logp.shape[-1]), dim=-1)  # [n, branch]
         tokens = self.drafter.d2t[top.indices].tolist()
         for row, parent in enumerate(parents):
-            nodes.add(parent, depth, tokens[row], top.values[row].tolist())
+            nodes.add(parent, depth, tokens[row], top.values[row].tolist(), floor=self._floor())
+
+    def _floor(self) -> float:
+        """min_prob as a cumulative log-probability (-inf without one)."""
+        return math.log(self.tree.min_prob) if self.tree.min_prob > 0 else -math.inf
 
     def _level(
         self,
