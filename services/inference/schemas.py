@@ -66,8 +66,9 @@ class SpeculativeOptions(_Request):
     )
     draft_tree: str | None = Field(
         default=None,
-        description="eagle3 only: draft a dynamic tree BRANCHxNODES of depth K (e.g. '3x10') "
-        "instead of a chain, or 'chain' (null = the server's default). Never changes the output.",
+        description="eagle3 only: draft a dynamic tree BRANCHxNODES[:MINPROB] of depth K (e.g. "
+        "'3x10' or '3x10:0.05') instead of a chain, or 'chain' (null = the server's default). "
+        "Never changes the output.",
     )
 
     @field_validator("draft_tree")

@@ -51,9 +51,9 @@ class InferenceSettings(BaseSettings):
     )
     draft_tree: str | None = Field(
         default=None,
-        description="Default draft tree BRANCHxNODES for eagle3 (e.g. 3x10: depth K, 3 children "
-        "per expanded node, 10 nodes verified per cycle); unset = chain drafts. Never changes "
-        "the output.",
+        description="Default eagle3 draft tree BRANCHxNODES[:MINPROB] (e.g. 3x10:0.05: depth K, "
+        "3 children per expanded node, at most 10 nodes verified per cycle, none below path "
+        "probability 0.05); unset = chain drafts. Never changes the output.",
     )
     draft_weights: Literal["auto", "bfloat16", "int8", "float32", "module"] = Field(
         default="auto",

@@ -112,11 +112,12 @@ class BenchConfig:
     )
     draft_tree: str | None = setting(
         None,
-        "eagle3: draft a dynamic tree BRANCHxNODES (e.g. 3x10) of depth K instead of a chain; "
-        "also runs the chain at K in the same run (and alone, with lookup_first)",
+        "eagle3: draft a dynamic tree BRANCHxNODES[:MINPROB] (e.g. 3x10:0.05) of depth K "
+        "instead of a chain; also runs the chain at K in the same run (and alone, with "
+        "lookup_first)",
     )
     sweep_tree: str | None = setting(
-        None, "also run the drafter with each of these trees, e.g. 2x6,3x10,4x16"
+        None, "also run the drafter with each of these trees, e.g. 2x6,3x10,4x16:0.05"
     )
 
     def __post_init__(self) -> None:
