@@ -83,6 +83,15 @@ class Eagle3Proposer:
         self.pending_features = features
         self.pending_tokens = list(committed)
 
+    def _feed_pending(self) -> _Step | None:
+        """Put the queued entries (real target features) into the drafter's cache: the step
+        that drafting continues from, or None when nothing is queued."""
+        if self.pending_features is None or not self.pending_tokens:
+            return None
+        features, tokens = self.pending_features, self.pending_tokens
+        self.pending_features, self.pending_tokens = None, []
+        return self._forward(self._project(features), tokens, self.cache.length)
+
     def _doubtful(self, logits: torch.Tensor, params: SamplingParams) -> bool:
         """Whether the drafter's most likely token at this slot is below ``stop_below``. Read
         from the distribution before any draw: a stop that depended on the drawn token would
@@ -112,12 +121,10 @@ class Eagle3Proposer:
     def propose(
         self, context: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
     ) -> Proposal:
-        if k <= 0 or self.pending_features is None or not self.pending_tokens:
+        step = self._feed_pending() if k > 0 else None
+        if step is None:
             return Proposal(tokens=[], q=None)
-        start = self.cache.length
-        step = self._forward(self._project(self.pending_features), self.pending_tokens, start)
         real_length = self.cache.length
-        self.pending_features, self.pending_tokens = None, []
         tokens: list[int] = []
         qs: list[torch.Tensor | None] = []
         for index in range(k):

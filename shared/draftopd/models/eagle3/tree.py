@@ -91,13 +91,10 @@ class Eagle3TreeProposer(Eagle3Proposer):
     def propose(
         self, context: list[int], k: int, params: SamplingParams, generator: torch.Generator | None
     ) -> Proposal:
-        if k <= 0 or self.pending_features is None or not self.pending_tokens:
+        root = self._feed_pending() if k > 0 else None
+        if root is None:
             return Proposal(tokens=[], q=None)
-        root = self._forward(
-            self._project(self.pending_features), self.pending_tokens, self.cache.length
-        )
         real_length = self.cache.length
-        self.pending_features, self.pending_tokens = None, []
         nodes = _Nodes()
         self._expand(nodes, [-1], root.logits[None], depth=1)
         root_hidden = root.hidden[-1]
