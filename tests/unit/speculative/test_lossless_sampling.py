@@ -293,16 +293,18 @@ def buggy_verify_tree_sampling(
         node = accepted
 
 
+@pytest.mark.parametrize("tree", [DraftTree(2, 4), DraftTree(2, 4, min_prob=0.3)], ids=str)
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_tree_sampling_matches_target(target: TargetModel, setting: str) -> None:
-    """EAGLE-3 tree drafts (2 children per node, deterministic candidates) keep the target's
-    distribution, with trees that are really accepted and rejected."""
+def test_tree_sampling_matches_target(target: TargetModel, setting: str, tree: DraftTree) -> None:
+    """EAGLE-3 tree drafts (2 children per node, deterministic candidates; with and without a
+    probability floor) keep the target's distribution, with trees that are really accepted
+    and rejected."""
     drafter = random_drafter(target, "eagle3")
     params = SETTINGS[setting]
     stats: list[DecodeStats] = []
 
     def make() -> object:
-        return drafter.proposer(tree=DraftTree(branch=2, nodes=4))  # type: ignore[operator]
+        return drafter.proposer(tree=tree)  # type: ignore[operator]
 
     engine = DecodeEngine(target, num_draft_tokens=2)
     for seed in range(200):
