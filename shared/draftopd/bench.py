@@ -424,6 +424,7 @@ def build_report(
         report["hf_identical"] = sum(_hf_identical(r) for r in runs)
     report.update(_context(config, machine, accepted=accepted, proposed=proposed))
     report["lookup_share"] = _lookup_share(spec)
+    report.update(_tau_by_source(spec))
     if runs and runs[0].extra:
         specs = _extra_specs(config)
         report["extra_paths"] = {
@@ -445,6 +446,7 @@ def _path_summary(name: str, path: _Path, runs: list[PromptRun]) -> dict[str, An
             sum(r.stats.draft_tokens for r in results), sum(r.stats.drafts for r in results)
         ),
         "lookup_share": _lookup_share(results),
+        **_tau_by_source(results),
         "tau": _ratio(
             sum(r.stats.committed for r in results), sum(r.stats.cycles for r in results)
         ),
@@ -454,6 +456,19 @@ def _path_summary(name: str, path: _Path, runs: list[PromptRun]) -> dict[str, An
         "tokens_per_s": _tokens_per_s(results),
         "identical": sum(r.extra[name].token_ids == r.baseline.token_ids for r in runs),
         "acceptance_by_position": [_ratio(a, p) for a, p in zip(accepted, proposed, strict=True)],
+    }
+
+
+def _tau_by_source(results: list[GenerationResult]) -> dict[str, float]:
+    """tau of the cycles the n-gram lookup drafted and of the others (``lookup_tau`` is 0
+    without lookup cycles)."""
+    cycles = sum(r.stats.cycles for r in results)
+    committed = sum(r.stats.committed for r in results)
+    lookup_cycles = sum(r.stats.lookup_cycles for r in results)
+    lookup_committed = sum(r.stats.lookup_committed for r in results)
+    return {
+        "lookup_tau": _ratio(lookup_committed, lookup_cycles),
+        "drafter_tau": _ratio(committed - lookup_committed, cycles - lookup_cycles),
     }
 
 
@@ -603,5 +618,9 @@ def lookup_label(path: dict[str, Any]) -> str:
 
 
 def _lookup_note(path: dict[str, Any]) -> str:
+    """The lookup's share of cycles and tau by source (lookup / drafter cycles), if any."""
     share = path.get("lookup_share", 0.0)
-    return f"lookup {share:.0%} of cycles | " if share else ""
+    if not share:
+        return ""
+    taus = f"{path.get('lookup_tau', 0.0):.2f} / {path.get('drafter_tau', 0.0):.2f}"
+    return f"lookup {share:.0%} of cycles (tau lookup / drafter {taus}) | "

@@ -340,9 +340,18 @@ def test_lookup_first_runs_beside_the_drafter_alone(tiny_dir: Path, prompts_file
     assert extra["ngram"]["num_draft_tokens"] == 5
     assert extra["drafter"]["lookup_share"] == 0 and 0 < extra["k=2"]["lookup_share"] < 1
     assert 0 < report["lookup_share"] < 1
+    # tau by source: the cycle-weighted mix of the two is the path's tau
+    for path in (report, extra["k=2"]):
+        share, lookup, drafter = path["lookup_share"], path["lookup_tau"], path["drafter_tau"]
+        assert lookup > drafter >= 1  # the random drafter is rarely right, the lookup often
+        assert share * lookup + (1 - share) * drafter == pytest.approx(path["tau"])
+    assert extra["drafter"]["lookup_tau"] == 0 and extra["drafter"]["drafter_tau"] == (
+        pytest.approx(extra["drafter"]["tau"])
+    )
     assert all(path["identical"] == 2 for path in extra.values())
     text = format_summary(report)
     assert "method eagle3 + lookup 5" in text and "eagle3 + lookup 5 K=2: tau" in text
+    assert "(tau lookup / drafter " in text
     assert f"eagle3 K={K}: tau" in text
     with pytest.raises(ValueError, match="combines n-gram lookup with a drafter"):
         bench_config(tiny_dir, prompts_file, method="ngram", lookup_first=4)

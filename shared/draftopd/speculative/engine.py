@@ -44,6 +44,7 @@ class DecodeStats:
     accepted_by_position: list[int] = field(default_factory=list)  # index j-1: drafts accepted at j
     proposed_by_position: list[int] = field(default_factory=list)
     lookup_cycles: int = 0  # cycles drafted by LookupFirstProposer's lookup (Proposal.lookup)
+    lookup_committed: int = 0  # tokens those cycles committed (their tau = this / lookup_cycles)
     tree_cycles: int = 0  # cycles that verified a draft tree (by position then means by depth)
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -60,6 +61,7 @@ class DecodeStats:
         drafted tokens), ``accepted`` of them committed."""
         self.cycles += 1
         self.lookup_cycles += int(lookup)
+        self.lookup_committed += (accepted + 1) if lookup else 0
         self.tree_cycles += int(nodes is not None)
         self.committed += accepted + 1
         self.drafts += int(proposed > 0)

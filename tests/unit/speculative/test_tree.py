@@ -13,7 +13,7 @@ import torch
 
 from draftopd.models.eagle3.tree import Eagle3TreeProposer
 from draftopd.models.families import family
-from draftopd.speculative.engine import DecodeEngine
+from draftopd.speculative.engine import DecodeEngine, DecodeStats
 from draftopd.speculative.proposers import LookupFirstProposer
 from draftopd.speculative.sampling import SamplingParams
 from draftopd.speculative.tree import DraftTree, TreeLayout, verify_tree_greedy
@@ -278,3 +278,15 @@ def test_a_min_prob_tree_keeps_exactly_the_likely_nodes(
         assert kept == want, floor
         assert len(floored.expanded) <= len(full.expanded)
     assert len(kept) == 1 and len(floored.expanded) == 1  # only the best first node: no levels
+
+
+def test_decode_stats_count_trees_and_lookup_cycles_apart() -> None:
+    stats = DecodeStats()
+    stats.add(3, 2, lookup=True)  # a lookup chain: 3 drafts, 2 accepted
+    stats.add(2, 1, nodes=5)  # a tree of depth 2 with 5 nodes, path of 1
+    stats.add(2, 0)  # a drafter chain
+    assert (stats.cycles, stats.committed, stats.lookup_cycles, stats.lookup_committed) == (
+        3, 6, 1, 3,
+    )  # fmt: skip
+    assert (stats.tree_cycles, stats.draft_tokens, stats.accepted_tokens) == (1, 10, 3)
+    assert stats.accepted_by_position == [2, 1, 0] and stats.proposed_by_position == [3, 3, 1]
