@@ -424,6 +424,7 @@ def build_report(
         report["hf_identical"] = sum(_hf_identical(r) for r in runs)
     report.update(_context(config, machine, accepted=accepted, proposed=proposed))
     report["lookup_share"] = _lookup_share(spec)
+    report["drafts_per_cycle"] = _drafts_per_cycle(spec)
     report.update(_tau_by_source(spec))
     if runs and runs[0].extra:
         specs = _extra_specs(config)
@@ -442,9 +443,7 @@ def _path_summary(name: str, path: _Path, runs: list[PromptRun]) -> dict[str, An
     accepted, proposed = _position_counts(results, path.allowed)
     return {
         **path.summary_fields(),
-        "drafts_per_cycle": _ratio(
-            sum(r.stats.draft_tokens for r in results), sum(r.stats.drafts for r in results)
-        ),
+        "drafts_per_cycle": _drafts_per_cycle(results),
         "lookup_share": _lookup_share(results),
         **_tau_by_source(results),
         "tau": _ratio(
@@ -457,6 +456,11 @@ def _path_summary(name: str, path: _Path, runs: list[PromptRun]) -> dict[str, An
         "identical": sum(r.extra[name].token_ids == r.baseline.token_ids for r in runs),
         "acceptance_by_position": [_ratio(a, p) for a, p in zip(accepted, proposed, strict=True)],
     }
+
+
+def _drafts_per_cycle(results: list[GenerationResult]) -> float:
+    """Draft tokens (tree nodes for a tree) per cycle that proposed any."""
+    return _ratio(sum(r.stats.draft_tokens for r in results), sum(r.stats.drafts for r in results))
 
 
 def _tau_by_source(results: list[GenerationResult]) -> dict[str, float]:
