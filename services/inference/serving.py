@@ -232,20 +232,8 @@ class InferenceService:
                 f"(use {' or '.join(DRAFTER_METHODS)}, or lookup_first 0)",
                 spec.lookup_first,
             )
-        if spec.draft_tree not in (None, "chain") and method != "eagle3":
-            raise InvalidRequestError(
-                ("speculative", "draft_tree"),
-                f"draft trees are drafted by eagle3 drafters; method {method!r} drafts none "
-                "(use method eagle3, or draft_tree 'chain')",
-                spec.draft_tree,
-            )
-        if spec.draft_tree not in (None, "chain") and self.engine.target.step != "lean":
-            raise InvalidRequestError(
-                ("speculative", "draft_tree"),
-                "draft trees need the target's lean decode step; this server runs Hugging "
-                "Face's forward (use draft_tree 'chain')",
-                spec.draft_tree,
-            )
+        if spec.draft_tree not in (None, "chain"):
+            self._check_tree_request(spec.draft_tree, method)
         if method in DRAFTER_METHODS:
             drafter = self._routed(drafter, method)
         if method in DRAFTER_METHODS and (drafter is None or drafter.architecture != method):
@@ -442,6 +430,21 @@ class InferenceService:
         if method not in DRAFTER_METHODS:
             return 0
         return spec.lookup_first if spec.lookup_first is not None else self.settings.lookup_first
+
+    def _check_tree_request(self, tree: str, method: str) -> None:
+        """A request's explicit draft tree needs an eagle3 drafter and the lean target step."""
+        problem = None
+        if method != "eagle3":
+            problem = f"draft trees are drafted by eagle3 drafters; method {method!r} drafts none"
+        elif self.engine.target.step != "lean":
+            problem = (
+                "draft trees need the target's lean decode step; this server runs Hugging "
+                "Face's forward"
+            )
+        if problem is not None:
+            raise InvalidRequestError(
+                ("speculative", "draft_tree"), f"{problem} (use draft_tree 'chain')", tree
+            )
 
     def _draft_tree(self, spec: GenerationSpec, method: str) -> str | None:
         """The request's tree, else the server's; None (chain) where no eagle3 drafter runs or

@@ -152,6 +152,15 @@ class InferenceSettings(BaseSettings):
         return value or None
 
     @model_validator(mode="after")
+    def _check_tree_and_floor(self) -> InferenceSettings:
+        if self.draft_tree and self.draft_stop_below > 0:
+            raise ValueError(
+                "DRAFT_TREE and DRAFT_STOP_BELOW do not combine: give the tree its own floor "
+                "(BRANCHxNODES:MINPROB)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_drafter_source(self) -> InferenceSettings:
         if self.registry_url is not None:
             if self.drafter is not None:

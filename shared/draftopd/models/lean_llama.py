@@ -260,6 +260,16 @@ def causal_mask(
     return mask.repeat(group, 1)
 
 
+def visibility_mask(
+    sees: torch.Tensor, *, group: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Additive ``[group * T, S]`` mask from a ``[T, S]`` bool "entry t attends to key s" (a
+    draft tree's), repeated for the query heads folded into one KV head like ``causal_mask``."""
+    mask = torch.zeros(sees.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~sees.to(device), float("-inf"))
+    return mask.repeat(group, 1)
+
+
 def grouped_attention(
     qkv: torch.Tensor,  # [T, (heads + 2 * kv_heads) * dim]: the fused q/k/v projection
     keys: torch.Tensor,  # [kv_heads, capacity, dim]: this layer's cache, written at start..
@@ -399,7 +409,8 @@ class LeanLlama:
         else:
             positions = tree.positions(start).to(self.device)
             cos, sin = self._cos[positions, None], self._sin[positions, None]
-            mask = tree.attention_mask(start, group=group, dtype=dtype, device=self.device)
+            sees = tree.visibility(start)
+            mask = visibility_mask(sees, group=group, dtype=dtype, device=self.device)
         x = F.embedding(ids, self.embed)  # [T, hidden]
         features: dict[int, torch.Tensor] = {}
         linear = self.linear

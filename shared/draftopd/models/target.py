@@ -203,11 +203,6 @@ class TargetModel:
         return TargetOutput(logits=logits.float()[None], features=features)
 
 
-def supports_tree(cache: DecodeCache) -> bool:
-    """Whether a forward against ``cache`` can score a draft tree (the lean step's cache)."""
-    return isinstance(cache, StaticKVCache)
-
-
 def crop_cache(cache: DecodeCache, length: int) -> None:
     """Drop every cached position at index >= length (after a rejected draft)."""
     if isinstance(cache, StaticKVCache):

@@ -100,15 +100,13 @@ class TreeLayout:
         """Absolute positions ``[T]`` of the block written after ``start`` cached tokens."""
         return start + torch.tensor(self.depths, dtype=torch.long)
 
-    def attention_mask(
-        self, start: int, *, group: int, dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
-        """Additive ``[group * T, start + T]`` mask: the prefix and the entry's own ancestry,
-        repeated for the query heads folded into one KV head (as ``causal_mask``)."""
+    def visibility(self, start: int) -> torch.Tensor:
+        """``[T, start + T]`` bool: what each entry attends to after ``start`` cached tokens
+        (the prefix, its ancestors and itself)."""
         size = len(self.parents)
-        mask = torch.zeros((size, start + size), dtype=dtype, device=device)
-        mask[:, start:].masked_fill_(~self.ancestry.to(device), float("-inf"))
-        return mask.repeat(group, 1)
+        sees = torch.ones((size, start + size), dtype=torch.bool)
+        sees[:, start:] = self.ancestry
+        return sees
 
 
 @dataclass(frozen=True)

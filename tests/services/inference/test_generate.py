@@ -137,6 +137,8 @@ def test_draft_tree_per_request_and_by_default(
     assert chain.json()["speculative"]["tree_cycles"] == 0
     with pytest.raises(ValueError, match="BRANCHxNODES"):
         make_settings(drafter="random:0", draft_tree="2x")
+    with pytest.raises(ValueError, match="do not combine"):
+        make_settings(drafter="random:0", draft_tree="2x5", draft_stop_below=0.3)
 
 
 def test_messages_use_the_chat_template(client: TestClient, reference: Reference) -> None:

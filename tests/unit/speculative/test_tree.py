@@ -13,6 +13,7 @@ import torch
 
 from draftopd.models.eagle3.tree import Eagle3TreeProposer
 from draftopd.models.families import family
+from draftopd.models.lean_llama import visibility_mask
 from draftopd.speculative.engine import DecodeEngine, DecodeStats
 from draftopd.speculative.proposers import LookupFirstProposer
 from draftopd.speculative.sampling import SamplingParams
@@ -30,12 +31,14 @@ def test_layout_depths_children_and_mask() -> None:
     layout = TreeLayout(PARENTS)
     assert layout.depths == [0, 1, 1, 2, 2, 3]
     assert layout.children == [[1, 2], [3, 4], [], [5], [], []]
-    mask = layout.attention_mask(3, group=2, dtype=torch.float32, device=torch.device("cpu"))
-    assert mask.shape == (12, 9)
-    sees = (mask[:6] == 0).tolist()
+    visible = layout.visibility(3)
+    assert visible.shape == (6, 9)
+    sees = visible.tolist()
     assert all(row[:3] == [True] * 3 for row in sees)  # every entry sees the prefix
     assert [i for i, s in enumerate(sees[5][3:]) if s] == [0, 1, 3, 5]  # root, 1, 3, itself
     assert [i for i, s in enumerate(sees[2][3:]) if s] == [0, 2]
+    mask = visibility_mask(visible, group=2, dtype=torch.float32, device=torch.device("cpu"))
+    assert mask.shape == (12, 9) and torch.equal(mask[:6] == 0, visible)
     assert torch.equal(mask[6:], mask[:6])  # repeated for the folded query heads
     assert layout.positions(3).tolist() == [3, 4, 4, 5, 5, 6]
     assert TreeLayout.from_proposal((-1, -1, 0, 0, 2)).parents == PARENTS

@@ -31,6 +31,7 @@ from draftopd.models.lean_llama import (
     grouped_attention,
     rms_norm,
     rope_tables,
+    visibility_mask,
 )
 
 if TYPE_CHECKING:
@@ -102,10 +103,10 @@ class LeanEagle3:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One tree level: n entries appended to the cache, each at its own position and with
         its own visibility (prefix, ancestors, itself) -> (logits [n, Vd], hidden [n, H])."""
-        group = self.heads // self.kv_heads
-        mask = torch.zeros(sees.shape, dtype=torch.float32)
-        mask.masked_fill_(~sees, float("-inf"))
-        h = self._layer(hidden, ids, cache, positions=positions, mask=mask.repeat(group, 1))
+        mask = visibility_mask(
+            sees, group=self.heads // self.kv_heads, dtype=torch.float32, device=hidden.device
+        )
+        h = self._layer(hidden, ids, cache, positions=positions, mask=mask)
         return self.linear(h, self.lm_head, norm=self.norms["norm"]), h
 
     def _layer(
