@@ -83,6 +83,7 @@ class PromptRun:
     hf_generate: PeerRun | None  # HF greedy generate (with peers)
     hf_prompt_lookup: PeerRun | None  # HF generate(prompt_lookup_num_tokens=10) (with peers)
     extra: dict[str, GenerationResult] = field(default_factory=dict)  # "k=3", "ngram" paths
+    category: str | None = None  # the prompt's category, where its file gives one
 
 
 @dataclass
@@ -93,7 +94,7 @@ class _Bench:
     target: TargetModel
     engine: DecodeEngine
     drafter: Drafter | None
-    prompts: list[tuple[str, list[int]]]  # (prompt id, prompt token ids)
+    prompts: list[tuple[str, list[int], str | None]]  # (prompt id, token ids, category)
 
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:
@@ -109,8 +110,9 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         bench.prompts, desc=f"bench {config.method}", unit="prompt", disable=not config.progress
     )
     with logging_redirect_tqdm():
-        for index, (prompt_id, ids) in enumerate(bar):
-            runs.append(_measure_prompt(bench, prompt_id, ids, index))
+        for index, (prompt_id, ids, category) in enumerate(bar):
+            run = _measure_prompt(bench, prompt_id, ids, index)
+            runs.append(replace(run, category=category))
     return build_report(config, runs, machine=machine_info(bench.target.device))
 
 
@@ -149,7 +151,7 @@ def _setup(config: BenchConfig) -> _Bench:
     )
     if target.tokenizer is None:
         raise ValueError(f"target {config.target!r} has no tokenizer; the benchmark needs one")
-    rendered = [(p.id, render_prompt(target.tokenizer, p)) for p in prompts]
+    rendered = [(p.id, render_prompt(target.tokenizer, p), p.category) for p in prompts]
     drafter = None
     if config.drafter_ref:
         drafter = load_drafter_ref(config.drafter_ref, target, architecture=config.method)
@@ -253,7 +255,7 @@ def _sampling(config: BenchConfig, index: int, max_new_tokens: int) -> SamplingP
 
 def _warm_up(bench: _Bench) -> None:
     """One untimed generation per path, so lazy initialisation is not timed."""
-    _, ids = bench.prompts[0]
+    _, ids, _ = bench.prompts[0]
     params = _sampling(bench.config, 0, min(WARMUP_TOKENS, bench.config.max_new_tokens))
     logger.info("warm-up (untimed)")
     _generate(bench, ids, params, None)
@@ -373,6 +375,16 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator > 0 else 0.0
 
 
+def _tau(results: list[GenerationResult]) -> float:
+    """Tokens committed per verification cycle, over all of ``results``."""
+    return _ratio(sum(r.stats.committed for r in results), sum(r.stats.cycles for r in results))
+
+
+def _speedup(baseline: list[GenerationResult], results: list[GenerationResult]) -> float:
+    """Decode-time speedup of ``results`` over the plain runs of the same prompts."""
+    return _ratio(sum(r.stats.decode_s for r in baseline), sum(r.stats.decode_s for r in results))
+
+
 def _tokens_per_s(results: list[GenerationResult]) -> float:
     """Generated tokens / (prefill + decode) seconds, summed over prompts."""
     tokens = sum(len(r.token_ids) for r in results)
@@ -404,10 +416,8 @@ def build_report(
     k = _main_path(config).allowed if config.method != "none" else 0
     accepted, proposed = _position_counts(spec, k)
     report: dict[str, Any] = {
-        "tau": _ratio(sum(r.stats.committed for r in spec), sum(r.stats.cycles for r in spec)),
-        "speedup": _ratio(
-            sum(r.stats.decode_s for r in baseline), sum(r.stats.decode_s for r in spec)
-        ),
+        "tau": _tau(spec),
+        "speedup": _speedup(baseline, spec),
         "spec_tokens_per_s": _tokens_per_s(spec),
         "baseline_tokens_per_s": _tokens_per_s(baseline),
         "identical": sum(_identical(r) for r in runs),
@@ -426,6 +436,8 @@ def build_report(
     report["lookup_share"] = _lookup_share(spec)
     report["drafts_per_cycle"] = _drafts_per_cycle(spec)
     report.update(_tau_by_source(spec))
+    if any(r.category for r in runs):
+        report["by_category"] = _by_category(runs, lambda r: r.spec)
     if runs and runs[0].extra:
         specs = _extra_specs(config)
         report["extra_paths"] = {
@@ -441,21 +453,45 @@ def _path_summary(name: str, path: _Path, runs: list[PromptRun]) -> dict[str, An
     results = [r.extra[name] for r in runs]
     baseline = [r.baseline for r in runs]
     accepted, proposed = _position_counts(results, path.allowed)
+    by_category = (
+        {"by_category": _by_category(runs, lambda r: r.extra[name])}
+        if any(r.category for r in runs)
+        else {}
+    )
     return {
         **path.summary_fields(),
         "drafts_per_cycle": _drafts_per_cycle(results),
         "lookup_share": _lookup_share(results),
         **_tau_by_source(results),
-        "tau": _ratio(
-            sum(r.stats.committed for r in results), sum(r.stats.cycles for r in results)
-        ),
-        "speedup": _ratio(
-            sum(r.stats.decode_s for r in baseline), sum(r.stats.decode_s for r in results)
-        ),
+        "tau": _tau(results),
+        "speedup": _speedup(baseline, results),
         "tokens_per_s": _tokens_per_s(results),
         "identical": sum(r.extra[name].token_ids == r.baseline.token_ids for r in runs),
         "acceptance_by_position": [_ratio(a, p) for a, p in zip(accepted, proposed, strict=True)],
+        **by_category,
     }
+
+
+def _by_category(
+    runs: list[PromptRun], path: Callable[[PromptRun], GenerationResult]
+) -> dict[str, dict[str, Any]]:
+    """tau, decode speedup over plain and identical count of one path per prompt category
+    (prompts without one count as "other"), in first-seen order."""
+    groups: dict[str, list[PromptRun]] = {}
+    for run in runs:
+        groups.setdefault(run.category or "other", []).append(run)
+    summary = {}
+    for category, group in groups.items():
+        results = [path(r) for r in group]
+        summary[category] = {
+            "num_prompts": len(group),
+            "tau": _tau(results),
+            "speedup": _speedup([r.baseline for r in group], results),
+            "identical": sum(
+                p.token_ids == r.baseline.token_ids for p, r in zip(results, group, strict=True)
+            ),
+        }
+    return summary
 
 
 def _drafts_per_cycle(results: list[GenerationResult]) -> float:
@@ -534,6 +570,7 @@ def _result_entry(result: GenerationResult) -> dict[str, Any]:
 def _prompt_entry(run: PromptRun) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "id": run.prompt_id,
+        "category": run.category,
         "prompt_tokens": run.prompt_tokens,
         "baseline": _result_entry(run.baseline),
         "spec": _result_entry(run.spec),
@@ -595,6 +632,11 @@ def format_summary(report: dict[str, Any]) -> str:
         + (f" | HF identical {report['hf_identical']}/{n}" if report.get("peers") else ""),
         f"acceptance by position: [{acceptance}]",
     ]
+    for category, row in report.get("by_category", {}).items():
+        lines.append(
+            f"  {category} ({row['num_prompts']}): tau {row['tau']:.2f} | "
+            f"speedup {row['speedup']:.2f}x | identical {row['identical']}/{row['num_prompts']}"
+        )
     for path in report.get("extra_paths", {}).values():
         accept = ", ".join(f"{a:.2f}" for a in path["acceptance_by_position"])
         lines.append(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class Prompt:
     text: str | None  # plain text (from "prompt")
     source: str  # the key the prompt came from: "prompt", "turns", "messages" or "prompt_ids"
     token_ids: tuple[int, ...] | None = None  # "prompt_ids": rendered already, used as they are
+    category: str | None = None  # the line's optional "category" (MT-Bench: "writing", ...)
 
     @property
     def chat_messages(self) -> list[dict[str, str]]:
@@ -143,7 +144,13 @@ def _parse_record(record: dict[str, Any], *, line_no: int) -> Prompt:
     key = keys[0]
     raw_id = next((record[k] for k in ID_KEYS if k in record), line_no)
     prompt_id = str(raw_id)
-    value = record[key]
+    category = record.get("category")
+    if category is not None and (not isinstance(category, str) or not category):
+        raise ValueError(f"line {line_no}: 'category' must be a non-empty string")
+    return replace(_parse_value(record[key], key, prompt_id, line_no), category=category)
+
+
+def _parse_value(value: Any, key: str, prompt_id: str, line_no: int) -> Prompt:
     if key == "prompt":
         if not isinstance(value, str) or not value:
             raise ValueError(f"line {line_no}: 'prompt' must be a non-empty string")

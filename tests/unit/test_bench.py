@@ -234,6 +234,31 @@ def test_build_report_arithmetic() -> None:
     assert report["hf_generate_tokens_per_s"] == pytest.approx(16 / 4.0)
     assert report["hf_prompt_lookup_tokens_per_s"] == pytest.approx(4 / 1.0)
     assert [e["identical"] for e in report["per_prompt"]] == [True, False]
+    assert "by_category" not in report  # the prompts carry no category
+
+
+def test_report_splits_tau_and_speedup_by_category() -> None:
+    def run(category: str | None, decode_s: float, cycles: int, same: bool) -> PromptRun:
+        base = fake_result(8, prefill_s=1.0, decode_s=4.0, cycles=8, accepted=[], proposed=[])
+        spec = fake_result(8, prefill_s=1.0, decode_s=decode_s, cycles=cycles, accepted=[1],
+                           proposed=[2])  # fmt: skip
+        if not same:
+            spec = replace(spec, token_ids=[7] * 8)
+        return PromptRun(str(cycles), 5, base, spec, None, None, {"ngram": spec}, category)
+
+    runs = [run("code", 1.0, 2, True), run("prose", 4.0, 8, True), run("code", 3.0, 6, False)]
+    runs.append(run(None, 2.0, 4, True))
+    config = BenchConfig(method="ngram", num_draft_tokens=2, with_ngram=True)
+    report = build_report(config, runs, machine={})
+    by = report["by_category"]
+    assert list(by) == ["code", "prose", "other"]
+    assert by["code"] == {"num_prompts": 2, "tau": pytest.approx(16 / 8),
+                          "speedup": pytest.approx(8 / 4), "identical": 1}  # fmt: skip
+    assert by["prose"]["tau"] == pytest.approx(1.0) and by["prose"]["speedup"] == pytest.approx(1)
+    assert by["other"]["tau"] == pytest.approx(2.0) and by["other"]["identical"] == 1
+    assert [e["category"] for e in report["per_prompt"]] == ["code", "prose", "code", None]
+    assert report["extra_paths"]["ngram"]["by_category"] == by
+    assert "  code (2): tau 2.00 | speedup 2.00x | identical 1/2" in format_summary(report)
 
 
 def test_format_summary_and_write_report(tmp_path: Path) -> None:

@@ -86,6 +86,8 @@ def test_limit_stops_early(tmp_path: Path) -> None:
         ({"messages": "hi"}, r"line 2: 'messages' must be a non-empty list"),
         ({"messages": [{"role": "bot", "content": "x"}]}, r"messages\[0\] has role 'bot'"),
         ({"messages": [{"role": "user", "content": 1}]}, r"'content' must be a string, got int"),
+        ({"prompt": "x", "category": 3}, r"line 2: 'category' must be a non-empty string"),
+        ({"prompt": "x", "category": ""}, r"line 2: 'category' must be a non-empty string"),
     ],
 )
 def test_bad_line_names_line_and_problem(tmp_path: Path, bad_line: Any, message: str) -> None:
@@ -127,6 +129,8 @@ def test_mtbench_first_ten_load_and_render(smollm2_tokenizer: Any) -> None:
     prompts = load_prompts(None, limit=10)
     assert [p.id for p in prompts] == [str(i) for i in range(81, 91)]
     assert all(p.source == "turns" and p.messages and len(p.messages) == 1 for p in prompts)
+    assert {p.category for p in prompts} == {"writing"}  # questions 81-90
+    assert load_prompts(None, limit=80)[-1].category == "humanities"
     first = prompts[0].messages
     assert first is not None
     assert first[0]["content"].startswith("Compose an engaging travel blog post about")
