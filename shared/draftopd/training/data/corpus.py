@@ -67,7 +67,9 @@ class CorpusPrompt:
 
     def to_prompt(self) -> Prompt:
         """The prompt as ``draftopd.prompts.Prompt`` (what ``render_prompt`` takes)."""
-        return Prompt(id=self.id, messages=None, text=self.text, source="prompt")
+        return Prompt(
+            id=self.id, messages=None, text=self.text, source="prompt", category=self.category
+        )
 
     def to_record(self) -> dict[str, Any]:
         """The JSONL record: ``load_prompts`` reads its ``id`` and ``prompt`` keys."""
