@@ -111,8 +111,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     )
     with logging_redirect_tqdm():
         for index, (prompt_id, ids, category) in enumerate(bar):
-            run = _measure_prompt(bench, prompt_id, ids, index)
-            runs.append(replace(run, category=category))
+            runs.append(_measure_prompt(bench, prompt_id, ids, index, category))
     return build_report(config, runs, machine=machine_info(bench.target.device))
 
 
@@ -287,7 +286,9 @@ def _extra_paths(
     }
 
 
-def _measure_prompt(bench: _Bench, prompt_id: str, ids: list[int], index: int) -> PromptRun:
+def _measure_prompt(
+    bench: _Bench, prompt_id: str, ids: list[int], index: int, category: str | None = None
+) -> PromptRun:
     """Run every path ``repeats`` times, rotating their order each round so no path always runs
     first or last; keep each path's fastest run (the least disturbed by other load)."""
     config = bench.config
@@ -323,6 +324,7 @@ def _measure_prompt(bench: _Bench, prompt_id: str, ids: list[int], index: int) -
         hf_generate=hf_generate,
         hf_prompt_lookup=hf_lookup,
         extra={name: _as_result(best[name]) for name in extra},
+        category=category,
     )
 
 
@@ -436,8 +438,7 @@ def build_report(
     report["lookup_share"] = _lookup_share(spec)
     report["drafts_per_cycle"] = _drafts_per_cycle(spec)
     report.update(_tau_by_source(spec))
-    if any(r.category for r in runs):
-        report["by_category"] = _by_category(runs, lambda r: r.spec)
+    report.update(_by_category(runs, lambda r: r.spec))
     if runs and runs[0].extra:
         specs = _extra_specs(config)
         report["extra_paths"] = {
@@ -453,11 +454,6 @@ def _path_summary(name: str, path: _Path, runs: list[PromptRun]) -> dict[str, An
     results = [r.extra[name] for r in runs]
     baseline = [r.baseline for r in runs]
     accepted, proposed = _position_counts(results, path.allowed)
-    by_category = (
-        {"by_category": _by_category(runs, lambda r: r.extra[name])}
-        if any(r.category for r in runs)
-        else {}
-    )
     return {
         **path.summary_fields(),
         "drafts_per_cycle": _drafts_per_cycle(results),
@@ -468,15 +464,18 @@ def _path_summary(name: str, path: _Path, runs: list[PromptRun]) -> dict[str, An
         "tokens_per_s": _tokens_per_s(results),
         "identical": sum(r.extra[name].token_ids == r.baseline.token_ids for r in runs),
         "acceptance_by_position": [_ratio(a, p) for a, p in zip(accepted, proposed, strict=True)],
-        **by_category,
+        **_by_category(runs, lambda r: r.extra[name]),
     }
 
 
 def _by_category(
     runs: list[PromptRun], path: Callable[[PromptRun], GenerationResult]
-) -> dict[str, dict[str, Any]]:
-    """tau, decode speedup over plain and identical count of one path per prompt category
-    (prompts without one count as "other"), in first-seen order."""
+) -> dict[str, Any]:
+    """``{"by_category": ...}``: tau, decode speedup over plain and identical count of one path
+    per prompt category (prompts without one count as "other"), in first-seen order; ``{}``
+    where no prompt has a category."""
+    if not any(r.category for r in runs):
+        return {}
     groups: dict[str, list[PromptRun]] = {}
     for run in runs:
         groups.setdefault(run.category or "other", []).append(run)
@@ -491,7 +490,7 @@ def _by_category(
                 p.token_ids == r.baseline.token_ids for p, r in zip(results, group, strict=True)
             ),
         }
-    return summary
+    return {"by_category": summary}
 
 
 def _drafts_per_cycle(results: list[GenerationResult]) -> float:

@@ -293,7 +293,7 @@ def test_format_summary_and_write_report(tmp_path: Path) -> None:
 
 def test_repeats_keep_the_fastest_run_of_every_path(tmp_path: Path, tiny_target_dir: Path) -> None:
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "Beautiful is better than ugly."}\n')
+    prompts.write_text('{"prompt": "Beautiful is better than ugly.", "category": "zen"}\n')
     config = BenchConfig(
         prompts=str(prompts),
         target=str(tiny_target_dir),
@@ -305,6 +305,7 @@ def test_repeats_keep_the_fastest_run_of_every_path(tmp_path: Path, tiny_target_
     )
     report = run_bench(config)
     assert report["repeats"] == 3 and report["identical"] == 1 and report["num_prompts"] == 1
+    assert report["by_category"]["zen"]["num_prompts"] == 1  # the file's category reaches it
     with pytest.raises(ValueError, match="repeats"):
         BenchConfig(repeats=0)
 
