@@ -30,7 +30,7 @@ row() {  # row NAME CACHE(yes|no) FLAGS...
   # changes (later flags win)
   "$DRAFTOPD" train sft --out "$out" --corpus-size 6000 --heldout 32 --max-new-tokens 128 \
     --gen-batch-size 64 --max-seq-len 384 --feature-cache bfloat16 --draft-vocab-size 8000 \
-    --init-from-target --autocast bfloat16 --steps 1800 --batch-size 8 --lr 1e-3 --warmup 50 \
+    --autocast bfloat16 --steps 1800 --batch-size 8 --lr 1e-3 --warmup 50 \
     --min-lr-ratio 0.2 --eval-every 50 --eval-draft-tokens 4 --eval-max-new-tokens 128 \
     --checkpoint-every 50 --threads 2 --max-seconds "$SECONDS_PER_ROW" --no-progress "$@"
 }
@@ -42,10 +42,10 @@ row dflash-b8 yes --drafter-type dflash --block-size 8 --eval-draft-tokens 7
 row no-cache no --feature-cache off
 row ttt7 yes --ttt-steps 7
 row vocab4000 yes --draft-vocab-size 4000
-row no-target-init yes --no-init-from-target
+row target-init yes --init-from-target
 row vocab16000 yes --draft-vocab-size 16000
 row autocast-off yes --autocast off
 row dflash-b16-hard yes --drafter-type dflash --block-size 16 --eval-draft-tokens 15 \
   --sft-target hard
 # the settings before issue 14: target on the fly, TTT depth 7, random LM head, fp32
-row before no --feature-cache off --ttt-steps 7 --no-init-from-target --autocast off
+row before no --feature-cache off --ttt-steps 7 --autocast off

@@ -113,17 +113,64 @@ def _step_terms(
 
 
 def _supervised_terms(
-    drafter: Eagle3Drafter, h: torch.Tensor, targets: _Targets, step: int
+    drafter: Eagle3Drafter,
+    h: torch.Tensor,  # [b, M, H]: the entries ``entries`` of every row at step j
+    targets: _Targets,
+    step: int,
+    entries: torch.Tensor,  # [b, M] the entry index of each row of h
+    inside: torch.Tensor,  # [b, M] bool: a real entry of the row (False: filler of a window)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``_step_terms`` with the LM head applied to the supervised entries only: the same sums,
     without the head's cost on prompt and padding entries."""
-    n = h.shape[1]
-    valid = targets.supervised[:, 2 + step : 2 + step + n]  # [b, N]
-    logits = drafter.logits(h[valid])  # [M, Vd]
-    p = targets.p[:, 1 + step : 1 + step + n][valid]  # [M, Vd]
-    ce = torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)  # [M]
+    valid = targets.supervised.gather(1, entries + 2 + step) & inside  # [b, M]
+    rows, cols = valid.nonzero(as_tuple=True)
+    logits = drafter.logits(h[rows, cols])  # [M', Vd]
+    p = targets.p[rows, entries[rows, cols] + 1 + step]  # [M', Vd]
+    ce = torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)  # [M']
     correct = (logits.argmax(-1) == p.argmax(-1)).sum()
     return ce.sum(), correct, valid.sum()
+
+
+@dataclass(frozen=True)
+class _Window:
+    """Per row, the entries that carry a loss at some step >= 1: entry ``start[b] + m`` for
+    m < ``count[b]``, gathered M = max(count) wide (rows with fewer repeat their last entry)."""
+
+    entries: torch.Tensor  # [b, M] entry index
+    inside: torch.Tensor  # [b, M] bool: m < count[b]
+
+    @property
+    def width(self) -> int:
+        return int(self.entries.shape[1])
+
+
+def _later_window(targets: _Targets, n: int, steps: int) -> _Window:
+    """Steps 1..S-1 only need the entries whose own chain reaches a supervised token: an entry's
+    step-j state feeds only its own step j+1 (later steps attend to step-0 keys and to their own
+    chain, ``step_attention_mask``), so prompt and padding entries past step 0 change nothing."""
+    needed = torch.zeros_like(targets.supervised[:, :n])
+    for j in range(1, steps):
+        needed |= targets.supervised[:, 2 + j : 2 + j + n]
+    index = torch.arange(n, device=needed.device).expand_as(needed)
+    any_needed = needed.any(dim=1)
+    first = torch.where(needed, index, n).amin(dim=1)
+    last = torch.where(needed, index, -1).amax(dim=1)
+    start = torch.where(any_needed, first, 0)
+    count = torch.where(any_needed, last - first + 1, 0)
+    width = max(int(count.max()), 1)
+    m = torch.arange(width, device=needed.device)
+    entries = (start[:, None] + m).clamp(max=n - 1)
+    return _Window(entries=entries, inside=m[None, :] < count[:, None])
+
+
+def _window_mask(window: _Window, n: int, step: int) -> torch.Tensor:
+    """Bool [b, 1, M, N + step*M]: ``step_attention_mask`` for a window's entries: the step-0
+    keys up to the entry itself, then its own key of every later step."""
+    keys = torch.arange(n, device=window.entries.device)
+    causal = keys[None, None, :] <= window.entries[:, :, None]  # [b, M, N]
+    diagonal = torch.eye(window.width, dtype=torch.bool, device=causal.device)
+    diagonal = diagonal.expand(causal.shape[0], -1, -1)
+    return torch.cat([causal] + [diagonal] * step, dim=2)[:, None]
 
 
 def _combine(
@@ -181,18 +228,32 @@ def ttt_unroll(
     positions = torch.arange(n, device=device).expand(batch, n)  # [b, N]
     hidden = drafter.project(_plain(features)[:, :n])  # [b, N, H]
     terms, all_logits = [], []
-    for j in range(steps):
-        tokens = _shift(input_ids, 1 + j, n, 0)  # [b, N]: ids[i+1+j], 0 past the end
-        h = drafter.layer(
-            hidden, tokens, positions + j, cache=cache, attn_mask=step_attention_mask(n, j, device)
-        )
-        if return_logits:
+    if return_logits:  # every entry at every step, for tests against the naive reference
+        for j in range(steps):
+            tokens = _shift(input_ids, 1 + j, n, 0)  # [b, N]: ids[i+1+j], 0 past the end
+            mask = step_attention_mask(n, j, device)
+            h = drafter.layer(hidden, tokens, positions + j, cache=cache, attn_mask=mask)
             step_logits = drafter.logits(h)
             terms.append(_step_terms(step_logits, targets, j))
             all_logits.append(step_logits)
-        else:  # the LM head only where a loss is taken (not on prompt or padding entries)
-            terms.append(_supervised_terms(drafter, h, targets, j))
-        hidden = h  # g_j, fed back at step j+1
+            hidden = h  # g_j, fed back at step j+1
+    else:  # the LM head only where a loss is taken; after step 0, only the entries that need it
+        tokens = _shift(input_ids, 1, n, 0)
+        h = drafter.layer(
+            hidden, tokens, positions, cache=cache, attn_mask=step_attention_mask(n, 0, device)
+        )
+        terms.append(_supervised_terms(drafter, h, targets, 0, positions, positions >= 0))
+        if steps > 1:
+            window = _later_window(targets, n, steps)
+            entries = window.entries
+            hidden = h.gather(1, entries[..., None].expand(-1, -1, h.shape[-1]))
+            padded_ids = _shift(input_ids, 0, n + steps + 1, 0)  # ids[t], 0 past the end
+            for j in range(1, steps):
+                tokens = padded_ids.gather(1, entries + 1 + j)
+                mask = _window_mask(window, n, j)
+                h = drafter.layer(hidden, tokens, entries + j, cache=cache, attn_mask=mask)
+                terms.append(_supervised_terms(drafter, h, targets, j, entries, window.inside))
+                hidden = h
     logits = torch.stack(all_logits, dim=1) if return_logits else None  # [b, S, N, Vd]
     return _combine(terms, decay, logits)
 

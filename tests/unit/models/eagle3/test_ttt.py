@@ -122,6 +122,43 @@ def test_the_head_on_supervised_entries_only_gives_the_same_loss_and_gradients(
         torch.testing.assert_close(grad, full_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_later_steps_on_the_entries_that_need_them_give_the_same_loss_and_gradients(
+    tiny_target: TargetModel,
+) -> None:
+    """After step 0 training runs only each row's entries whose chain reaches a response token.
+    Long prompts of different lengths and a row without any response token make the windows
+    cut something in every row; the loss, the counts and the gradients stay those of the
+    full unroll."""
+    drafter = _drafter(tiny_target, draft_vocab=200, seed=3)
+    g = torch.Generator().manual_seed(4)
+
+    def ids(n: int) -> tuple[int, ...]:
+        return tuple(int(t) for t in torch.randint(0, tiny_target.vocab_size, (n,), generator=g))
+
+    samples = [
+        Sample(prompt_id="a", prompt_ids=ids(14), response_ids=ids(6)),
+        Sample(prompt_id="b", prompt_ids=ids(9), response_ids=ids(4)),
+        Sample(prompt_id="c", prompt_ids=ids(11), response_ids=ids(9)),
+        Sample(prompt_id="d", prompt_ids=ids(7), response_ids=()),
+    ]
+    batch = collate(samples, pad_id=0)
+    features, target_logits = target_features(tiny_target, batch.input_ids, batch.attention_mask)
+    args = (batch.loss_mask, batch.attention_mask)
+    full = ttt_unroll(
+        drafter, features, batch.input_ids, target_logits, *args, steps=STEPS, return_logits=True
+    )
+    lean = ttt_unroll(drafter, features, batch.input_ids, target_logits, *args, steps=STEPS)
+    assert bool((full.step_count > 0).all())
+    torch.testing.assert_close(lean.loss, full.loss)
+    torch.testing.assert_close(lean.step_loss, full.step_loss)
+    assert torch.equal(lean.step_acc, full.step_acc)
+    assert torch.equal(lean.step_count, full.step_count)
+    full_grads, lean_grads = _grads(drafter, full.loss), _grads(drafter, lean.loss)
+    assert set(lean_grads) == set(full_grads)
+    for name, grad in lean_grads.items():
+        torch.testing.assert_close(grad, full_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_loss_counts_only_response_tokens_inside_the_sequence(tiny_target: TargetModel) -> None:
     drafter = _drafter(tiny_target, draft_vocab=200, seed=1)
     batch, features, target_logits = _batch(tiny_target)
