@@ -33,13 +33,19 @@ def _drafter(target: TargetModel, *, draft_vocab: int, seed: int) -> Eagle3Draft
     return drafter
 
 
-def _batch(target: TargetModel) -> Any:
-    """Three right-padded rows of different lengths, the shortest shorter than the unroll."""
-    g = torch.Generator().manual_seed(1)
+def _id_maker(target: TargetModel, seed: int) -> Any:
+    """``ids(n)``: n random token ids, a fresh seeded stream per call of this function."""
+    g = torch.Generator().manual_seed(seed)
 
     def ids(n: int) -> tuple[int, ...]:
         return tuple(int(t) for t in torch.randint(0, target.vocab_size, (n,), generator=g))
 
+    return ids
+
+
+def _batch(target: TargetModel) -> Any:
+    """Three right-padded rows of different lengths, the shortest shorter than the unroll."""
+    ids = _id_maker(target, 1)
     samples = [
         Sample(prompt_id="a", prompt_ids=ids(4), response_ids=ids(9)),
         Sample(prompt_id="b", prompt_ids=ids(3), response_ids=ids(3)),
@@ -130,11 +136,7 @@ def test_later_steps_on_the_entries_that_need_them_give_the_same_loss_and_gradie
     cut something in every row; the loss, the counts and the gradients stay those of the
     full unroll."""
     drafter = _drafter(tiny_target, draft_vocab=200, seed=3)
-    g = torch.Generator().manual_seed(4)
-
-    def ids(n: int) -> tuple[int, ...]:
-        return tuple(int(t) for t in torch.randint(0, tiny_target.vocab_size, (n,), generator=g))
-
+    ids = _id_maker(tiny_target, 4)
     samples = [
         Sample(prompt_id="a", prompt_ids=ids(14), response_ids=ids(6)),
         Sample(prompt_id="b", prompt_ids=ids(9), response_ids=ids(4)),
