@@ -23,7 +23,7 @@ arm() {  # arm NAME FLAGS...
   echo "== arm $name: $* ($(date +%T))"
   "$DRAFTOPD" train sft --out "$OUT/$name" --heldout 32 --max-new-tokens 128 \
     --gen-batch-size 64 --max-seq-len 384 --feature-cache bfloat16 --draft-vocab-size 8000 \
-    --init-from-target --autocast bfloat16 --steps "$STEPS" --batch-size 8 --lr 1e-3 --warmup 50 \
+    --init-from-target --autocast auto --steps "$STEPS" --batch-size 8 --lr 1e-3 --warmup 50 \
     --min-lr-ratio 0.2 --eval-every 50 --eval-draft-tokens 4 --eval-max-new-tokens 128 \
     --checkpoint-every 50 --threads 2 --no-progress "$@"
 }

@@ -41,7 +41,7 @@ train() {
     echo "== dflash B=$b: $SECONDS_BUDGET optimizer s, $STEPS-step schedule ($(date +%T))"
     "$DRAFTOPD" train sft --out "$out" --corpus-size 4000 --limit 1500 --heldout 32 \
       --max-new-tokens 128 --gen-batch-size 64 --max-seq-len 384 --feature-cache bfloat16 \
-      --draft-vocab-size 8000 --init-from-target --autocast bfloat16 --batch-size 8 --lr 1e-3 \
+      --draft-vocab-size 8000 --init-from-target --autocast auto --batch-size 8 --lr 1e-3 \
       --warmup 50 --min-lr-ratio 0.2 --eval-every 0 --checkpoint-every "$((STEPS / 5))" \
       --threads 2 --no-progress --drafter-type dflash --block-size "$b" --drafter-layers "$LAYERS" \
       --block-anchors "$BLOCK_ANCHORS" --steps "$STEPS" --max-seconds "$SECONDS_BUDGET"

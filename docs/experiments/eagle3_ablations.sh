@@ -30,7 +30,7 @@ row() {  # row NAME CACHE(yes|no) FLAGS...
   # changes (later flags win)
   "$DRAFTOPD" train sft --out "$out" --corpus-size 6000 --heldout 32 --max-new-tokens 128 \
     --gen-batch-size 64 --max-seq-len 384 --feature-cache bfloat16 --draft-vocab-size 8000 \
-    --autocast bfloat16 --steps 1800 --batch-size 8 --lr 1e-3 --warmup 50 \
+    --autocast auto --steps 1800 --batch-size 8 --lr 1e-3 --warmup 50 \
     --min-lr-ratio 0.2 --eval-every 50 --eval-draft-tokens 4 --eval-max-new-tokens 128 \
     --checkpoint-every 50 --threads 2 --max-seconds "$SECONDS_PER_ROW" --no-progress "$@"
 }

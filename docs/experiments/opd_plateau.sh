@@ -52,7 +52,7 @@ base() {
   echo "== base SFT: $N prompts, $BASE_STEPS steps ($(date +%T))"
   "$DRAFTOPD" train sft --out "$OUT/base" --corpus-size "$CORPUS" --limit "$N" --heldout 32 \
     --max-new-tokens 128 --gen-batch-size 64 --max-seq-len 384 --feature-cache bfloat16 \
-    --draft-vocab-size 8000 --init-from-target --autocast bfloat16 --steps "$BASE_STEPS" \
+    --draft-vocab-size 8000 --init-from-target --autocast auto --steps "$BASE_STEPS" \
     --batch-size 8 --lr 1e-3 --warmup 50 --min-lr-ratio 0.2 --eval-every 100 \
     --eval-draft-tokens 4 --eval-max-new-tokens 128 --checkpoint-every 50 --threads 2 --no-progress
   [ -f "$OUT/base_tau.json" ] || "$DRAFTOPD" train tau --run "base=$OUT/base" --limit 80 \
@@ -82,7 +82,7 @@ sft() {  # sft SEED
   # shellcheck disable=SC2046
   "$DRAFTOPD" train sft --out "$OUT/${P}sft-s$1" --init-from "$(base_ckpt)" --seed "$1" \
     --batch-size "$PER_STEP" --max-new-tokens 128 --gen-batch-size 64 --max-seq-len 384 \
-    --feature-cache bfloat16 --autocast bfloat16 --warmup-fraction 0.05 --eval-draft-tokens "$K" \
+    --feature-cache bfloat16 --autocast auto --warmup-fraction 0.05 --eval-draft-tokens "$K" \
     $(common) $SFT_FLAGS
 }
 

@@ -32,7 +32,7 @@ STREAM_A_LOSSES = ("soft_ce", "bernoulli_fkl")
 STREAM_B_LOSSES = ("k3", "bernoulli_fkl")
 FEATURE_CACHES = ("off", "float32", "bfloat16", "float16")
 DRAFTER_TYPES = ("eagle3", "dflash")
-AUTOCASTS = ("off", "bfloat16")
+AUTOCASTS = ("off", "bfloat16", "auto")
 SFT_TARGETS = ("soft", "hard")  # what the SFT cross-entropy is taken against
 EVAL_MODES = ("cached", "engine")
 
@@ -287,7 +287,9 @@ class SFTConfig(LoopConfig):
     autocast: Text = setting(
         "off",
         "drafter forward/backward under torch.autocast at this dtype (weights and optimizer "
-        "stay float32); bfloat16 is about 2x faster on CPUs with AVX512-BF16 or AMX",
+        "stay float32); bfloat16 is about 1.5x faster on CPUs with AVX512-BF16 or AMX and about "
+        "2.7x slower on CPUs without them; auto = bfloat16 where the device has native bf16 "
+        "arithmetic, else off",
         choices=AUTOCASTS,
     )
     feature_cache: Text = setting(

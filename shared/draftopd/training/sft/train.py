@@ -149,6 +149,23 @@ class _CachedTargets:
     head: torch.Tensor  # [Vd, H] float32, rows in d2t order
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Does ``device`` multiply bfloat16 natively? CUDA: the GPU says. CPU: AVX512-BF16 or AMX
+    (without them torch emulates bf16 products, and an autocast step of the recipe measured
+    about 2.7x slower than float32 on an AVX-512 Xeon without BF16)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def autocast_on(choice: str, device: torch.device) -> bool:
+    """Whether ``SFTConfig.autocast`` runs the drafter under bfloat16 autocast on ``device``."""
+    return choice == "bfloat16" or (choice == "auto" and native_bf16(device))
+
+
 def _train_step(
     run: TrainingRun,
     cfg: SFTConfig,
@@ -168,7 +185,7 @@ def _train_step(
     draft_vocab = cached is not None
     if cfg.sft_target == "hard":
         logits, draft_vocab = hard_targets(logits, run.drafter, draft_vocab=draft_vocab), True
-    enabled = cfg.autocast != "off"
+    enabled = autocast_on(cfg.autocast, target.device)
     with torch.autocast(target.device.type, dtype=torch.bfloat16, enabled=enabled):
         out = run.drafter.sft_loss(
             features,
@@ -250,6 +267,9 @@ def train_sft(
         if not isinstance(data, (str, Path)):
             raise ValueError("a feature cache needs the data as a regenerate directory")
         cached = _CachedTargets(FeatureCache(features, data, target), head)
+    if cfg.autocast == "auto":
+        on = autocast_on(cfg.autocast, target.device)
+        logger.info("autocast auto: %s on %s", "bfloat16" if on else "off", target.device)
     run.start()
     with tqdm(total=cfg.total_steps, initial=run.step, desc="sft", disable=not progress) as bar:
         while not run.done:
@@ -277,10 +297,12 @@ def train_sft(
 __all__ = [
     "SFTConfig",
     "SFTResult",
+    "autocast_on",
     "choose_draft_vocab",
     "hard_targets",
     "init_from_target",
     "load_samples",
+    "native_bf16",
     "train_sft",
     "vocab_coverage",
 ]

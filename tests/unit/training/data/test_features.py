@@ -23,7 +23,7 @@ from draftopd.training.data.features import (
     lm_head_weight,
 )
 from draftopd.training.data.regenerate import iter_samples, regenerate
-from draftopd.training.sft.train import train_sft
+from draftopd.training.sft.train import autocast_on, native_bf16, train_sft
 from tests.unit.training.data.test_regenerate import make_prompts
 from tests.unit.training.helpers import tiny_sft
 
@@ -220,6 +220,28 @@ def test_bf16_autocast_trains_close_to_float32(
     for a, b in zip(runs["off"].history[1:], runs["bfloat16"].history[1:], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=0.05)
     assert all(p.dtype == torch.float32 for p in runs["bfloat16"].drafter.parameters())
+
+
+def test_autocast_auto_trains_as_the_mode_this_device_resolves_to(
+    tiny_target: TargetModel, data_dir: Path, tmp_path: Path
+) -> None:
+    """auto is bfloat16 where the CPU multiplies bf16 natively and off elsewhere: the run equals
+    the resolved mode's run step for step, and differs from the other mode's."""
+    spec = FeatureSpec(tmp_path / "cache", "float32", MAX_SEQ)
+    build_feature_cache(tiny_target, data_dir, spec, progress=False)
+    cfg = tiny_sft(total_steps=3, max_seq_len=MAX_SEQ, batch_size=4, draft_vocab_size=64)
+    resolved = "bfloat16" if native_bf16(tiny_target.device) else "off"
+    other = "off" if resolved == "bfloat16" else "bfloat16"
+    losses = {}
+    for mode in ("auto", resolved, other):
+        run = train_sft(
+            tiny_target, data_dir, tmp_path / mode, replace(cfg, autocast=mode), progress=False,
+            features=spec.out_dir,
+        )  # fmt: skip
+        losses[mode] = [line["loss"] for line in run.history[1:]]
+    assert losses["auto"] == losses[resolved]
+    assert losses["auto"] != losses[other]
+    assert autocast_on("auto", torch.device("meta")) is False
 
 
 def test_block_sft_reads_the_cache_too(
