@@ -43,13 +43,15 @@ PORT_NAMES = ("inference", "rollout", "registry", "redis")
 
 
 def _free_ports() -> dict[str, int]:
-    return {name: _free_port() for name in PORT_NAMES}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """One port per service, all bound at once so the kernel cannot hand out one port twice."""
+    socks = [socket.socket() for _ in PORT_NAMES]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return {name: int(s.getsockname()[1]) for name, s in zip(PORT_NAMES, socks, strict=True)}
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def _port_open(port: int) -> bool:

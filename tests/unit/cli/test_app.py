@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -182,8 +183,17 @@ def test_up_with_port_in_use_is_a_clear_error(
 def up_argv(tmp_path: Path, **ports: int) -> list[str]:
     """`draftopd up` on free ports (the ones given replace them) and a data dir under tmp_path."""
     argv = ["up", "--data-dir", str(tmp_path / "data")]
+    with contextlib.ExitStack() as held:  # all bound at once, so the kernel gives 4 distinct ports
+        socks = [held.enter_context(socket.socket()) for _ in range(4)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        free = [
+            int(sock.getsockname()[1])
+            for sock in socks
+            if sock.getsockname()[1] not in ports.values()
+        ]
     for name in ("inference", "rollout", "registry", "redis"):
-        argv += [f"--{name}-port", str(ports.get(name, free_port()))]
+        argv += [f"--{name}-port", str(ports.get(name) or free.pop())]
     return argv
 
 
