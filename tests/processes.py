@@ -23,6 +23,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: all bound at once, so the kernel cannot hand out one port twice."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def service_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'shared'}", **extra}
 

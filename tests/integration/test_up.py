@@ -31,6 +31,7 @@ import httpx
 import psutil
 import pytest
 
+from tests.processes import free_ports
 from tests.servers import ctrl_c_default
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,15 +44,7 @@ PORT_NAMES = ("inference", "rollout", "registry", "redis")
 
 
 def _free_ports() -> dict[str, int]:
-    """One port per service, all bound at once so the kernel cannot hand out one port twice."""
-    socks = [socket.socket() for _ in PORT_NAMES]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return {name: int(s.getsockname()[1]) for name, s in zip(PORT_NAMES, socks, strict=True)}
-    finally:
-        for sock in socks:
-            sock.close()
+    return dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True))
 
 
 def _port_open(port: int) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ from draftopd.bench import REPORT_KEYS
 from draftopd.cli import app as cli
 from draftopd.models.tiny import build_tiny_target
 from draftopd.stack import supervisor
+from tests.processes import free_port, free_ports
 
 HEALTH_SERVER = """
 import http.server, sys, threading, time
@@ -57,12 +57,6 @@ def busy_port() -> Iterator[int]:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         yield int(sock.getsockname()[1])
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_parse_bench_arguments() -> None:
@@ -183,15 +177,7 @@ def test_up_with_port_in_use_is_a_clear_error(
 def up_argv(tmp_path: Path, **ports: int) -> list[str]:
     """`draftopd up` on free ports (the ones given replace them) and a data dir under tmp_path."""
     argv = ["up", "--data-dir", str(tmp_path / "data")]
-    with contextlib.ExitStack() as held:  # all bound at once, so the kernel gives 4 distinct ports
-        socks = [held.enter_context(socket.socket()) for _ in range(4)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        free = [
-            int(sock.getsockname()[1])
-            for sock in socks
-            if sock.getsockname()[1] not in ports.values()
-        ]
+    free = free_ports(4)
     for name in ("inference", "rollout", "registry", "redis"):
         argv += [f"--{name}-port", str(ports.get(name) or free.pop())]
     return argv
