@@ -46,22 +46,32 @@ Text = Annotated[str, Limits(max_length=4096)]
 
 
 def warmup_cosine_lr(
-    step: int, *, peak_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+    step: int,
+    *,
+    peak_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float = 0.0,
+    decay_steps: int | None = None,
 ) -> float:
     """Learning rate of the update that follows ``step`` completed optimizer steps.
 
     Warmup climbs linearly to ``peak_lr`` over the first ``warmup_steps`` updates (the first
     update already uses peak_lr / warmup_steps); the rest follows a half cosine from ``peak_lr``
-    to ``min_lr_ratio * peak_lr`` at ``total_steps``.
+    to ``min_lr_ratio * peak_lr`` at ``decay_steps`` (default ``total_steps``) and holds that
+    floor until ``total_steps``.
     """
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"warmup_steps must be in [0, {total_steps}], got {warmup_steps}")
+    end = total_steps if decay_steps is None else decay_steps
+    if not 0 <= warmup_steps <= end <= total_steps:
+        raise ValueError(
+            f"need 0 <= warmup_steps <= decay_steps <= total_steps, got {warmup_steps}, "
+            f"{end}, {total_steps}"
+        )
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
-    decay_steps = max(total_steps - warmup_steps, 1)
-    progress = min((step - warmup_steps) / decay_steps, 1.0)
+    progress = min((step - warmup_steps) / max(end - warmup_steps, 1), 1.0)
     floor = peak_lr * min_lr_ratio
     return floor + (peak_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -160,7 +170,7 @@ class RunConfig(_JSONConfig):
 
 
 def _total_steps(default: int) -> Any:
-    return setting(default, "optimizer steps; the cosine LR reaches 0 here", flag="--steps")
+    return setting(default, "optimizer steps (the run's length)", flag="--steps")
 
 
 def _eval_every(default: int) -> Any:
@@ -184,6 +194,9 @@ class LoopConfig(_JSONConfig):
         None, "warmup steps; overrides the fraction", flag="--warmup"
     )
     total_steps: Int = _total_steps(2000)
+    decay_steps: Int | None = setting(
+        None, "the cosine reaches the floor at this step and holds it to --steps; none = --steps"
+    )
     max_seconds: float | None = setting(
         None,
         "also stop once the optimizer seconds reach this (comparisons at equal time); "
@@ -222,6 +235,11 @@ class LoopConfig(_JSONConfig):
             )
         if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.total_steps:
             raise ValueError(f"warmup_steps must be in [0, {self.total_steps}]")
+        if self.decay_steps is not None and not self.warmup <= self.decay_steps <= self.total_steps:
+            raise ValueError(
+                f"decay_steps must be in [{self.warmup}, {self.total_steps}] (warmup to --steps), "
+                f"got {self.decay_steps}"
+            )
 
     @property
     def warmup(self) -> int:
@@ -236,6 +254,7 @@ class LoopConfig(_JSONConfig):
             warmup_steps=self.warmup,
             total_steps=self.total_steps,
             min_lr_ratio=self.min_lr_ratio,
+            decay_steps=self.decay_steps,
         )
 
 

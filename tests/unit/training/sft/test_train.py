@@ -180,6 +180,29 @@ def test_warmup_cosine_schedule() -> None:
         warmup_cosine_lr(0, peak_lr=1.0, warmup_steps=13, total_steps=12)
 
 
+def test_decay_steps_reach_the_floor_early_and_hold_it() -> None:
+    held = [
+        warmup_cosine_lr(
+            s, peak_lr=1.0, warmup_steps=2, total_steps=12, min_lr_ratio=0.2, decay_steps=8
+        )
+        for s in range(13)
+    ]
+    # the cosine from 1.0 to 0.2 over steps 2..8, then the floor to the end
+    assert held[2] == pytest.approx(1.0) and held[5] == pytest.approx(0.6)
+    assert held[8:] == pytest.approx([0.2] * 5)
+    assert held[2:9] == sorted(held[2:9], reverse=True) and held[7] > 0.2
+    full = [
+        warmup_cosine_lr(s, peak_lr=1.0, warmup_steps=2, total_steps=12, min_lr_ratio=0.2)
+        for s in range(13)
+    ]
+    assert full[8] > 0.2 and full[12] == pytest.approx(0.2)  # default: the floor at --steps
+    cfg = SFTConfig(lr=1.0, total_steps=12, warmup_steps=2, min_lr_ratio=0.2, decay_steps=8)
+    assert [cfg.lr_at(s) for s in range(13)] == held
+    for bad in (1, 13):  # before the warmup ends, after the run ends
+        with pytest.raises(ValueError, match="decay_steps"):
+            SFTConfig(total_steps=12, warmup_steps=2, decay_steps=bad)
+
+
 def test_config_rejects_bad_values_and_round_trips() -> None:
     cfg = SFTConfig(total_steps=100, warmup_fraction=0.1)
     assert cfg.warmup == 10
