@@ -157,6 +157,17 @@ class RunConfig(_JSONConfig):
     corpus_size: Int = setting(
         DEFAULT_MIN_PROMPTS, "prompts in the built-in corpus (ignored with --prompts)"
     )
+    self_prompts: Int = setting(
+        0,
+        "first have the target write N prompts itself (self-instruct, <out>/self_prompts.jsonl, "
+        "resumable) and interleave them with the training prompts; 0 = none",
+    )
+    self_prompts_dtype: Text | None = setting(
+        None,
+        "target dtype for sampling the --self-prompts (their answers and features still come "
+        "from --dtype); none = --dtype",
+        choices=DTYPES,
+    )
     device: Text | None = setting(None, "torch device; none = cuda when available, else cpu")
     dtype: Text = setting("float32", "target dtype", choices=DTYPES)
     threads: Int | None = setting(None, "torch intra-op CPU threads; none = torch's default")
@@ -164,9 +175,11 @@ class RunConfig(_JSONConfig):
     def __post_init__(self) -> None:
         if not self.out_dir:
             raise ValueError("out_dir must not be empty")
-        _at_least(self, 0, ("skip", "heldout"))
+        _at_least(self, 0, ("skip", "heldout", "self_prompts"))
         _at_least(self, 1, ("limit", "threads", "corpus_size"))
         _one_of(self.dtype, "dtype", DTYPES)
+        if self.self_prompts_dtype is not None:
+            _one_of(self.self_prompts_dtype, "self_prompts_dtype", DTYPES)
 
 
 def _total_steps(default: int) -> Any:

@@ -1,8 +1,9 @@
 """What every training pipeline does first, from its run section (``RunConfig``).
 
-Set the CPU threads, load the prompts and split off the held-out ones, load the target, and write
-the run record (``run.json``: the kind of run, both sections, the prompt split). SFT and Draft-OPD
-share it, so both measure tau on the same held-out prompts when they share a corpus.
+Set the CPU threads, load the target, load the prompts (with ``self_prompts``, interleaved with
+requests the target writes itself) and split off the held-out ones, and write the run record
+(``run.json``: the kind of run, both sections, the prompt split). SFT and Draft-OPD share it, so
+both measure tau on the same held-out prompts when they share a corpus.
 """
 
 from __future__ import annotations
@@ -15,12 +16,20 @@ from typing import Any
 import torch
 
 from draftopd.models.target import TargetModel, load_target
-from draftopd.prompts import render_prompt
+from draftopd.prompts import Prompt, load_prompts, render_prompt
 from draftopd.training.configs import RunConfig
-from draftopd.training.data.corpus import PromptSplit, load_training_prompts, split_prompts
+from draftopd.training.data.corpus import (
+    PromptSplit,
+    interleave_prompts,
+    load_training_prompts,
+    split_prompts,
+)
+from draftopd.training.data.self_instruct import self_instruct
 from draftopd.training.run import write_run_record
 
 logger = logging.getLogger(__name__)
+
+SELF_PROMPTS_FILE = "self_prompts.jsonl"  # in the run directory, with --self-prompts
 
 
 @dataclass(frozen=True)
@@ -46,17 +55,15 @@ def resolved_device(run: RunConfig) -> str:
 def prepare_run(run: RunConfig, *, kind: str, stage: dict[str, Any]) -> RunSetup:
     """Threads, prompts, target and run record for a ``kind`` run ("sft" or "draft_opd") whose
     stage section is ``stage``."""
-    split = split_prompts(
-        load_training_prompts(run.prompts, seed=run.corpus_seed, min_prompts=run.corpus_size),
-        heldout=run.heldout,
-        limit=run.limit,
-        skip=run.skip,
-    )
     if run.threads is not None:
         torch.set_num_threads(run.threads)  # oversubscribed CPUs slow torch down many times
     target = load_target(run.target, device=resolved_device(run), dtype=run.dtype)
     out = Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    prompts = load_training_prompts(run.prompts, seed=run.corpus_seed, min_prompts=run.corpus_size)
+    if run.self_prompts:
+        prompts = interleave_prompts(_self_prompts(run, target, out), prompts)
+    split = split_prompts(prompts, heldout=run.heldout, limit=run.limit, skip=run.skip)
     write_run_record(
         out,
         {
@@ -78,4 +85,22 @@ def prepare_run(run: RunConfig, *, kind: str, stage: dict[str, Any]) -> RunSetup
     )
 
 
-__all__ = ["RunSetup", "prepare_run", "resolved_device"]
+def _self_prompts(run: RunConfig, target: TargetModel, out: Path) -> list[Prompt]:
+    """``run.self_prompts`` requests the target wrote itself, in ``<out>/self_prompts.jsonl``
+    (sampled now where the file holds fewer; seeded by the corpus seed, so reruns agree). They are
+    sampled at ``run.self_prompts_dtype`` when given, a bfloat16 copy being about twice as fast
+    on CPUs that multiply bf16 natively; only the requests come from that copy."""
+    path = out / SELF_PROMPTS_FILE
+    dtype = run.self_prompts_dtype or run.dtype
+    sampler = (
+        target
+        if dtype == run.dtype
+        else load_target(run.target, device=str(target.device), dtype=dtype)
+    )
+    stats = self_instruct(sampler, path, count=run.self_prompts, seed=run.corpus_seed)
+    if stats.added:
+        logger.info("self-instruct prompts: %s", stats.summary())
+    return load_prompts(path, limit=run.self_prompts)
+
+
+__all__ = ["SELF_PROMPTS_FILE", "RunSetup", "prepare_run", "resolved_device"]

@@ -451,6 +451,18 @@ def load_training_prompts(
     return prompts
 
 
+def interleave_prompts(first: Sequence[Prompt], second: Sequence[Prompt]) -> list[Prompt]:
+    """``first[0], second[0], first[1], second[1], ...``, then the rest of the longer list: a mix
+    whose every stretch (the held-out tail included) draws on both sources. Ids must not clash."""
+    mixed: list[Prompt] = []
+    for i in range(max(len(first), len(second))):
+        mixed.extend(source[i] for source in (first, second) if i < len(source))
+    ids = [p.id for p in mixed]
+    if len(set(ids)) != len(ids):
+        raise ValueError("the prompt lists to interleave share ids; give them distinct ids")
+    return mixed
+
+
 @dataclass(frozen=True)
 class PromptSplit:
     """The training prompts and the held-out ones (disjoint)."""

@@ -92,7 +92,8 @@ def self_instruct(
         raise ValueError("self-instruct samples: temperature must be > 0 and top_p in (0, 1]")
     path = Path(out)
     settings = {
-        "source": CATEGORY, "target": target.name, "seed": seed,
+        "source": CATEGORY, "target": target.name,
+        "dtype": str(target.dtype).removeprefix("torch."), "seed": seed,
         "temperature": float(temperature), "top_p": float(top_p),
         "max_new_tokens": max_new_tokens, "batch_size": batch_size,
     }  # fmt: skip

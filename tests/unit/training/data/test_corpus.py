@@ -25,6 +25,7 @@ from draftopd.training.data.corpus import (
     Stream,
     build_corpus,
     fill_template,
+    interleave_prompts,
     load_seed_data,
     load_training_prompts,
     normalise,
@@ -329,3 +330,14 @@ def test_shipped_snapshot_is_well_formed() -> None:
             assert entry["source"].startswith("package:networkx/networkx/algorithms/")
         else:
             assert entry["source"] == "stdlib-doc"
+
+
+def test_interleave_prompts_alternates_then_appends_the_rest() -> None:
+    own = [Prompt(f"s{i}", None, f"own {i}", "prompt") for i in range(3)]
+    corpus = [Prompt(f"c{i}", None, f"corpus {i}", "prompt") for i in range(5)]
+    mixed = interleave_prompts(own, corpus)
+    assert [p.id for p in mixed] == ["s0", "c0", "s1", "c1", "s2", "c2", "c3", "c4"]
+    assert [p.id for p in interleave_prompts(corpus[:2], own)] == ["c0", "s0", "c1", "s1", "s2"]
+    assert interleave_prompts([], corpus) == corpus
+    with pytest.raises(ValueError, match="share ids"):
+        interleave_prompts(own, [Prompt("s1", None, "a clash", "prompt")])

@@ -211,3 +211,42 @@ def test_config_rejects_bad_values_and_round_trips() -> None:
         SFTConfig(ttt_steps=0)
     with pytest.raises(ValueError, match="unknown"):
         SFTConfig.from_dict({"learning_rate": 1.0})
+
+
+def test_sft_pipeline_mixes_in_prompts_the_target_writes_itself(
+    tiny_target_dir: Path, tmp_path: Path
+) -> None:
+    """--self-prompts: the target writes N requests into <out>/self_prompts.jsonl (at
+    --self-prompts-dtype), they alternate with the given prompts, the held-out tail draws on both,
+    and a rerun reuses the file instead of sampling again."""
+    lines = [{"id": f"u{i}", "prompt": f"The quick brown fox {i}"} for i in range(4)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    run = RunConfig(
+        out_dir=str(tmp_path / "run"),
+        target=str(tiny_target_dir),
+        prompts=str(tmp_path / "p.jsonl"),
+        heldout=2,
+        self_prompts=3,
+        self_prompts_dtype="bfloat16",
+    )
+    cfg = _config(
+        total_steps=3, eval_every=0, checkpoint_every=0, draft_vocab_size=64,
+        max_new_tokens=8, gen_batch_size=3,
+    )  # fmt: skip
+    result = sft_pipeline(run, cfg, progress=False)
+    own = [json.loads(x) for x in (tmp_path / "run/self_prompts.jsonl").read_text().splitlines()]
+    assert len(own) == 3
+    assert all(r["provenance"]["dtype"] == "bfloat16" for r in own)
+    assert result.num_train_prompts == 5
+    assert result.heldout_ids == ("u2", "u3")  # own ones take the even places: s u s u s u u
+    record = json.loads((tmp_path / "run/run.json").read_text())
+    assert record["run"]["self_prompts"] == 3
+    data = (tmp_path / "run/data").glob("shard-*.jsonl")
+    ids = {json.loads(x)["prompt_id"] for shard in data for x in shard.read_text().splitlines()}
+    assert ids == {r["id"] for r in own} | {"u0", "u1"}
+    before = (tmp_path / "run/self_prompts.jsonl").stat().st_mtime_ns
+    again = sft_pipeline(run, cfg, progress=False)
+    assert again.step == 3 and again.regen.prompts == 0
+    assert (tmp_path / "run/self_prompts.jsonl").stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="self_prompts must be >= 0"):
+        replace(run, self_prompts=-1)
