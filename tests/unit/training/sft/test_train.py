@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -117,18 +118,27 @@ def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(
         train_sft(sharp_target, train, tmp_path / "b", cfg, progress=False, resume=False)
 
 
+def _tiny_run(
+    target_dir: Path, tmp_path: Path, lines: list[dict[str, str]], **run: Any
+) -> RunConfig:
+    """A run section on the tiny target whose prompts are ``lines`` (the last 2 held out)."""
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return RunConfig(
+        out_dir=str(tmp_path / "run"),
+        target=str(target_dir),
+        prompts=str(tmp_path / "p.jsonl"),
+        heldout=2,
+        **run,
+    )
+
+
 def test_sft_pipeline_from_a_target_spec_and_a_prompts_file(
     tiny_target_dir: Path, tmp_path: Path
 ) -> None:
     """The CLI / Celery entry point: a run section and an SFT section as a job spec holds them:
     target by spec, prompts from JSONL (the last 2 held out), regeneration, training, tau."""
-    lines = [{"prompt": f"The quick brown fox {i}"} for i in range(6)]
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    run = RunConfig(
-        out_dir=str(tmp_path / "run"),
-        target=str(tiny_target_dir),
-        prompts=str(tmp_path / "p.jsonl"),
-        heldout=2,
+    run = _tiny_run(
+        tiny_target_dir, tmp_path, [{"prompt": f"The quick brown fox {i}"} for i in range(6)]
     )
     cfg = _config(
         total_steps=3, eval_every=0, checkpoint_every=0, draft_vocab_size=64,
@@ -220,15 +230,7 @@ def test_sft_pipeline_mixes_in_prompts_the_target_writes_itself(
     --self-prompts-dtype), they alternate with the given prompts, the held-out tail draws on both,
     and a rerun reuses the file instead of sampling again."""
     lines = [{"id": f"u{i}", "prompt": f"The quick brown fox {i}"} for i in range(4)]
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    run = RunConfig(
-        out_dir=str(tmp_path / "run"),
-        target=str(tiny_target_dir),
-        prompts=str(tmp_path / "p.jsonl"),
-        heldout=2,
-        self_prompts=3,
-        self_prompts_dtype="bfloat16",
-    )
+    run = _tiny_run(tiny_target_dir, tmp_path, lines, self_prompts=3, self_prompts_dtype="bfloat16")
     cfg = _config(
         total_steps=3, eval_every=0, checkpoint_every=0, draft_vocab_size=64,
         max_new_tokens=8, gen_batch_size=3,
