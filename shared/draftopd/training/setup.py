@@ -55,15 +55,16 @@ def resolved_device(run: RunConfig) -> str:
 def prepare_run(run: RunConfig, *, kind: str, stage: dict[str, Any]) -> RunSetup:
     """Threads, prompts, target and run record for a ``kind`` run ("sft" or "draft_opd") whose
     stage section is ``stage``."""
+    prompts = load_training_prompts(run.prompts, seed=run.corpus_seed, min_prompts=run.corpus_size)
+    # bad prompt flags fail before the target loads, unless the target must write prompts first
+    split = None if run.self_prompts else _split(run, prompts)
     if run.threads is not None:
         torch.set_num_threads(run.threads)  # oversubscribed CPUs slow torch down many times
     target = load_target(run.target, device=resolved_device(run), dtype=run.dtype)
     out = Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = load_training_prompts(run.prompts, seed=run.corpus_seed, min_prompts=run.corpus_size)
-    if run.self_prompts:
-        prompts = interleave_prompts(_self_prompts(run, target, out), prompts)
-    split = split_prompts(prompts, heldout=run.heldout, limit=run.limit, skip=run.skip)
+    if split is None:
+        split = _split(run, interleave_prompts(_self_prompts(run, target, out), prompts))
     write_run_record(
         out,
         {
@@ -83,6 +84,10 @@ def prepare_run(run: RunConfig, *, kind: str, stage: dict[str, Any]) -> RunSetup
         split=split,
         eval_prompts=[render_prompt(target.tokenizer, p) for p in split.heldout],
     )
+
+
+def _split(run: RunConfig, prompts: list[Prompt]) -> PromptSplit:
+    return split_prompts(prompts, heldout=run.heldout, limit=run.limit, skip=run.skip)
 
 
 def _self_prompts(run: RunConfig, target: TargetModel, out: Path) -> list[Prompt]:
