@@ -1,9 +1,9 @@
 """What every training pipeline does first, from its run section (``RunConfig``).
 
-Set the CPU threads, load the target, load the prompts (with ``self_prompts``, interleaved with
-requests the target writes itself) and split off the held-out ones, and write the run record
-(``run.json``: the kind of run, both sections, the prompt split). SFT and Draft-OPD share it, so
-both measure tau on the same held-out prompts when they share a corpus.
+Load the prompts and split off the held-out ones (with ``self_prompts``, after the target has
+written its own requests, interleaved with them), set the CPU threads, load the target, and write
+the run record (``run.json``: the kind of run, both sections, the prompt split). SFT and Draft-OPD
+share it, so both measure tau on the same held-out prompts when they share a corpus.
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ def _split(run: RunConfig, prompts: list[Prompt]) -> PromptSplit:
 def _self_prompts(run: RunConfig, target: TargetModel, out: Path) -> list[Prompt]:
     """``run.self_prompts`` requests the target wrote itself, in ``<out>/self_prompts.jsonl``
     (sampled now where the file holds fewer; seeded by the corpus seed, so reruns agree). They are
-    sampled at ``run.self_prompts_dtype`` when given, a bfloat16 copy being about twice as fast
-    on CPUs that multiply bf16 natively; only the requests come from that copy."""
+    sampled at ``run.self_prompts_dtype`` when given (a bfloat16 copy is faster on CPUs that
+    multiply bf16 natively); only the requests come from that copy."""
     path = out / SELF_PROMPTS_FILE
     dtype = run.self_prompts_dtype or run.dtype
     sampler = (
