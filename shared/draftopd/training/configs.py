@@ -331,9 +331,17 @@ class SFTConfig(LoopConfig):
         choices=FEATURE_CACHES,
     )
     seed: Int = setting(0, "drafter init, data order, sampled regeneration")
+    time_budget: float | None = setting(
+        None,
+        "minutes for the whole run from its first launch, data included: after the data stage "
+        "it times its steps here and sets --steps, --decay-steps (3/4), --eval-every and "
+        "--checkpoint-every (1/8) to fill the rest (saved in <out>/budget.json)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"time_budget must be > 0 minutes, got {self.time_budget}")
         _one_of(self.feature_cache, "feature_cache", FEATURE_CACHES)
         _one_of(self.drafter_type, "drafter_type", DRAFTER_TYPES)
         _one_of(self.autocast, "autocast", AUTOCASTS)

@@ -9,7 +9,9 @@ carries them:
    held-out prompts (``split_prompts``: the *last* ``heldout`` prompts, never trained on, used
    for tau during training);
 3. have the target answer the training prompts (``regenerate`` into ``<out_dir>/data``);
-4. train the drafter (``train_sft`` into ``<out_dir>``).
+4. with ``time_budget``, size the training to what is left of the budget
+   (``training/budget.py``);
+5. train the drafter (``train_sft`` into ``<out_dir>``).
 
 Both stages resume: a rerun generates only the prompts not yet answered and trains on from the
 newest checkpoint; a rerun with a larger ``total_steps`` extends the run. ``<out_dir>/run.json``
@@ -30,12 +32,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from draftopd.models.checkpoint import load_drafter
 from draftopd.models.target import TargetModel
 from draftopd.prompts import Prompt
+from draftopd.training.budget import budget_plan, start_clock
 from draftopd.training.configs import RunConfig, SFTConfig
 from draftopd.training.data.features import FeatureSpec, build_feature_cache
 from draftopd.training.data.regenerate import MANIFEST, RegenStats, regenerate
 from draftopd.training.run import latest_checkpoint
 from draftopd.training.setup import prepare_run
-from draftopd.training.sft.train import load_samples, train_sft, vocab_coverage
+from draftopd.training.sft.train import load_samples, time_sft, train_sft, vocab_coverage
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,8 @@ def sft_pipeline(
     out = Path(run.out_dir)
     if not resume:
         _check_fresh(out)
+    if sft.time_budget is not None:
+        start_clock(out, sft.time_budget)
     setup = prepare_run(run, kind="sft", stage=sft.to_dict())
     target = setup.target
     with logging_redirect_tqdm():
@@ -85,6 +90,14 @@ def sft_pipeline(
             target, setup.split.train, out / DATA_DIR, sft, progress, on_shard, spec
         )
         features = _feature_cache(target, out, spec, progress)
+        if sft.time_budget is not None:
+            sft = budget_plan(
+                out,
+                sft,
+                lambda cfg: time_sft(
+                    target, out / DATA_DIR, cfg, features=features, eval_prompts=setup.eval_prompts
+                ),
+            )
         result = train_sft(
             target,
             out / DATA_DIR,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from draftopd.models.checkpoint import check_compatible, random_drafter_for
 from draftopd.models.drafter import Drafter
 from draftopd.models.target import TargetModel
+from draftopd.training.budget import StepTiming
 from draftopd.training.configs import SFTConfig
 from draftopd.training.data.batches import batch_indices, collate, target_features
 from draftopd.training.data.features import FeatureCache, lm_head_weight
@@ -149,6 +151,68 @@ class _CachedTargets:
     head: torch.Tensor  # [Vd, H] float32, rows in d2t order
 
 
+def _cached_targets(
+    drafter: Drafter, target: TargetModel, data: str | Path | Iterable[Sample], features: Any
+) -> _CachedTargets | None:
+    """The feature cache of ``data`` with the LM head rows of ``drafter``'s vocabulary (None
+    without a cache: the steps then run the target)."""
+    if features is None:
+        return None
+    d2t = getattr(drafter, "d2t", None)
+    if d2t is None:
+        raise ValueError("the feature cache needs a drafter with a draft vocabulary (d2t)")
+    head = lm_head_weight(target).detach()[d2t].float()
+    if not isinstance(data, (str, Path)):
+        raise ValueError("a feature cache needs the data as a regenerate directory")
+    return _CachedTargets(FeatureCache(features, data, target), head)
+
+
+def time_sft(
+    target: TargetModel,
+    data: str | Path,
+    cfg: SFTConfig,
+    *,
+    features: str | Path | None = None,
+    eval_prompts: Sequence[Sequence[int]] | None = None,
+    steps: int = 6,
+) -> StepTiming:
+    """This machine's seconds per optimizer step of ``cfg`` and per held-out evaluation
+    (``training/budget.py``): a throwaway drafter, as a fresh run would start, trained for
+    ``steps`` timed steps after one untimed one in a scratch directory, then evaluated twice
+    (the first evaluation includes the target's one-off pass over the held-out prompts)."""
+    samples = load_samples(data)
+    with tempfile.TemporaryDirectory(prefix="draftopd-time-") as scratch:
+        run = open_run(
+            Path(scratch),
+            target,
+            cfg,
+            resume=False,
+            label="timing",
+            fresh_drafter=lambda: _initial_drafter(target, samples, cfg, None),
+            make_optimizer=lambda d: make_adamw(
+                d, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+            ),
+            check_saved=lambda saved, where: None,
+            eval_prompts=[list(p) for p in eval_prompts or []],
+        )
+        cached = _cached_targets(run.drafter, target, data, features)
+        seconds = []
+        for _ in range(steps + 1):
+            chosen = batch_indices(
+                run.step, num_samples=len(samples), batch_size=cfg.batch_size, seed=cfg.seed
+            )
+            t0 = time.perf_counter()
+            _train_step(run, cfg, [samples[i] for i in chosen], cached)
+            seconds.append(time.perf_counter() - t0)
+            run.step += 1
+        evals = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            run.evaluate()
+            evals.append(time.perf_counter() - t0)
+    return StepTiming(step_s=sum(seconds[1:]) / steps, first_eval_s=evals[0], eval_s=evals[1])
+
+
 def native_bf16(device: torch.device) -> bool:
     """Does ``device`` multiply bfloat16 natively? CUDA: the GPU says. CPU: AVX512-BF16 or AMX
     (without them torch emulates bf16 products, and an autocast step of the recipe measured
@@ -258,15 +322,7 @@ def train_sft(
         on_step=on_step,
     )
     provenance = {"kind": "sft", "target_model": target.name, "sft_config": cfg.to_dict()}
-    cached = None
-    if features is not None:
-        d2t = getattr(run.drafter, "d2t", None)
-        if d2t is None:
-            raise ValueError("the feature cache needs a drafter with a draft vocabulary (d2t)")
-        head = lm_head_weight(target).detach()[d2t].float()
-        if not isinstance(data, (str, Path)):
-            raise ValueError("a feature cache needs the data as a regenerate directory")
-        cached = _CachedTargets(FeatureCache(features, data, target), head)
+    cached = _cached_targets(run.drafter, target, data, features)
     if cfg.autocast == "auto":
         on = autocast_on(cfg.autocast, target.device)
         logger.info("autocast auto: %s on %s", "bfloat16" if on else "off", target.device)
@@ -303,6 +359,7 @@ __all__ = [
     "init_from_target",
     "load_samples",
     "native_bf16",
+    "time_sft",
     "train_sft",
     "vocab_coverage",
 ]
