@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 DATA_DIR = "data"
 FEATURES_DIR = "features"
 COVERAGE_SIZES = (2000, 4000, 8000, 16000, 32000)
+TIMED_STEPS = 20  # optimizer steps timed for a --time-budget plan (batches vary in length)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,12 @@ def sft_pipeline(
                 out,
                 sft,
                 lambda cfg: time_sft(
-                    target, out / DATA_DIR, cfg, features=features, eval_prompts=setup.eval_prompts
+                    target,
+                    out / DATA_DIR,
+                    cfg,
+                    features=features,
+                    eval_prompts=setup.eval_prompts,
+                    steps=TIMED_STEPS,
                 ),
             )
         result = train_sft(
