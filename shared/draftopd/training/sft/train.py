@@ -167,6 +167,36 @@ def _cached_targets(
     return _CachedTargets(FeatureCache(features, data, target), head)
 
 
+def _open(
+    out_dir: Path,
+    target: TargetModel,
+    samples: list[Sample],
+    cfg: SFTConfig,
+    drafter: Drafter | None,
+    *,
+    resume: bool,
+    label: str,
+    check_saved: Callable[[dict[str, Any], Path], None],
+    eval_prompts: Sequence[Sequence[int]] | None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainingRun:
+    """``open_run`` with SFT's fresh drafter and AdamW."""
+    return open_run(
+        out_dir,
+        target,
+        cfg,
+        resume=resume,
+        label=label,
+        fresh_drafter=lambda: _initial_drafter(target, samples, cfg, drafter),
+        make_optimizer=lambda d: make_adamw(
+            d, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        ),
+        check_saved=check_saved,
+        eval_prompts=[list(p) for p in eval_prompts or []],
+        on_step=on_step,
+    )
+
+
 def time_sft(
     target: TargetModel,
     data: str | Path,
@@ -182,19 +212,10 @@ def time_sft(
     (the first evaluation includes the target's one-off pass over the held-out prompts)."""
     samples = load_samples(data)
     with tempfile.TemporaryDirectory(prefix="draftopd-time-") as scratch:
-        run = open_run(
-            Path(scratch),
-            target,
-            cfg,
-            resume=False,
-            label="timing",
-            fresh_drafter=lambda: _initial_drafter(target, samples, cfg, None),
-            make_optimizer=lambda d: make_adamw(
-                d, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
-            ),
-            check_saved=lambda saved, where: None,
-            eval_prompts=[list(p) for p in eval_prompts or []],
-        )
+        run = _open(
+            Path(scratch), target, samples, cfg, None, resume=False, label="timing",
+            check_saved=lambda saved, where: None, eval_prompts=eval_prompts,
+        )  # fmt: skip
         cached = _cached_targets(run.drafter, target, data, features)
         seconds = []
         for _ in range(steps + 1):
@@ -307,20 +328,10 @@ def train_sft(
         if drafter is not None:
             logger.info("resuming from %s; the drafter argument is ignored", where)
 
-    run = open_run(
-        Path(out_dir),
-        target,
-        cfg,
-        resume=resume,
-        label="SFT",
-        fresh_drafter=lambda: _initial_drafter(target, samples, cfg, drafter),
-        make_optimizer=lambda d: make_adamw(
-            d, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
-        ),
-        check_saved=check_saved,
-        eval_prompts=[list(p) for p in eval_prompts or []],
-        on_step=on_step,
-    )
+    run = _open(
+        Path(out_dir), target, samples, cfg, drafter, resume=resume, label="SFT",
+        check_saved=check_saved, eval_prompts=eval_prompts, on_step=on_step,
+    )  # fmt: skip
     provenance = {"kind": "sft", "target_model": target.name, "sft_config": cfg.to_dict()}
     cached = _cached_targets(run.drafter, target, data, features)
     if cfg.autocast == "auto":
