@@ -7,7 +7,8 @@ The recipe's length in steps depends on the machine: the same command took 95 mi
    (resumes) keep that start, so the budget counts the whole run, interruptions included;
 2. after the data stage (self-instruct prompts, target answers, feature cache), the pipeline
    times a few optimizer steps and two held-out evaluations of a throwaway drafter on this
-   machine (``time_sft``);
+   machine (``time_sft``); the first evaluation's one-off target pass over the held-out prompts
+   is handed on to the run, whose step-0 evaluation then costs no more than a later one;
 3. :func:`plan_steps` turns what is left of the budget into ``total_steps`` (a multiple of the
    number of evaluations), ``decay_steps`` at ``decay_share`` of them (the floor is then held over
    the last quarter, as the recipe does), and ``eval_every`` = ``checkpoint_every`` = one
@@ -71,13 +72,16 @@ def plan_steps(
     evaluations: int = EVALUATIONS,
     decay_share: float = DECAY_SHARE,
     margin_s: float = MARGIN_S,
+    one_off_done: bool = False,
 ) -> BudgetPlan:
     """The longest run that fits ``remaining_s``: steps plus the step-0 evaluation plus one
     evaluation per period, with ``margin_s`` kept back. Steps are a multiple of ``evaluations``;
-    the cosine ends at ``decay_share`` of them, never before the warmup does."""
+    the cosine ends at ``decay_share`` of them, never before the warmup does. ``one_off_done``:
+    the run inherits the timing's evaluator, so its step-0 evaluation costs a later one's."""
     if timing.step_s <= 0 or timing.eval_s < 0 or timing.first_eval_s < 0:
         raise ValueError(f"step and evaluation times must be positive, got {timing}")
-    usable = remaining_s - margin_s - timing.first_eval_s - evaluations * timing.eval_s
+    first = timing.eval_s if one_off_done else timing.first_eval_s
+    usable = remaining_s - margin_s - first - evaluations * timing.eval_s
     steps = int(usable // timing.step_s) // evaluations * evaluations
     least = max(evaluations, warmup)
     if steps < least:
@@ -109,7 +113,8 @@ def start_clock(out: Path, minutes: float) -> float:
 
 def budget_plan(out: Path, sft: SFTConfig, time_it: Callable[[SFTConfig], StepTiming]) -> SFTConfig:
     """``sft`` with the plan of ``budget.json`` applied; the first call that gets here times this
-    machine with ``time_it`` and saves the plan. Needs :func:`start_clock` to have run."""
+    machine with ``time_it`` and saves the plan. Needs :func:`start_clock` to have run. The run
+    is expected to reuse the timing's held-out evaluator (the target's one-off pass)."""
     path = out / BUDGET_FILE
     saved = json.loads(path.read_text(encoding="utf-8"))
     if "plan" in saved:
@@ -120,7 +125,7 @@ def budget_plan(out: Path, sft: SFTConfig, time_it: Callable[[SFTConfig], StepTi
     remaining = float(saved["started_at"]) + 60.0 * float(saved["minutes"]) - time.time()
     budget_s = 60.0 * float(saved["minutes"])
     margin = min(MARGIN_S + MARGIN_SHARE * budget_s, MARGIN_CAP * budget_s)
-    plan = plan_steps(remaining, timing, warmup=sft.warmup, margin_s=margin)
+    plan = plan_steps(remaining, timing, warmup=sft.warmup, margin_s=margin, one_off_done=True)
     _write(path, {**saved, "plan": asdict(plan)})
     logger.info(
         "time budget: %.1f min left; %.2f s per step, evaluations %.0f s then %.0f s -> %d steps "

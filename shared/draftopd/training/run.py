@@ -248,7 +248,7 @@ class TrainingRun:
     resumed_from: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     acceptance: list[float] | None = None  # of the latest cached eval, by draft position
-    _evaluator: Any = None  # GreedyTauEvaluator, built at the first cached eval
+    evaluator: Any = None  # GreedyTauEvaluator, built at the first cached eval (or handed in)
 
     @property
     def done(self) -> bool:
@@ -263,14 +263,14 @@ class TrainingRun:
         if getattr(self.cfg, "eval_mode", "engine") == "cached":
             from draftopd.training.tau_eval import GreedyTauEvaluator  # it imports this module
 
-            if self._evaluator is None:
-                self._evaluator = GreedyTauEvaluator(
+            if self.evaluator is None:
+                self.evaluator = GreedyTauEvaluator(
                     self.target,
                     self.eval_prompts,
                     num_draft_tokens=self.cfg.eval_num_draft_tokens,
                     max_new_tokens=self.cfg.eval_max_new_tokens,
                 )
-            result = self._evaluator.evaluate(self.drafter)
+            result = self.evaluator.evaluate(self.drafter)
             self.tau = result.tau
             self.acceptance = [round(a, 4) for a in result.acceptance_by_position]
             return self.tau

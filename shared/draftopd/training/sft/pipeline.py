@@ -32,7 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from draftopd.models.checkpoint import load_drafter
 from draftopd.models.target import TargetModel
 from draftopd.prompts import Prompt
-from draftopd.training.budget import budget_plan, start_clock
+from draftopd.training.budget import StepTiming, budget_plan, start_clock
 from draftopd.training.configs import RunConfig, SFTConfig
 from draftopd.training.data.features import FeatureSpec, build_feature_cache
 from draftopd.training.data.regenerate import MANIFEST, RegenStats, regenerate
@@ -91,19 +91,18 @@ def sft_pipeline(
             target, setup.split.train, out / DATA_DIR, sft, progress, on_shard, spec
         )
         features = _feature_cache(target, out, spec, progress)
+        evaluator: list[Any] = []  # the timing's held-out evaluator, for the run to reuse
         if sft.time_budget is not None:
-            sft = budget_plan(
-                out,
-                sft,
-                lambda cfg: time_sft(
-                    target,
-                    out / DATA_DIR,
-                    cfg,
-                    features=features,
-                    eval_prompts=setup.eval_prompts,
-                    steps=TIMED_STEPS,
-                ),
-            )
+
+            def time_it(cfg: SFTConfig) -> StepTiming:
+                timing, built = time_sft(
+                    target, out / DATA_DIR, cfg, features=features,
+                    eval_prompts=setup.eval_prompts, steps=TIMED_STEPS,
+                )  # fmt: skip
+                evaluator.append(built)
+                return timing
+
+            sft = budget_plan(out, sft, time_it)
         result = train_sft(
             target,
             out / DATA_DIR,
@@ -115,6 +114,7 @@ def sft_pipeline(
             eval_prompts=setup.eval_prompts,
             on_step=on_step,
             features=features,
+            evaluator=evaluator[0] if evaluator else None,
         )
     _log_final(result.checkpoint, result.step, result.tau)
     return SFTPipelineResult(

@@ -205,11 +205,12 @@ def time_sft(
     features: str | Path | None = None,
     eval_prompts: Sequence[Sequence[int]] | None = None,
     steps: int = 6,
-) -> StepTiming:
+) -> tuple[StepTiming, Any]:
     """This machine's seconds per optimizer step of ``cfg`` and per held-out evaluation
     (``training/budget.py``): a throwaway drafter, as a fresh run would start, trained for
     ``steps`` timed steps after one untimed one in a scratch directory, then evaluated twice
-    (the first evaluation includes the target's one-off pass over the held-out prompts)."""
+    (the first evaluation includes the target's one-off pass over the held-out prompts).
+    Returns the timing and that evaluator (None in engine mode), which ``train_sft`` can reuse."""
     samples = load_samples(data)
     with tempfile.TemporaryDirectory(prefix="draftopd-time-") as scratch:
         run = _open(
@@ -231,7 +232,8 @@ def time_sft(
             t0 = time.perf_counter()
             run.evaluate()
             evals.append(time.perf_counter() - t0)
-    return StepTiming(step_s=sum(seconds[1:]) / steps, first_eval_s=evals[0], eval_s=evals[1])
+    timing = StepTiming(step_s=sum(seconds[1:]) / steps, first_eval_s=evals[0], eval_s=evals[1])
+    return timing, run.evaluator
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -306,6 +308,7 @@ def train_sft(
     eval_prompts: Sequence[Sequence[int]] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     features: str | Path | None = None,
+    evaluator: Any = None,
 ) -> SFTResult:
     """Train a drafter on target-written samples; resumable.
 
@@ -316,6 +319,8 @@ def train_sft(
     exception raised there stops the run, and a rerun resumes from the newest checkpoint.
     ``features`` is the feature-cache directory of the data directory ``data``
     (``build_feature_cache``): the steps then read it instead of running the target.
+    ``evaluator`` is a held-out evaluator of the same prompts and settings built earlier
+    (``time_sft``), so the target's one-off pass over the held-out prompts is not repeated.
     """
     cfg = cfg or SFTConfig()
     samples = load_samples(data)
@@ -332,6 +337,7 @@ def train_sft(
         Path(out_dir), target, samples, cfg, drafter, resume=resume, label="SFT",
         check_saved=check_saved, eval_prompts=eval_prompts, on_step=on_step,
     )  # fmt: skip
+    run.evaluator = run.evaluator or evaluator
     provenance = {"kind": "sft", "target_model": target.name, "sft_config": cfg.to_dict()}
     cached = _cached_targets(run.drafter, target, data, features)
     if cfg.autocast == "auto":

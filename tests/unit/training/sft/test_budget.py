@@ -19,7 +19,7 @@ from draftopd.training.budget import (
 from draftopd.training.configs import RunConfig, SFTConfig
 from draftopd.training.run import read_metrics
 from draftopd.training.sft.pipeline import sft_pipeline
-from draftopd.training.sft.train import time_sft
+from draftopd.training.sft.train import time_sft, train_sft
 from tests.unit.training.helpers import tiny_sft
 
 
@@ -37,6 +37,9 @@ def test_plan_fills_the_time_left_with_steps_and_evaluations() -> None:
     assert cfg.lr_at(2352) == cfg.lr_at(3136) == pytest.approx(0.2 * cfg.lr)
     # a long warmup pushes the end of the cosine, never before it
     assert plan_steps(100.0, StepTiming(1.0, 0.0, 0.0), warmup=90, margin_s=0).decay_steps == 90
+    # a run that inherits the timing's evaluator pays the one-off pass only once, in the timing
+    reused = plan_steps(5000.0, timing, warmup=50, margin_s=30.0, one_off_done=True)
+    assert reused.total_steps == (5000 - 30 - 9 * 25) // 1.5 // 8 * 8 == 3160
 
 
 def test_plan_refuses_a_budget_too_small_for_the_schedule() -> None:
@@ -66,8 +69,9 @@ def test_the_clock_starts_once_and_the_plan_is_made_once(tmp_path: Path) -> None
     assert first == again and len(calls) == 1  # timed once; the resume reads the plan back
     saved = json.loads((tmp_path / BUDGET_FILE).read_text())
     assert saved["started_at"] == started and saved["plan"]["total_steps"] == first.total_steps
-    # 60 min less the margin (30 s + 3%), two evaluations' worth, in 0.5-s steps
-    assert 6300 < first.total_steps <= (3600 - 30 - 108 - 10 - 40) / 0.5
+    # 60 min less the margin (30 s + 3%) and 9 evaluations at the later cost (the run inherits
+    # the timing's evaluator, so its step-0 evaluation skips the one-off pass), in 0.5-s steps
+    assert 6300 < first.total_steps <= (3600 - 30 - 108 - 9 * 5) / 0.5
 
 
 def _budgeted(tiny_target_dir: Path, tmp_path: Path, minutes: float) -> tuple[RunConfig, SFTConfig]:
@@ -131,9 +135,21 @@ def test_time_sft_times_real_steps_and_evaluations(tiny_target_dir: Path, tmp_pa
     with pytest.raises(ValueError, match="larger --time-budget"):  # builds the data, then stops
         sft_pipeline(run, replace(cfg, time_budget=0.0001), progress=False)
     target = load_target(str(tiny_target_dir))
-    timing = time_sft(
-        target, tmp_path / "run" / "data", cfg, features=tmp_path / "run" / "features",
-        eval_prompts=[[1, 2, 3]], steps=2,
-    )  # fmt: skip
+    data, features = tmp_path / "run" / "data", tmp_path / "run" / "features"
+    timing, evaluator = time_sft(
+        target, data, cfg, features=features, eval_prompts=[[1, 2, 3], [4, 5]], steps=2
+    )
     assert timing.step_s > 0 and timing.first_eval_s > 0 and timing.eval_s > 0
     assert not (tmp_path / "run" / "checkpoints").exists()
+    # the run that inherits the evaluator scores its drafter as one that builds its own
+    short = replace(cfg, total_steps=1, eval_every=1, checkpoint_every=0, time_budget=None)
+    kept = train_sft(
+        target, data, tmp_path / "a", short, progress=False, features=features,
+        eval_prompts=[[1, 2, 3], [4, 5]], evaluator=evaluator,
+    )  # fmt: skip
+    fresh = train_sft(
+        target, data, tmp_path / "b", short, progress=False, features=features,
+        eval_prompts=[[1, 2, 3], [4, 5]],
+    )  # fmt: skip
+    assert [x["tau"] for x in kept.history] == [x["tau"] for x in fresh.history]
+    assert kept.history[0]["tau"] is not None
