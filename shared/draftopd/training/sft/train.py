@@ -44,6 +44,7 @@ from draftopd.training.schedule import make_adamw, optimizer_step
 
 logger = logging.getLogger(__name__)
 HARD_OFF_LOGIT = -1e4  # every draft token but the top one: softmax gives exactly 0 there
+UNTIMED_STEPS = 4  # time_sft: the first steps of a process run slower (allocation, caches)
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ def time_sft(
 ) -> tuple[StepTiming, Any]:
     """This machine's seconds per optimizer step of ``cfg`` and per held-out evaluation
     (``training/budget.py``): a throwaway drafter, as a fresh run would start, trained for
-    ``steps`` timed steps after one untimed one in a scratch directory, then evaluated twice
+    ``steps`` timed steps after ``UNTIMED_STEPS`` untimed ones in a scratch directory, then evaluated twice
     (the first evaluation includes the target's one-off pass over the held-out prompts).
     Returns the timing and that evaluator (None in engine mode), which ``train_sft`` can reuse."""
     samples = load_samples(data)
@@ -219,7 +220,7 @@ def time_sft(
         )  # fmt: skip
         cached = _cached_targets(run.drafter, target, data, features)
         seconds = []
-        for _ in range(steps + 1):
+        for _ in range(UNTIMED_STEPS + steps):
             chosen = batch_indices(
                 run.step, num_samples=len(samples), batch_size=cfg.batch_size, seed=cfg.seed
             )
@@ -232,7 +233,9 @@ def time_sft(
             t0 = time.perf_counter()
             run.evaluate()
             evals.append(time.perf_counter() - t0)
-    timing = StepTiming(step_s=sum(seconds[1:]) / steps, first_eval_s=evals[0], eval_s=evals[1])
+    timing = StepTiming(
+        step_s=sum(seconds[UNTIMED_STEPS:]) / steps, first_eval_s=evals[0], eval_s=evals[1]
+    )
     return timing, run.evaluator
 
 
