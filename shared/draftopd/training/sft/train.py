@@ -209,8 +209,9 @@ def time_sft(
 ) -> tuple[StepTiming, Any]:
     """This machine's seconds per optimizer step of ``cfg`` and per held-out evaluation
     (``training/budget.py``): a throwaway drafter, as a fresh run would start, trained for
-    ``steps`` timed steps after ``UNTIMED_STEPS`` untimed ones in a scratch directory, then evaluated twice
-    (the first evaluation includes the target's one-off pass over the held-out prompts).
+    ``steps`` timed steps after ``UNTIMED_STEPS`` untimed ones in a scratch directory, then
+    evaluated twice (the first evaluation includes the target's one-off pass over the held-out
+    prompts).
     Returns the timing and that evaluator (None in engine mode), which ``train_sft`` can reuse."""
     samples = load_samples(data)
     with tempfile.TemporaryDirectory(prefix="draftopd-time-") as scratch:
