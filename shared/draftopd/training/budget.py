@@ -94,10 +94,11 @@ def plan_steps(
     return BudgetPlan(steps, decay, steps // evaluations, remaining_s, timing)
 
 
-def start_clock(out: Path, minutes: float) -> float:
-    """The run's start (epoch seconds): written by its first launch, read back by later ones."""
+def start_clock(out: Path, minutes: float, *, fresh: bool = False) -> float:
+    """The run's start (epoch seconds): written by its first launch, read back by later ones
+    (``fresh``: started anew, as a ``--no-resume`` launch does)."""
     path = out / BUDGET_FILE
-    if path.is_file():
+    if path.is_file() and not fresh:
         saved = json.loads(path.read_text(encoding="utf-8"))
         if float(saved["minutes"]) != minutes:
             raise ValueError(

@@ -80,7 +80,7 @@ def sft_pipeline(
     if not resume:
         _check_fresh(out)
     if sft.time_budget is not None:
-        start_clock(out, sft.time_budget)
+        start_clock(out, sft.time_budget, fresh=not resume)
     setup = prepare_run(run, kind="sft", stage=sft.to_dict())
     target = setup.target
     with logging_redirect_tqdm():

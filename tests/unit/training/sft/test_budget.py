@@ -57,6 +57,10 @@ def test_the_clock_starts_once_and_the_plan_is_made_once(tmp_path: Path) -> None
     assert start_clock(tmp_path, 60.0) == started  # a resumed launch keeps the first start
     with pytest.raises(ValueError, match="same budget"):
         start_clock(tmp_path, 30.0)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / BUDGET_FILE).write_text(json.dumps({"minutes": 60.0, "started_at": 5.0}))
+    assert start_clock(tmp_path / "old", 60.0) == 5.0
+    assert start_clock(tmp_path / "old", 60.0, fresh=True) > 5.0  # --no-resume starts anew
     calls: list[SFTConfig] = []
 
     def time_it(cfg: SFTConfig) -> StepTiming:
