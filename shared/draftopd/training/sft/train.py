@@ -225,11 +225,8 @@ def time_sft(
         seconds = []
         for step in [*range(steps), *range(steps)]:  # the second pass is timed
             run.step = step
-            chosen = batch_indices(
-                step, num_samples=len(samples), batch_size=cfg.batch_size, seed=cfg.seed
-            )
             t0 = time.perf_counter()
-            _train_step(run, cfg, [samples[i] for i in chosen], cached)
+            _train_step(run, cfg, samples, cached)
             seconds.append(time.perf_counter() - t0)
         evals = []
         for _ in range(2):
@@ -263,8 +260,13 @@ def _train_step(
     samples: list[Sample],
     cached: _CachedTargets | None,
 ) -> dict[str, Any]:
-    """One AdamW update on one batch; returns the step's metrics."""
+    """One AdamW update on the batch of step ``run.step`` (a pure function of the step, so a
+    resumed run sees the same batches); returns the step's metrics."""
     target, lr = run.target, cfg.lr_at(run.step)
+    chosen = batch_indices(
+        run.step, num_samples=len(samples), batch_size=cfg.batch_size, seed=cfg.seed
+    )
+    samples = [samples[i] for i in chosen]
     # pad_id is arbitrary: padded positions are neither attended to by real ones nor supervised
     batch = collate(samples, pad_id=0, max_length=cfg.max_seq_len).to(target.device)
     if cached is None:
@@ -350,11 +352,8 @@ def train_sft(
     run.start()
     with tqdm(total=cfg.total_steps, initial=run.step, desc="sft", disable=not progress) as bar:
         while not run.done:
-            chosen = batch_indices(
-                run.step, num_samples=len(samples), batch_size=cfg.batch_size, seed=cfg.seed
-            )
             t0 = time.perf_counter()
-            stats = _train_step(run, cfg, [samples[i] for i in chosen], cached)
+            stats = _train_step(run, cfg, samples, cached)
             run.elapsed_s += time.perf_counter() - t0
             run.step += 1
             run.finish_step(stats, extra={"data_fingerprint": fingerprint}, provenance=provenance)
